@@ -1,0 +1,124 @@
+"""Token dispatch: permute routed pairs by expert, all-to-all over the EP group,
+compute, all-to-all back, unpermute and combine.
+
+No [E, C, H] padded buffer and no one-hot [T, E, C] masks: every buffer holds
+exactly the N kept (token, slot) pairs. With EP size 1 the same code runs and
+the collectives are identities.
+
+Flow for P ranks, L local experts each (E = P * L):
+    kept pairs --sort by global expert--> x_perm [N, H], counts [P, L]
+    exchange counts (all-to-all of [P, L] int64)   -> recv [P, L]
+    all-to-all rows (uneven splits: row sums)      -> x_recv [M, H], ordered (source, local expert)
+    stable sort by local expert                    -> x_local [M, H], counts_L = recv.sum(0)
+    ... experts ...
+    inverse of the above, then y[t] += w[t, k] * y_pair
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+from moedist.distributed.comm import ExpertParallelComm
+
+
+@dataclass
+class LocalPermutation:
+    """Kept pairs sorted by global expert (stable: slot-major position order inside an expert).
+
+    pair_N: flat pair ids t*K + k; token_N: their token ids; counts_E: [E] pairs per expert.
+    """
+
+    pair_N: torch.Tensor
+    token_N: torch.Tensor
+    counts_E: torch.Tensor
+
+
+def permute_pairs(idx_TK: torch.Tensor, keep_TK: torch.Tensor, num_experts: int) -> LocalPermutation:
+    """Sort the kept (token, slot) pairs of this rank by expert (pure function)."""
+    K = idx_TK.shape[1]
+    pair_ids = keep_TK.reshape(-1).nonzero().squeeze(1)  # [N] flat t*K + k
+    expert_N = idx_TK.reshape(-1).index_select(0, pair_ids)  # [N]
+    order = torch.argsort(expert_N, stable=True)
+    pair_N = pair_ids.index_select(0, order)
+    counts_E = torch.bincount(expert_N, minlength=num_experts)  # [E]
+    return LocalPermutation(pair_N, torch.div(pair_N, K, rounding_mode="floor"), counts_E)
+
+
+@dataclass
+class DispatchState:
+    """What combine() needs to undo dispatch()."""
+
+    perm: LocalPermutation
+    num_tokens: int
+    in_splits: List[int] = field(default_factory=list)
+    out_splits: List[int] = field(default_factory=list)
+    to_local: Optional[torch.Tensor] = None  # [M] received row -> expert-sorted row
+    from_local: Optional[torch.Tensor] = None  # inverse permutation
+
+
+class TokenDispatcher:
+    """Moves routed tokens to the ranks holding their experts and back.
+
+    Args:
+        num_experts: E (global); must divide by the EP size.
+        comm: the EP communicator (`ExpertParallelComm.single()` for EP size 1).
+
+    After each dispatch, `last_stats` holds `a2a_rows` (rows sent each way),
+    `a2a_bytes` (bytes of activations sent by this rank in the forward
+    dispatch, = rows * H * element size; the combine sends the same count back)
+    and `a2a_bytes_remote` (the part that leaves this rank).
+    """
+
+    def __init__(self, num_experts: int, comm: Optional[ExpertParallelComm] = None):
+        self.comm = comm or ExpertParallelComm.single()
+        if num_experts % self.comm.size != 0:
+            raise ValueError(f"num_experts={num_experts} is not divisible by the expert-parallel size {self.comm.size}")
+        self.num_experts = num_experts
+        self.ep_size, self.ep_rank = self.comm.size, self.comm.rank
+        self.num_local_experts = num_experts // self.comm.size
+        self.first_expert = self.ep_rank * self.num_local_experts
+        self.last_stats: dict = {}
+
+    def dispatch(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, keep_TK: torch.Tensor):
+        """Send each kept pair's token row to its expert's rank.
+
+        Returns (x_NH rows for my local experts sorted by local expert,
+        counts_L list of rows per local expert, state for combine()).
+        """
+        perm = permute_pairs(idx_TK, keep_TK, self.num_experts)
+        x_perm = x_TH.index_select(0, perm.token_N)  # [N, H]
+        P, L = self.ep_size, self.num_local_experts
+        state = DispatchState(perm, x_TH.shape[0])
+        row_bytes = x_TH.shape[1] * x_TH.element_size()
+        if P == 1:
+            self.last_stats = dict(a2a_rows=0, a2a_bytes=0, a2a_bytes_remote=0)
+            return x_perm, perm.counts_E.tolist(), state
+        counts_PL = perm.counts_E.view(P, L)  # rows I send to rank p, per its local expert
+        recv_PL = self.comm.exchange_counts(counts_PL)  # rows rank p sends me, per my local expert
+        state.in_splits = counts_PL.sum(1).tolist()
+        state.out_splits = recv_PL.sum(1).tolist()
+        x_recv = self.comm.all_to_all(x_perm, state.out_splits, state.in_splits)  # [M, H] (source, expert) order
+        local_M = torch.arange(L, device=recv_PL.device).repeat(P).repeat_interleave(recv_PL.reshape(-1))  # [M]
+        state.to_local = torch.argsort(local_M, stable=True)
+        state.from_local = torch.argsort(state.to_local)
+        sent = sum(state.in_splits)
+        self.last_stats = dict(a2a_rows=sent, a2a_bytes=sent * row_bytes,
+                               a2a_bytes_remote=(sent - state.in_splits[self.ep_rank]) * row_bytes)
+        x_local = x_recv.index_select(0, state.to_local)  # [M, H] sorted by local expert
+        return x_local, recv_PL.sum(0).tolist(), state
+
+    def combine(self, y_NH: torch.Tensor, state: DispatchState, weight_TK: torch.Tensor) -> torch.Tensor:
+        """Bring expert outputs home and sum them per token, weighted. Returns [T, H]."""
+        if self.ep_size > 1:
+            y_recv = y_NH.index_select(0, state.from_local)  # [M, H] back to (source, expert) order
+            y_NH = self.comm.all_to_all(y_recv, state.in_splits, state.out_splits)  # [N, H] my pairs
+        return combine_pairs(y_NH, state.perm, weight_TK, state.num_tokens)
+
+
+def combine_pairs(y_NH: torch.Tensor, perm: LocalPermutation, weight_TK: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """y[t] = sum over t's kept pairs of w[t, k] * y_pair (pure function). Returns [T, H]."""
+    w_N = weight_TK.reshape(-1).index_select(0, perm.pair_N).to(y_NH.dtype)  # [N]
+    out_TH = y_NH.new_zeros(num_tokens, y_NH.shape[1])
+    return out_TH.index_add(0, perm.token_N, y_NH * w_N.unsqueeze(1))

@@ -1,0 +1,245 @@
+"""Expert modules: grouped experts, LoRA on real experts, and MoE-LoRA adapters.
+
+Every expert module computes `forward(x_NH, counts_L) -> y_NH` on rows sorted
+by local expert (contiguous slices, no [E, C, H] padding). Each holds the
+experts with global ids [first_expert, first_expert + L) and initialises
+expert e from generators seeded by (seed, e), so an expert has the same
+weights whatever the EP layout.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from moedist.moe.ffn import GATED, check_activation, grouped_ffn, grouped_mm, hidden_act
+from moedist.moe.lora_math import lora_dropout, lora_scale
+
+EXPERT_ATTR = "moedist_expert"
+
+
+def tag_expert_param(p: nn.Parameter) -> nn.Parameter:
+    """Mark a parameter as expert-sharded (reduced over expert-data-parallel ranks only)."""
+    setattr(p, EXPERT_ATTR, True)
+    return p
+
+
+def _expert_normal(shape: Sequence[int], std: float, seed: int, expert: int, which: int) -> torch.Tensor:
+    """Normal(0, std) draw for one expert's weight from its own CPU generator, fp32."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + expert * 101 + which)
+    return torch.randn(tuple(shape), generator=g) * std
+
+
+def _check_layout(num_experts: int, num_local: Optional[int], first_expert: int) -> int:
+    L = num_experts if num_local is None else num_local
+    if L < 1 or first_expert < 0 or first_expert + L > num_experts:
+        raise ValueError(f"local experts [{first_expert}, {first_expert + L}) do not fit in num_experts={num_experts}")
+    return L
+
+
+class GroupedExperts(nn.Module):
+    """L FFN experts stacked as w_gate/w_up [L, H, F] and w_down [L, F, H].
+
+    Args:
+        num_experts: E (global). hidden_size: H. ffn_size: F per expert.
+        activation: "swiglu", "geglu" (gated) or "gelu", "relu", "silu".
+        num_local: L (default E); first_expert: global id of local expert 0.
+        init_std: weight std; seed: base seed; dtype/device: parameter placement.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, activation: str = "swiglu",
+                 num_local: Optional[int] = None, first_expert: int = 0, init_std: float = 0.02,
+                 seed: int = 0, dtype=torch.float32, device=None):
+        super().__init__()
+        check_activation(activation)
+        self.num_experts, self.hidden_size, self.ffn_size = num_experts, hidden_size, ffn_size
+        self.num_local = _check_layout(num_experts, num_local, first_expert)
+        self.first_expert, self.activation = first_expert, activation
+        self.init_std, self.seed = init_std, seed
+        L, H, F = self.num_local, hidden_size, ffn_size
+        kw = dict(dtype=dtype, device=device)
+        self.w_gate = tag_expert_param(nn.Parameter(torch.empty(L, H, F, **kw))) if activation in GATED else None
+        self.w_up = tag_expert_param(nn.Parameter(torch.empty(L, H, F, **kw)))
+        self.w_down = tag_expert_param(nn.Parameter(torch.empty(L, F, H, **kw)))
+        self.reset_parameters()
+
+    def global_ids(self) -> range:
+        return range(self.first_expert, self.first_expert + self.num_local)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for which, p in enumerate((self.w_gate, self.w_up, self.w_down)):
+            if p is None:
+                continue
+            for l, e in enumerate(self.global_ids()):
+                p[l].copy_(_expert_normal(p.shape[1:], self.init_std, self.seed, e, which))
+
+    @torch.no_grad()
+    def load_expert(self, local: int, w_gate: Optional[torch.Tensor], w_up: torch.Tensor, w_down: torch.Tensor) -> None:
+        """Copy one expert's weights ([H, F], [H, F], [F, H]) into local slot `local`."""
+        if self.w_gate is not None:
+            self.w_gate[local].copy_(w_gate)
+        self.w_up[local].copy_(w_up)
+        self.w_down[local].copy_(w_down)
+
+    def forward(self, x_NH: torch.Tensor, counts_L: Sequence[int]) -> torch.Tensor:
+        x_NH = x_NH.to(self.w_up.dtype)
+        return grouped_ffn(x_NH, self.w_gate, self.w_up, self.w_down, counts_L, self.activation)  # [N, H]
+
+
+class _LoRAStack(nn.Module):
+    """Per-expert LoRA factors for one projection: A [L, I, r] (random), B [L, r, O] (zeros)."""
+
+    def __init__(self, L: int, d_in: int, d_out: int, rank: int, seed: int, first_expert: int, which: int, dtype, device):
+        super().__init__()
+        self.lora_A = tag_expert_param(nn.Parameter(torch.empty(L, d_in, rank, dtype=dtype, device=device)))
+        self.lora_B = tag_expert_param(nn.Parameter(torch.zeros(L, rank, d_out, dtype=dtype, device=device)))
+        with torch.no_grad():
+            bound = (3.0 / d_in) ** 0.5  # Kaiming-uniform(a=sqrt(5)) bound as in peft/nn.Linear
+            for l in range(L):
+                g = torch.Generator().manual_seed(seed * 1_000_003 + (first_expert + l) * 101 + 50 + which)
+                self.lora_A[l].copy_((torch.rand(d_in, rank, generator=g) * 2 - 1) * bound)
+
+    def delta(self, x_NI: torch.Tensor, counts_L: Sequence[int]) -> torch.Tensor:
+        """x @ A[e] @ B[e] per expert slice. Returns [N, O] (unscaled)."""
+        return grouped_mm(grouped_mm(x_NI, self.lora_A, counts_L), self.lora_B, counts_L)
+
+
+class _LoRAMixin:
+    """Shared LoRA bookkeeping: scale, dropout generator, adapter_params()."""
+
+    def _init_lora(self, rank: int, alpha: Optional[float], dropout: float, targets: Iterable[str], seed: int):
+        if rank < 1:
+            raise ValueError(f"lora_rank={rank}: must be >= 1")
+        bad = [t for t in targets if t not in ("gate", "up", "down")]
+        if bad or not list(targets):
+            raise ValueError(f"lora targets={list(targets)}: allowed a non-empty subset of gate, up, down")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"lora_dropout={dropout}: must be in [0, 1)")
+        self.lora_rank, self.lora_alpha = rank, float(rank if alpha is None else alpha)
+        self.scaling = lora_scale(rank, alpha)
+        self.lora_dropout_rate = dropout
+        self._drop_gen = torch.Generator().manual_seed(seed + 4099)
+        self.targets = tuple(targets)
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        return lora_dropout(x, self.lora_dropout_rate, self.training, self._drop_gen)
+
+    def adapter_params(self) -> list:
+        """The parameters that train in LoRA fine-tuning (all lora_A / lora_B)."""
+        return [p for n, p in self.named_parameters() if "lora_A" in n or "lora_B" in n]
+
+
+class LoRAOnExperts(_LoRAMixin, GroupedExperts):
+    """Real experts (frozen) with a LoRA adapter per expert on gate/up/down.
+
+    Output per expert e: down_e'(phi(gate_e'(x)) * up_e'(x)) where
+    W' x = x @ W + (alpha / r) * dropout(x) @ A[e] @ B[e]. B starts at zero, so
+    at initialisation it equals the frozen experts.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, lora_rank: int, lora_alpha: Optional[float] = None,
+                 lora_dropout: float = 0.0, targets: Iterable[str] = ("gate", "up", "down"), freeze_base: bool = True, **kw):
+        super().__init__(num_experts, hidden_size, ffn_size, **kw)
+        self._init_lora(lora_rank, lora_alpha, lora_dropout, targets, self.seed)
+        dims = {"gate": (hidden_size, ffn_size), "up": (hidden_size, ffn_size), "down": (ffn_size, hidden_size)}
+        pkw = dict(dtype=self.w_up.dtype, device=self.w_up.device)
+        self.lora = nn.ModuleDict({t: _LoRAStack(self.num_local, *dims[t], lora_rank, self.seed, self.first_expert, i, **pkw)
+                                   for i, t in enumerate(("gate", "up", "down")) if t in self.targets and (t != "gate" or self.w_gate is not None)})
+        if freeze_base:
+            for p in (self.w_gate, self.w_up, self.w_down):
+                if p is not None:
+                    p.requires_grad_(False)
+
+    def _proj(self, name: str, x_NI: torch.Tensor, w: torch.Tensor, counts_L) -> torch.Tensor:
+        y = grouped_mm(x_NI, w, counts_L)
+        if name in self.lora:
+            y = y + self.scaling * self.lora[name].delta(self._drop(x_NI), counts_L)
+        return y
+
+    def forward(self, x_NH: torch.Tensor, counts_L: Sequence[int]) -> torch.Tensor:
+        x_NH = x_NH.to(self.w_up.dtype)
+        gate = self._proj("gate", x_NH, self.w_gate, counts_L) if self.w_gate is not None else None  # [N, F]
+        h = hidden_act(gate, self._proj("up", x_NH, self.w_up, counts_L), self.activation)  # [N, F]
+        return self._proj("down", h, self.w_down, counts_L)  # [N, H]
+
+
+class MoELoRAExperts(_LoRAMixin, nn.Module):
+    """MoE-LoRA / MixLoRA experts: one frozen FFN shared by all experts; expert e is
+    a LoRA adapter (per projection) on it.
+
+    Frozen weights w_gate/w_up [H, F], w_down [F, H] are replicated (not expert
+    parameters); lora_A/lora_B per expert are expert-sharded. Expert e computes
+    FFN_e(x) = down_e(phi(gate_e(x)) * up_e(x)) with W_e x = x @ W + s * x @ A_e @ B_e.
+    `forward_tokens` (EP size 1) runs the frozen gate/up once per token and the
+    frozen down once per token on the weight-combined hidden (down is linear),
+    so the frozen FFN costs what it costs in the dense model.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, lora_rank: int, lora_alpha: Optional[float] = None,
+                 lora_dropout: float = 0.0, targets: Iterable[str] = ("gate", "up", "down"), activation: str = "swiglu",
+                 num_local: Optional[int] = None, first_expert: int = 0, init_std: float = 0.02, seed: int = 0,
+                 dtype=torch.float32, device=None):
+        super().__init__()
+        check_activation(activation)
+        self.num_experts, self.hidden_size, self.ffn_size = num_experts, hidden_size, ffn_size
+        self.num_local = _check_layout(num_experts, num_local, first_expert)
+        self.first_expert, self.activation, self.seed, self.init_std = first_expert, activation, seed, init_std
+        self._init_lora(lora_rank, lora_alpha, lora_dropout, targets, seed)
+        H, F = hidden_size, ffn_size
+        kw = dict(dtype=dtype, device=device)
+        g = torch.Generator().manual_seed(seed)
+        self.w_gate = nn.Parameter((torch.randn(H, F, generator=g) * init_std).to(**kw), requires_grad=False) if activation in GATED else None
+        self.w_up = nn.Parameter((torch.randn(H, F, generator=g) * init_std).to(**kw), requires_grad=False)
+        self.w_down = nn.Parameter((torch.randn(F, H, generator=g) * init_std).to(**kw), requires_grad=False)
+        dims = {"gate": (H, F), "up": (H, F), "down": (F, H)}
+        self.lora = nn.ModuleDict({t: _LoRAStack(self.num_local, *dims[t], lora_rank, seed, first_expert, i, **kw)
+                                   for i, t in enumerate(("gate", "up", "down")) if t in self.targets and (t != "gate" or self.w_gate is not None)})
+
+    @torch.no_grad()
+    def load_base(self, w_gate: Optional[torch.Tensor], w_up: torch.Tensor, w_down: torch.Tensor) -> None:
+        """Copy a dense FFN's weights ([H, F], [H, F], [F, H]) into the frozen base."""
+        if self.w_gate is not None:
+            self.w_gate.copy_(w_gate)
+        self.w_up.copy_(w_up)
+        self.w_down.copy_(w_down)
+
+    def _delta(self, name: str, x_NI: torch.Tensor, counts_L) -> Optional[torch.Tensor]:
+        return self.scaling * self.lora[name].delta(self._drop(x_NI), counts_L) if name in self.lora else None
+
+    def _hidden(self, gate_base: Optional[torch.Tensor], up_base: torch.Tensor, x_NH: torch.Tensor, counts_L) -> torch.Tensor:
+        """phi(gate_base + dgate) * (up_base + dup) per routed row. [N, F]."""
+        dg, du = self._delta("gate", x_NH, counts_L), self._delta("up", x_NH, counts_L)
+        gate = None if gate_base is None else (gate_base if dg is None else gate_base + dg)
+        up = up_base if du is None else up_base + du
+        return hidden_act(gate, up, self.activation)
+
+    def forward(self, x_NH: torch.Tensor, counts_L: Sequence[int]) -> torch.Tensor:
+        x_NH = x_NH.to(self.w_up.dtype)
+        gate_base = x_NH @ self.w_gate if self.w_gate is not None else None  # [N, F]
+        h_NF = self._hidden(gate_base, x_NH @ self.w_up, x_NH, counts_L)  # [N, F]
+        y_NH = h_NF @ self.w_down  # [N, H]
+        dd = self._delta("down", h_NF, counts_L)
+        return y_NH if dd is None else y_NH + dd
+
+    def forward_tokens(self, x_TH: torch.Tensor, pair_token_N: torch.Tensor, weight_N: torch.Tensor, counts_L: Sequence[int]) -> torch.Tensor:
+        """Fused local path: routed pairs sorted by expert (token ids `pair_token_N`,
+        combine weights `weight_N`). Frozen gate/up/down run once per token.
+
+        Returns the weighted sum over each token's kept experts, [T, H].
+        """
+        x_TH = x_TH.to(self.w_up.dtype)
+        gate_T = x_TH @ self.w_gate if self.w_gate is not None else None  # [T, F] once per token
+        up_T = x_TH @ self.w_up  # [T, F] once per token
+        x_NH = x_TH.index_select(0, pair_token_N)  # [N, H]
+        gate_N = gate_T.index_select(0, pair_token_N) if gate_T is not None else None
+        h_NF = self._hidden(gate_N, up_T.index_select(0, pair_token_N), x_NH, counts_L)  # [N, F]
+        w_N1 = weight_N.to(h_NF.dtype).unsqueeze(1)  # [N, 1]
+        T = x_TH.shape[0]
+        h_TF = h_NF.new_zeros(T, h_NF.shape[1]).index_add(0, pair_token_N, h_NF * w_N1)  # [T, F] combined hidden
+        y_TH = h_TF @ self.w_down  # [T, H] frozen down once per token
+        dd = self._delta("down", h_NF, counts_L)  # [N, H]
+        if dd is not None:
+            y_TH = y_TH.index_add(0, pair_token_N, dd * w_N1)
+        return y_TH

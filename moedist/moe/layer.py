@@ -1,0 +1,134 @@
+"""MoELayer: router + capacity + dispatcher + experts (+ shared experts).
+
+    x [B, S, H] -> [T, H] -> router (fp32) -> capacity keep mask [T, K]
+      -> dispatcher.dispatch -> experts -> dispatcher.combine -> [T, H]
+      + shared_experts(x) -> [B, S, H]
+
+Returns (y, MoEAux): the weighted auxiliary loss to add to the task loss, its
+parts, and per-step diagnostics (tokens per expert, drops, router entropy,
+all-to-all bytes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from moedist.moe.capacity import DROP_POLICIES, compute_capacity, select_tokens
+from moedist.moe.dispatcher import TokenDispatcher, combine_pairs, permute_pairs
+from moedist.moe.losses import importance_loss, load_loss, router_entropy, router_z_loss, switch_load_balancing_loss
+from moedist.moe.router import Router
+
+AUX_LOSS_TYPES = ("switch", "importance", "none")
+
+
+@dataclass
+class MoEAux:
+    """Auxiliary outputs of one MoE layer for one forward.
+
+    loss: aux_loss_coef * aux_loss + z_loss_coef * z_loss (scalar tensor, add it to the task loss).
+    aux_loss, z_loss: the unweighted parts (fp32 scalars).
+    tokens_per_expert: [E] int64 kept pairs per global expert from this rank's tokens.
+    dropped_per_expert: [E] int64 pairs refused by capacity, this rank's tokens.
+    dropped_frac: dropped pairs / routed pairs on this rank.
+    router_entropy: mean routing entropy (nats). a2a_bytes: bytes this rank sent in dispatch.
+    """
+
+    loss: torch.Tensor
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    dropped_per_expert: torch.Tensor
+    dropped_frac: float
+    router_entropy: float
+    capacity: Optional[int] = None
+    a2a_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts FFN built from parts.
+
+    Args:
+        router: a `Router`. experts: a module with forward(x_NH, counts_L) (and
+            optionally forward_tokens for a fused local path) holding the
+            dispatcher's local experts.
+        shared_experts: optional dense module applied to every token.
+        dispatcher: `TokenDispatcher` (EP size 1 when omitted).
+        capacity_factor: None or 0 for dropless. min_capacity: lower bound.
+        drop_policy: "position" or "probs".
+        aux_loss_type: "switch", "importance" (Shazeer importance + load) or "none".
+        aux_loss_coef, z_loss_coef: weights of the returned aux loss.
+    """
+
+    def __init__(self, router: Router, experts: nn.Module, shared_experts: Optional[nn.Module] = None,
+                 dispatcher: Optional[TokenDispatcher] = None, capacity_factor: Optional[float] = None,
+                 min_capacity: int = 0, drop_policy: str = "position", aux_loss_type: str = "switch",
+                 aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0):
+        super().__init__()
+        self.router, self.experts, self.shared_experts = router, experts, shared_experts
+        self.dispatcher = dispatcher or TokenDispatcher(router.num_experts)
+        E = router.num_experts
+        if self.dispatcher.num_experts != E:
+            raise ValueError(f"dispatcher num_experts={self.dispatcher.num_experts} != router num_experts={E}")
+        if getattr(experts, "num_local", self.dispatcher.num_local_experts) != self.dispatcher.num_local_experts:
+            raise ValueError(f"experts hold {experts.num_local} local experts, the dispatcher expects {self.dispatcher.num_local_experts}")
+        if capacity_factor is not None and capacity_factor < 0:
+            raise ValueError(f"capacity_factor={capacity_factor}: must be > 0, or 0/None for dropless")
+        if drop_policy not in DROP_POLICIES:
+            raise ValueError(f"drop_policy={drop_policy!r}: allowed {', '.join(DROP_POLICIES)}")
+        if aux_loss_type not in AUX_LOSS_TYPES:
+            raise ValueError(f"aux_loss_type={aux_loss_type!r}: allowed {', '.join(AUX_LOSS_TYPES)}")
+        self.capacity_factor = capacity_factor or None
+        self.min_capacity, self.drop_policy = min_capacity, drop_policy
+        self.aux_loss_type, self.aux_loss_coef, self.z_loss_coef = aux_loss_type, aux_loss_coef, z_loss_coef
+
+    @property
+    def num_experts(self) -> int:
+        return self.router.num_experts
+
+    def forward(self, x_BSH: torch.Tensor):
+        shape = x_BSH.shape
+        x_TH = x_BSH.reshape(-1, shape[-1])  # [T, H]
+        T, E, K = x_TH.shape[0], self.num_experts, self.router.top_k
+        r = self.router(x_TH)
+        cap = compute_capacity(T, E, K, self.capacity_factor, self.min_capacity)
+        sel = select_tokens(r.idx_TK, r.weight_TK, E, cap, self.drop_policy)
+        d = self.dispatcher
+        if d.ep_size == 1 and hasattr(self.experts, "forward_tokens"):
+            perm = permute_pairs(r.idx_TK, sel.keep_TK, E)
+            w_N = r.weight_TK.reshape(-1).index_select(0, perm.pair_N)  # [N]
+            y_TH = self.experts.forward_tokens(x_TH, perm.token_N, w_N, perm.counts_E.tolist())
+            d.last_stats = dict(a2a_rows=0, a2a_bytes=0, a2a_bytes_remote=0)
+        else:
+            x_NH, counts_L, state = d.dispatch(x_TH, r.idx_TK, sel.keep_TK)
+            y_NH = self.experts(x_NH, counts_L)  # [N, H]
+            y_TH = d.combine(y_NH, state, r.weight_TK)
+        if self.shared_experts is not None:
+            y_TH = y_TH + self.shared_experts(x_TH)
+        aux = self._aux(r, sel, T)
+        return y_TH.to(x_BSH.dtype).reshape(shape), aux
+
+    def _aux(self, r, sel, T: int) -> MoEAux:
+        E, K = self.num_experts, self.router.top_k
+        zero = r.logits_TE.sum() * 0.0
+        if self.aux_loss_type == "switch":
+            aux = switch_load_balancing_loss(r.probs_TE, r.idx_TK, E)
+        elif self.aux_loss_type == "importance":
+            gates_TE = torch.zeros_like(r.probs_TE).scatter(1, r.idx_TK, r.weight_TK)  # [T, E]
+            aux = importance_loss(gates_TE)
+            if r.noise is not None:
+                aux = aux + load_loss(*r.noise, k=K)
+        else:
+            aux = zero
+        z = router_z_loss(r.logits_TE) if self.z_loss_coef else zero
+        kept_E = torch.bincount(r.idx_TK[sel.keep_TK], minlength=E)
+        dropped = int(sel.dropped_E.sum())
+        return MoEAux(
+            loss=self.aux_loss_coef * aux + self.z_loss_coef * z, aux_loss=aux.detach(), z_loss=z.detach(),
+            tokens_per_expert=kept_E.detach(), dropped_per_expert=sel.dropped_E.detach(),
+            dropped_frac=dropped / max(1, T * K), router_entropy=router_entropy(r.probs_TE),
+            capacity=sel.capacity, a2a_bytes=int(self.dispatcher.last_stats.get("a2a_bytes", 0)),
+        )

@@ -1,0 +1,42 @@
+"""Shared experts: a dense FFN applied to every token, replicated on every rank.
+
+`num_shared` shared experts of size F are one FFN of size num_shared * F (the
+sum of n FFNs equals one FFN with their hidden units concatenated). With
+`gated=True` the output is scaled by sigmoid(x @ w_shared_gate) per token, as
+in Qwen2-MoE.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from moedist.moe.ffn import GATED, check_activation, ffn
+
+
+class SharedExperts(nn.Module):
+    """Args: hidden_size H, ffn_size F (total), activation, gated, init_std, seed, dtype, device."""
+
+    def __init__(self, hidden_size: int, ffn_size: int, activation: str = "swiglu", gated: bool = False,
+                 init_std: float = 0.02, seed: int = 0, dtype=torch.float32, device=None):
+        super().__init__()
+        check_activation(activation)
+        if ffn_size < 1:
+            raise ValueError(f"shared expert ffn_size={ffn_size}: must be >= 1")
+        self.activation, self.gated = activation, gated
+        g = torch.Generator().manual_seed(seed)
+        H, F = hidden_size, ffn_size
+
+        def draw(*shape):
+            return nn.Parameter((torch.randn(*shape, generator=g) * init_std).to(dtype=dtype, device=device))
+
+        self.w_gate = draw(H, F) if activation in GATED else None  # [H, F]
+        self.w_up = draw(H, F)  # [H, F]
+        self.w_down = draw(F, H)  # [F, H]
+        self.w_shared_gate = draw(H, 1) if gated else None  # [H, 1]
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        x = x_TH.to(self.w_up.dtype)
+        y_TH = ffn(x, self.w_gate, self.w_up, self.w_down, self.activation)  # [T, H]
+        if self.w_shared_gate is not None:
+            y_TH = torch.sigmoid(x @ self.w_shared_gate) * y_TH
+        return y_TH
