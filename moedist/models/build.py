@@ -1,0 +1,118 @@
+"""Build a `CausalLM` from the config sections `model`, `moe` and `lora`.
+
+Every part gets its own seed derived from (train seed, layer, part), so the
+same config gives the same weights in every process and at every EP size.
+Parallelism is applied afterwards (`moedist.models.parallelize`).
+"""
+from __future__ import annotations
+
+from typing import Iterable, List
+
+import torch.nn as nn
+
+from moedist.models.llama import Attention, CausalLM, DecoderLayer, DenseFFN
+from moedist.models.lora import LoRAFFN, LoRALinear
+from moedist.moe import GroupedExperts, LoRAOnExperts, MoELayer, MoELoRAExperts, Router, SharedExperts, TokenDispatcher
+
+LORA_MODES = ("none", "moe_lora", "expert_lora", "full")
+
+
+def _seed(seed: int, layer: int, part: int) -> int:
+    return seed * 7919 + layer * 131 + part
+
+
+def is_moe_layer(i: int, moe_every: int) -> bool:
+    """Layer i is MoE when moe_every > 0 and (i + 1) % moe_every == 0 (1 = every layer)."""
+    return moe_every > 0 and (i + 1) % moe_every == 0
+
+
+def build_moe_layer(i: int, model_cfg, moe_cfg, lora_cfg, seed: int, dense_ffn: DenseFFN = None) -> MoELayer:
+    """One MoE FFN for layer i (all experts local; EP is applied later)."""
+    H, E = model_cfg.hidden_size, moe_cfg.num_experts
+    F = moe_cfg.expert_ffn_size or model_cfg.ffn_size
+    act, std = moe_cfg.activation, model_cfg.init_std
+    router = Router(H, E, moe_cfg.top_k, score_func=moe_cfg.score_func, renormalize=moe_cfg.renormalize,
+                    noisy_gating=moe_cfg.noisy_gating, jitter_eps=moe_cfg.jitter_eps,
+                    expert_bias=moe_cfg.expert_bias, init_std=std, seed=_seed(seed, i, 1))
+    lora_kw = dict(lora_rank=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, targets=lora_cfg.targets)
+    if lora_cfg.mode == "moe_lora":
+        dense = dense_ffn or DenseFFN(H, model_cfg.ffn_size, act, std, _seed(seed, i, 2))
+        experts = MoELoRAExperts(E, H, model_cfg.ffn_size, activation=act, init_std=std, seed=_seed(seed, i, 3), **lora_kw)
+        experts.load_base(dense.w_gate, dense.w_up, dense.w_down)
+    elif lora_cfg.mode in ("expert_lora", "full"):
+        experts = LoRAOnExperts(E, H, F, activation=act, init_std=std, seed=_seed(seed, i, 3), **lora_kw)
+    else:
+        experts = GroupedExperts(E, H, F, activation=act, init_std=std, seed=_seed(seed, i, 3))
+    shared = None
+    if moe_cfg.num_shared_experts:
+        shared = SharedExperts(H, F * moe_cfg.num_shared_experts, act, gated=moe_cfg.shared_expert_gate,
+                               init_std=std, seed=_seed(seed, i, 4))
+    return MoELayer(router, experts, shared, TokenDispatcher(E), capacity_factor=moe_cfg.capacity_factor,
+                    min_capacity=moe_cfg.min_capacity, drop_policy=moe_cfg.drop_policy,
+                    aux_loss_type=moe_cfg.aux_loss_type, aux_loss_coef=moe_cfg.aux_loss_coef,
+                    z_loss_coef=moe_cfg.z_loss_coef)
+
+
+def build_model(cfg, seed: int = None) -> CausalLM:
+    """Build the model described by `cfg` (a MoedistConfig: sections model, moe, lora).
+
+    lora.mode: none (all weights train), moe_lora (each MoE layer = frozen FFN +
+    router over LoRA experts), expert_lora (LoRA on real, frozen experts),
+    full (LoRA on attention and every FFN/expert projection, base frozen).
+    `apply_lora_freezing` then sets requires_grad.
+    """
+    m, moe, lora = cfg.model, cfg.moe, cfg.lora
+    seed = cfg.train.seed if seed is None else seed
+    if lora.mode not in LORA_MODES:
+        raise ValueError(f"lora.mode={lora.mode!r}: allowed {', '.join(LORA_MODES)}")
+    head_dim = m.hidden_size // m.num_heads
+    layers: List[DecoderLayer] = []
+    for i in range(m.num_layers):
+        attn = Attention(m.hidden_size, m.num_heads, m.num_kv_heads or m.num_heads, head_dim,
+                         bias=getattr(m, "attention_bias", False), qk_norm=getattr(m, "qk_norm", False), norm_eps=m.norm_eps)
+        moe_here = is_moe_layer(i, m.moe_every) and moe.num_experts > 0
+        if moe_here:
+            mlp = build_moe_layer(i, m, moe, lora, seed)
+        else:
+            mlp = DenseFFN(m.hidden_size, m.ffn_size, moe.activation, m.init_std, _seed(seed, i, 2))
+            if lora.mode == "full":
+                mlp = LoRAFFN(mlp, lora.rank, lora.alpha, lora.dropout, lora.targets, _seed(seed, i, 5))
+        if lora.mode == "full":
+            for j, name in enumerate(("q_proj", "k_proj", "v_proj", "o_proj")):
+                setattr(attn, name, LoRALinear(getattr(attn, name), lora.rank, lora.alpha, lora.dropout, _seed(seed, i, 10 + j)))
+        layers.append(DecoderLayer(attn, mlp, m.hidden_size, m.norm_eps))
+    model = CausalLM(m.vocab_size, m.hidden_size, layers, m.max_seq_len, m.rope_theta, head_dim, m.norm_eps,
+                     m.tie_embeddings, m.init_std, _seed(seed, 10_000, 0))
+    if "full" == lora.mode:  # attention init above drew into the wrapped base linears; nothing else to do
+        pass
+    apply_lora_freezing(model, lora)
+    return model
+
+
+def _is_adapter(name: str) -> bool:
+    return "lora_A" in name or "lora_B" in name
+
+
+def apply_lora_freezing(model: nn.Module, lora_cfg) -> None:
+    """Set requires_grad by lora.mode: in LoRA modes only adapters (+ router if
+    lora.train_router, + shared experts if lora.train_shared_experts) train."""
+    if lora_cfg.mode == "none":
+        return
+    for name, p in model.named_parameters():
+        train = _is_adapter(name)
+        train |= lora_cfg.train_router and ".router." in name
+        train |= lora_cfg.train_shared_experts and ".shared_experts." in name
+        p.requires_grad_(train)
+
+
+def adapter_params(model: nn.Module) -> List[nn.Parameter]:
+    """The LoRA parameters (lora_A / lora_B) of the model."""
+    return [p for n, p in model.named_parameters() if _is_adapter(n)]
+
+
+def trainable_params(model: nn.Module) -> List[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def moe_layers(model: nn.Module) -> Iterable[MoELayer]:
+    return [m for m in model.modules() if isinstance(m, MoELayer)]

@@ -1,0 +1,175 @@
+"""A tiny Llama-style decoder: RMSNorm, RoPE, causal GQA attention, dense or MoE FFN.
+
+Parameter names follow Hugging Face Llama (`embed_tokens`, `layers.i.self_attn.q_proj`,
+`input_layernorm`, `post_attention_layernorm`, `norm`, `lm_head`) so import and
+export are name maps. Attention projections are `nn.Linear` ([out, in] like HF);
+FFN weights are in math orientation ([H, F] / [F, H]) like the MoE experts.
+
+Shapes: B batch, S sequence, H hidden, V vocab, nh heads, nkv kv heads, d head dim.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F_
+
+from moedist.moe.ffn import GATED, check_activation, ffn
+from moedist.moe.layer import MoEAux
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (as HF Llama)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None, dtype=torch.float32):
+    """cos/sin tables [S, d] for rotary embeddings (HF 'rotate_half' layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))  # [d/2]
+    t = torch.arange(seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)  # [S, d/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [S, d]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x_BnSd: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
+    d2 = x_BnSd.shape[-1] // 2
+    rot = torch.cat([-x_BnSd[..., d2:], x_BnSd[..., :d2]], dim=-1)
+    return x_BnSd * cos_Sd + rot * sin_Sd
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention with RoPE; optional q/k RMSNorm (Qwen3) and qkv bias (Qwen2)."""
+
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: Optional[int] = None,
+                 bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-6):
+        super().__init__()
+        if hidden % num_heads and head_dim is None:
+            raise ValueError(f"hidden_size={hidden} is not divisible by num_heads={num_heads}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}")
+        self.nh, self.nkv = num_heads, num_kv_heads
+        self.d = head_dim or hidden // num_heads
+        self.q_proj = nn.Linear(hidden, self.nh * self.d, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.nkv * self.d, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.nkv * self.d, bias=bias)
+        self.o_proj = nn.Linear(self.nh * self.d, hidden, bias=False)
+        self.q_norm = RMSNorm(self.d, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.d, norm_eps) if qk_norm else None
+
+    def forward(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSH.shape
+        q = self.q_proj(x_BSH).view(B, S, self.nh, self.d)
+        k = self.k_proj(x_BSH).view(B, S, self.nkv, self.d)
+        v = self.v_proj(x_BSH).view(B, S, self.nkv, self.d).transpose(1, 2)  # [B, nkv, S, d]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, nh, S, d]
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, nkv, S, d]
+        if self.nkv != self.nh:
+            rep = self.nh // self.nkv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        o = F_.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, nh, S, d]
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, self.nh * self.d))
+
+
+class DenseFFN(nn.Module):
+    """Dense FFN with weights in math orientation: w_gate/w_up [H, F], w_down [F, H]."""
+
+    def __init__(self, hidden: int, ffn_size: int, activation: str = "swiglu", init_std: float = 0.02, seed: int = 0):
+        super().__init__()
+        check_activation(activation)
+        self.activation = activation
+        g = torch.Generator().manual_seed(seed)
+        self.w_gate = nn.Parameter(torch.randn(hidden, ffn_size, generator=g) * init_std) if activation in GATED else None
+        self.w_up = nn.Parameter(torch.randn(hidden, ffn_size, generator=g) * init_std)
+        self.w_down = nn.Parameter(torch.randn(ffn_size, hidden, generator=g) * init_std)
+
+    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
+        return ffn(x_BSH, self.w_gate, self.w_up, self.w_down, self.activation)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, attn: Attention, mlp: nn.Module, hidden: int, norm_eps: float):
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden, norm_eps)
+        self.self_attn = attn
+        self.post_attention_layernorm = RMSNorm(hidden, norm_eps)
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        out = self.mlp(self.post_attention_layernorm(x))
+        aux = None
+        if isinstance(out, tuple):  # MoE layer: (y, MoEAux)
+            out, aux = out
+        return x + out, aux
+
+
+@dataclass
+class CausalLMOutput:
+    """logits [B, S, V]; loss = lm_loss + aux_loss (when labels given); moe_aux per MoE layer."""
+
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    lm_loss: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
+    moe_aux: List[MoEAux] = field(default_factory=list)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only language model built from a list of `DecoderLayer`s (see models/build.py)."""
+
+    def __init__(self, vocab_size: int, hidden: int, layers: List[DecoderLayer], max_seq_len: int, rope_theta: float,
+                 head_dim: int, norm_eps: float = 1e-6, tie_embeddings: bool = False, init_std: float = 0.02, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.embed_tokens = nn.Embedding(vocab_size, hidden)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(hidden, norm_eps)
+        self.lm_head = None if tie_embeddings else nn.Linear(hidden, vocab_size, bias=False)
+        self.max_seq_len, self.rope_theta, self.head_dim = max_seq_len, rope_theta, head_dim
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(torch.randn(vocab_size, hidden, generator=g) * init_std)
+            if self.lm_head is not None:
+                self.lm_head.weight.copy_(torch.randn(vocab_size, hidden, generator=g) * init_std)
+            for layer in layers:
+                for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj):
+                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * init_std)
+                    if lin.bias is not None:
+                        lin.bias.zero_()
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> CausalLMOutput:
+        B, S = input_ids.shape
+        if S > self.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.max_seq_len}")
+        x = self.embed_tokens(input_ids)  # [B, S, H]
+        cos, sin = rope_cos_sin(S, self.head_dim, self.rope_theta, device=x.device, dtype=x.dtype)
+        auxes = []
+        for layer in self.layers:
+            x, aux = layer(x, cos, sin)
+            if aux is not None:
+                auxes.append(aux)
+        x = self.norm(x)
+        logits = F_.linear(x, self.output_weight())  # [B, S, V]
+        out = CausalLMOutput(logits=logits, moe_aux=auxes)
+        if labels is not None:
+            lm = F_.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            aux_total = sum((a.loss for a in auxes), torch.zeros((), device=lm.device))
+            out.lm_loss, out.aux_loss, out.loss = lm, aux_total, lm + aux_total
+        return out

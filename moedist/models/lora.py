@@ -1,0 +1,86 @@
+"""LoRA on dense projections of the model (mode `full`): attention linears and dense FFNs.
+
+Names follow PEFT so adapters export as-is: `lora_A` [r, in] and `lora_B`
+[out, r] on an `nn.Linear` (PEFT orientation); B starts at zero.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F_
+
+from moedist.moe.ffn import GATED, hidden_act
+from moedist.moe.lora_math import lora_dropout, lora_scale
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / r) * dropout(x) @ lora_A.T @ lora_B.T, base frozen."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: Optional[float] = None, dropout: float = 0.0, seed: int = 0):
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.lora_rank, self.scaling, self.dropout = rank, lora_scale(rank, alpha), dropout
+        g = torch.Generator().manual_seed(seed)
+        bound = 1.0 / math.sqrt(base.in_features)  # kaiming_uniform(a=sqrt(5)) as PEFT
+        A = (torch.rand(rank, base.in_features, generator=g) * 2 - 1) * bound
+        self.lora_A = nn.Parameter(A.to(base.weight.dtype))  # [r, in]
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype))  # [out, r]
+        self._gen = torch.Generator().manual_seed(seed + 4099)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + s * B @ A in [out, in] orientation."""
+        return self.base.weight + self.scaling * (self.lora_B @ self.lora_A)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xd = lora_dropout(x, self.dropout, self.training, self._gen)
+        return self.base(x) + self.scaling * F_.linear(F_.linear(xd, self.lora_A), self.lora_B)
+
+
+class LoRAFFN(nn.Module):
+    """A frozen dense FFN (math orientation) with a LoRA per targeted projection.
+
+    lora_A_<t> [in, r] (random), lora_B_<t> [r, out] (zeros), t in gate/up/down.
+    """
+
+    def __init__(self, dense: nn.Module, rank: int, alpha: Optional[float] = None, dropout: float = 0.0,
+                 targets=("gate", "up", "down"), seed: int = 0):
+        super().__init__()
+        self.activation = dense.activation
+        self.w_gate, self.w_up, self.w_down = dense.w_gate, dense.w_up, dense.w_down
+        for p in (self.w_gate, self.w_up, self.w_down):
+            if p is not None:
+                p.requires_grad_(False)
+        self.scaling, self.dropout = lora_scale(rank, alpha), dropout
+        self.targets = tuple(t for t in targets if t != "gate" or self.w_gate is not None)
+        g = torch.Generator().manual_seed(seed)
+        for t in self.targets:
+            w = getattr(self, f"w_{t}")
+            d_in, d_out = w.shape
+            bound = 1.0 / math.sqrt(d_in)
+            setattr(self, f"lora_A_{t}", nn.Parameter(((torch.rand(d_in, rank, generator=g) * 2 - 1) * bound).to(w.dtype)))
+            setattr(self, f"lora_B_{t}", nn.Parameter(torch.zeros(rank, d_out, dtype=w.dtype)))
+        self._gen = torch.Generator().manual_seed(seed + 4099)
+
+    def _proj(self, t: str, x: torch.Tensor) -> torch.Tensor:
+        y = x @ getattr(self, f"w_{t}")
+        if t in self.targets:
+            xd = lora_dropout(x, self.dropout, self.training, self._gen)
+            y = y + self.scaling * (xd @ getattr(self, f"lora_A_{t}") @ getattr(self, f"lora_B_{t}"))
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self._proj("gate", x) if self.activation in GATED else None
+        return self._proj("down", hidden_act(gate, self._proj("up", x), self.activation))

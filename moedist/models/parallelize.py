@@ -1,0 +1,45 @@
+"""Apply expert parallelism to a built model (torchtitan style).
+
+Each `MoELayer` keeps the experts [ep_rank * L, (ep_rank + 1) * L) and gets a
+dispatcher over the EP communicator. Expert parameters (tagged
+`moedist_expert`) are sliced along their leading expert dimension; every other
+parameter stays replicated. Because experts are seeded by global id, slicing a
+fully built model equals building the shard directly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from moedist.distributed.comm import ExpertParallelComm
+from moedist.moe.dispatcher import TokenDispatcher
+from moedist.moe.experts import EXPERT_ATTR, tag_expert_param
+from moedist.moe.layer import MoELayer
+
+
+def shard_experts_(experts: nn.Module, ep_rank: int, ep_size: int) -> nn.Module:
+    """Keep only this rank's experts in an expert module, in place."""
+    E = experts.num_experts
+    if E % ep_size:
+        raise ValueError(f"num_experts={E} is not divisible by ep_size={ep_size}")
+    if experts.num_local != E:
+        raise ValueError("shard_experts_: experts are already sharded")
+    L = E // ep_size
+    first = ep_rank * L
+    for mod in experts.modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if getattr(p, EXPERT_ATTR, False):
+                new = nn.Parameter(p.data[first:first + L].clone(), requires_grad=p.requires_grad)
+                setattr(mod, name, tag_expert_param(new))
+    experts.num_local, experts.first_expert = L, first
+    return experts
+
+
+def parallelize(model: nn.Module, comm: ExpertParallelComm) -> nn.Module:
+    """Shard every MoE layer's experts over `comm` (the EP group) and wire its dispatcher."""
+    for layer in model.modules():
+        if isinstance(layer, MoELayer):
+            if comm.size > 1:
+                shard_experts_(layer.experts, comm.rank, comm.size)
+            layer.dispatcher = TokenDispatcher(layer.num_experts, comm)
+    return model
