@@ -45,7 +45,9 @@ def build_moe_layer(i: int, model_cfg, moe_cfg, lora_cfg, seed: int, dense_ffn: 
         experts = GroupedExperts(E, H, F, activation=act, init_std=std, seed=_seed(seed, i, 3))
     shared = None
     if moe_cfg.num_shared_experts:
-        shared = SharedExperts(H, F * moe_cfg.num_shared_experts, act, gated=moe_cfg.shared_expert_gate,
+        # optional moe.shared_expert_ffn_size (total width; HF Qwen2-MoE's shared_expert_intermediate_size)
+        F_shared = getattr(moe_cfg, "shared_expert_ffn_size", None) or F * moe_cfg.num_shared_experts
+        shared = SharedExperts(H, F_shared, act, gated=moe_cfg.shared_expert_gate,
                                init_std=std, seed=_seed(seed, i, 4))
     return MoELayer(router, experts, shared, TokenDispatcher(E), capacity_factor=moe_cfg.capacity_factor,
                     min_capacity=moe_cfg.min_capacity, drop_policy=moe_cfg.drop_policy,
@@ -65,12 +67,13 @@ def build_model(cfg, seed: int = None) -> CausalLM:
     seed = cfg.train.seed if seed is None else seed
     if lora.mode not in LORA_MODES:
         raise ValueError(f"lora.mode={lora.mode!r}: allowed {', '.join(LORA_MODES)}")
-    head_dim = m.hidden_size // m.num_heads
+    head_dim = getattr(m, "head_dim", None) or m.hidden_size // m.num_heads  # optional override (Qwen3)
+    dense_only = set(getattr(m, "mlp_only_layers", None) or ())  # optional: layers kept dense (Qwen-MoE)
     layers: List[DecoderLayer] = []
     for i in range(m.num_layers):
         attn = Attention(m.hidden_size, m.num_heads, m.num_kv_heads or m.num_heads, head_dim,
                          bias=getattr(m, "attention_bias", False), qk_norm=getattr(m, "qk_norm", False), norm_eps=m.norm_eps)
-        moe_here = is_moe_layer(i, m.moe_every) and moe.num_experts > 0
+        moe_here = is_moe_layer(i, m.moe_every) and moe.num_experts > 0 and i not in dense_only
         if moe_here:
             mlp = build_moe_layer(i, m, moe, lora, seed)
         else:
