@@ -1,8 +1,9 @@
 """Routers: softmax top-k, sigmoid (DeepSeek-V3), noisy top-k (Shazeer 2017), jitter.
 
 Routing math is in pure functions; `Router` only owns the parameters. Every
-computation is float32 whatever the model dtype: the router weight stays fp32
-and the input is upcast.
+computation is at least float32 whatever the model dtype: the router weight
+stays fp32 and a bf16/fp16 input is upcast (float64 stays float64, so the layer
+can be checked with `torch.autograd.gradcheck`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F_
 
 SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """At least float32: half types go up to float32, float64 is left alone."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 @dataclass
@@ -37,7 +43,7 @@ def softmax_topk(logits_TE: torch.Tensor, k: int, renormalize: bool = True):
 
     Returns (idx [T, K], weight [T, K], probs [T, E]).
     """
-    probs_TE = torch.softmax(logits_TE.float(), dim=-1)  # [T, E]
+    probs_TE = torch.softmax(_upcast(logits_TE), dim=-1)  # [T, E]
     w_TK, idx_TK = probs_TE.topk(k, dim=-1)  # [T, K]
     if renormalize:
         w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
@@ -51,8 +57,8 @@ def sigmoid_topk(logits_TE: torch.Tensor, k: int, bias_E: Optional[torch.Tensor]
     never the combine weights. Returns (idx, weight, probs) where probs = s / sum(s)
     (a distribution for the balance losses).
     """
-    s_TE = torch.sigmoid(logits_TE.float())  # [T, E]
-    choice = s_TE if bias_E is None else s_TE + bias_E.float()
+    s_TE = torch.sigmoid(_upcast(logits_TE))  # [T, E]
+    choice = s_TE if bias_E is None else s_TE + bias_E.to(s_TE.dtype)
     idx_TK = choice.topk(k, dim=-1).indices  # [T, K]
     w_TK = s_TE.gather(1, idx_TK)  # [T, K]
     if renormalize:
@@ -115,15 +121,15 @@ class Router(nn.Module):
         return torch.randn(t.shape, generator=self._noise_gen).to(t.device)
 
     def forward(self, x_TH: torch.Tensor) -> RouterOutput:
-        x = x_TH.float()  # router always in fp32
+        x = _upcast(x_TH)  # router in fp32 (or fp64 when given fp64)
         if self.training and self.jitter_eps > 0:
             u = torch.rand(x.shape, generator=self._noise_gen).to(x.device)
             x = x * (1.0 - self.jitter_eps + 2.0 * self.jitter_eps * u)
-        clean_TE = x @ self.weight.float().t()  # [T, E]
+        clean_TE = x @ self.weight.to(x.dtype).t()  # [T, E]
         noise = None
         logits_TE = clean_TE
         if self.noisy_gating and self.training:
-            std_TE = F_.softplus(x @ self.noise_weight.float().t()) + 1e-2  # [T, E]
+            std_TE = F_.softplus(x @ self.noise_weight.to(x.dtype).t()) + 1e-2  # [T, E]
             logits_TE = clean_TE + self._randn_like(clean_TE) * std_TE
             noise = (clean_TE, logits_TE, std_TE)
         if self.score_func == "softmax":
