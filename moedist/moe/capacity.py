@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Optional
 
 import torch
@@ -37,11 +38,14 @@ def compute_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fac
     """
     if capacity_factor is None or capacity_factor == 0:
         return None
-    if capacity_factor < 0:
-        raise ValueError(f"capacity_factor={capacity_factor}: must be > 0, or 0/None for dropless")
+    if not (capacity_factor > 0 and math.isfinite(capacity_factor)):
+        raise ValueError(f"capacity_factor={capacity_factor}: must be a finite number > 0, or 0/None for dropless")
     if min_capacity < 0:
         raise ValueError(f"min_capacity={min_capacity}: must be >= 0")
-    return max(int(min_capacity), math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+    # Exact arithmetic on the decimal the user wrote: in floats 1.1 * 100 / 10
+    # is 11.000000000000002 and ceil would give 12.
+    exact = Fraction(str(capacity_factor)) * num_tokens * top_k / num_experts
+    return max(int(min_capacity), math.ceil(exact))
 
 
 def select_tokens(idx_TK: torch.Tensor, weight_TK: torch.Tensor, num_experts: int, capacity: Optional[int], policy: str = "position") -> CapacityResult:
