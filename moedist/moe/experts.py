@@ -96,7 +96,7 @@ class _LoRAStack(nn.Module):
         self.lora_A = tag_expert_param(nn.Parameter(torch.empty(L, d_in, rank, dtype=dtype, device=device)))
         self.lora_B = tag_expert_param(nn.Parameter(torch.zeros(L, rank, d_out, dtype=dtype, device=device)))
         with torch.no_grad():
-            bound = (3.0 / d_in) ** 0.5  # Kaiming-uniform(a=sqrt(5)) bound as in peft/nn.Linear
+            bound = (1.0 / d_in) ** 0.5  # Kaiming-uniform(a=sqrt(5)): gain sqrt(1/3) * sqrt(3 / fan_in), as in peft/nn.Linear
             for l in range(L):
                 g = torch.Generator().manual_seed(seed * 1_000_003 + (first_expert + l) * 101 + 50 + which)
                 self.lora_A[l].copy_((torch.rand(d_in, rank, generator=g) * 2 - 1) * bound)
