@@ -58,7 +58,8 @@ def grouped_mm(x_NI: torch.Tensor, w_LIO: torch.Tensor, counts_L: Sequence[int])
         return x_NI @ w_LIO[0]
     outs = [xs @ w for xs, w, c in zip(x_NI.split(counts), w_LIO.unbind(0), counts) if c > 0]
     if not outs:
-        return x_NI.new_zeros((0, w_LIO.shape[-1])) + 0.0 * w_LIO.sum()
+        # no rows: keep x and w in the graph (zero grads, not None: a rank with no tokens must still reduce)
+        return x_NI.new_zeros((0, w_LIO.shape[-1])) + 0.0 * (x_NI.sum() + w_LIO.sum())
     return torch.cat(outs, dim=0)
 
 
