@@ -1,0 +1,269 @@
+"""Layout-independent checkpoints: safetensors keyed by global expert id + a JSON manifest.
+
+Directory `step_000123/`:
+    manifest.json              config, step, layout, file list with SHA-256, key -> file index
+    model-dense.safetensors    non-expert tensors (written by global rank 0)
+    model-experts-epK.safetensors   experts held by EP rank K (written by its first replica)
+    optim-*.safetensors        optimizer state, same split, keys "<state>::<tensor key>"
+    rng-rankR.safetensors      each rank's RNG state (restored only at the same world size)
+
+A checkpoint saved at EP=4 loads at EP=2 or 1 (or 1 -> 4): each rank reads only
+the global expert keys it now holds. Writes go to a temporary directory renamed
+into place after every file is complete and hashed; `latest` is replaced
+atomically. Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moedist.checkpoint.keys import global_keys_for, param_slots, split_to_global
+
+FORMAT = "moedist-checkpoint-v1"
+OPT_SEP = "::"
+
+
+@dataclass
+class Layout:
+    """Who this rank is: global rank/world, EP rank/size, and whether it writes its experts."""
+
+    rank: int = 0
+    world_size: int = 1
+    ep_rank: int = 0
+    ep_size: int = 1
+    edp_rank: int = 0
+
+    @classmethod
+    def from_dims(cls, dims) -> "Layout":
+        if dims is None:
+            return cls()
+        return cls(dims.rank, dims.world_size, dims.ep_rank, dims.ep_size, dims.rank // dims.ep_size)
+
+
+@dataclass
+class LoadedCheckpoint:
+    step: int
+    optim_state: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)
+    extra_state: dict = field(default_factory=dict)
+    config: Optional[dict] = None
+    rng_restored: bool = False
+    manifest: dict = field(default_factory=dict)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tensors_by_owner(model: nn.Module, optim_state, adapter_only: bool):
+    """Split this rank's tensors into dense and expert dicts keyed globally."""
+    slots = param_slots(model)
+    dense, experts, opt_dense, opt_experts = {}, {}, {}, {}
+    for name, p in model.named_parameters():
+        if adapter_only and not p.requires_grad:
+            continue
+        t = p.detach().to("cpu").contiguous()
+        states = (optim_state or {}).get(name, {})
+        if name in slots:
+            for key, sub in split_to_global(name, t, slots[name]):
+                experts[key] = sub.clone()
+            for sname, st in states.items():
+                st = st.detach().to("cpu")
+                if st.dim() == 0:  # e.g. Adam step: shared by the stack
+                    for key in global_keys_for(name, slots[name]):
+                        opt_experts[f"{sname}{OPT_SEP}{key}"] = st.clone()
+                else:
+                    for key, sub in split_to_global(name, st, slots[name]):
+                        opt_experts[f"{sname}{OPT_SEP}{key}"] = sub.clone().contiguous()
+        else:
+            dense[name] = t
+            for sname, st in states.items():
+                opt_dense[f"{sname}{OPT_SEP}{name}"] = st.detach().to("cpu").contiguous()
+    persistent = set(model.state_dict().keys())
+    for name, b in model.named_buffers():
+        if b is not None and not adapter_only and name in persistent:
+            dense[f"buffer{OPT_SEP}{name}"] = b.detach().to("cpu").contiguous()
+    return dense, experts, opt_dense, opt_experts
+
+
+def _rng_tensors() -> dict:
+    out = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["torch_cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def save_checkpoint(ckpt_dir, model: nn.Module, *, step: int, optim_state=None, extra_state: Optional[dict] = None,
+                    config: Optional[dict] = None, adapter_only: bool = False, dims=None) -> Path:
+    """Write a checkpoint of `model` (and optimizer state) to `ckpt_dir`, atomically.
+
+    Every rank calls this. optim_state: {param name: {state name: full tensor}}
+    for this rank's parameters (see moedist.checkpoint.optim_state).
+    extra_state: JSON-able dict (LR schedule, data position, ...).
+    adapter_only: save only trainable parameters (LoRA adapters, router).
+    """
+    lay = Layout.from_dims(dims)
+    final = Path(ckpt_dir)
+    tmp = final.parent / f".tmp-{final.name}"
+    if lay.rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dense, experts, opt_dense, opt_experts = _tensors_by_owner(model, optim_state, adapter_only)
+    if lay.rank == 0:
+        save_file(dense, str(tmp / "model-dense.safetensors"))
+        if opt_dense:
+            save_file(opt_dense, str(tmp / "optim-dense.safetensors"))
+    if lay.edp_rank == 0 and experts:
+        save_file(experts, str(tmp / f"model-experts-ep{lay.ep_rank}.safetensors"))
+        if opt_experts:
+            save_file(opt_experts, str(tmp / f"optim-experts-ep{lay.ep_rank}.safetensors"))
+    save_file(_rng_tensors(), str(tmp / f"rng-rank{lay.rank}.safetensors"))
+    _barrier()
+    if lay.rank == 0:
+        files, index = {}, {}
+        for f in sorted(tmp.glob("*.safetensors")):
+            files[f.name] = _sha256(f)
+            if not f.name.startswith("rng-"):
+                with safe_open(str(f), "pt") as sf:
+                    for k in sf.keys():
+                        index[k] = f.name
+        manifest = dict(format=FORMAT, step=int(step), adapter_only=adapter_only, config=config,
+                        layout=dict(world_size=lay.world_size, ep_size=lay.ep_size),
+                        extra_state=extra_state or {}, files=files, index=index)
+        _write_json_atomic(tmp / "manifest.json", manifest)
+        if final.exists():
+            old = final.parent / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        (final.parent / ".latest.tmp").write_text(final.name + "\n")
+        os.replace(final.parent / ".latest.tmp", final.parent / "latest")
+    _barrier()
+    return final
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def resolve_checkpoint(path) -> Optional[Path]:
+    """A checkpoint dir itself, or a run dir's `latest` one; None if there is none."""
+    p = Path(path)
+    if (p / "manifest.json").exists():
+        return p
+    latest = p / "latest"
+    if latest.exists():
+        cand = p / latest.read_text().strip()
+        if (cand / "manifest.json").exists():
+            return cand
+    return None
+
+
+def read_manifest(ckpt_dir) -> dict:
+    m = json.loads((Path(ckpt_dir) / "manifest.json").read_text())
+    if m.get("format") != FORMAT:
+        raise ValueError(f"{ckpt_dir}: not a moedist checkpoint (format={m.get('format')!r})")
+    return m
+
+
+def verify_checkpoint(ckpt_dir) -> None:
+    """Raise ValueError naming the first file whose SHA-256 does not match the manifest."""
+    m = read_manifest(ckpt_dir)
+    for name, digest in m["files"].items():
+        f = Path(ckpt_dir) / name
+        if not f.exists():
+            raise ValueError(f"{f}: missing (listed in manifest.json)")
+        if _sha256(f) != digest:
+            raise ValueError(f"{f}: SHA-256 mismatch, checkpoint is corrupt")
+
+
+class _Reader:
+    """Reads tensors by key from the files the manifest indexes (each file opened once)."""
+
+    def __init__(self, ckpt_dir: Path, manifest: dict):
+        self.dir, self.index, self._open = ckpt_dir, manifest["index"], {}
+
+    def has(self, key: str) -> bool:
+        return key in self.index
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.index:
+            raise KeyError(f"{key}: not in checkpoint {self.dir}")
+        fname = self.index[key]
+        if fname not in self._open:
+            self._open[fname] = safe_open(str(self.dir / fname), "pt")
+        return self._open[fname].get_tensor(key)
+
+
+def load_checkpoint(ckpt_dir, model: nn.Module, *, dims=None, strict: bool = True, verify: bool = True,
+                    load_optim: bool = True) -> LoadedCheckpoint:
+    """Load weights (and optimizer state, RNG when the world size matches) into `model`.
+
+    Works at any EP layout: expert tensors are gathered by global id. With an
+    adapter-only checkpoint, only the parameters it holds are loaded.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if verify:
+        verify_checkpoint(ckpt_dir)
+    m = read_manifest(ckpt_dir)
+    lay = Layout.from_dims(dims)
+    rd = _Reader(ckpt_dir, m)
+    slots = param_slots(model)
+    optim: Dict[str, Dict[str, torch.Tensor]] = {}
+    state_names = sorted({k.split(OPT_SEP)[0] for k in m["index"] if OPT_SEP in k and not k.startswith("buffer")})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            keys = global_keys_for(name, slots[name]) if name in slots else [name]
+            if not rd.has(keys[0]):
+                if strict and not m["adapter_only"]:
+                    raise KeyError(f"{name}: not in checkpoint {ckpt_dir}")
+                continue
+            t = torch.stack([rd.get(k) for k in keys]) if name in slots else rd.get(name)
+            if t.shape != p.shape:
+                raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model shape {tuple(p.shape)}")
+            p.copy_(t.to(p.dtype))
+            if load_optim:
+                for s in state_names:
+                    okeys = [f"{s}{OPT_SEP}{k}" for k in keys]
+                    if rd.has(okeys[0]):
+                        parts = [rd.get(k) for k in okeys]
+                        optim.setdefault(name, {})[s] = parts[0] if parts[0].dim() == 0 else (torch.stack(parts) if name in slots else parts[0])
+        for name, b in model.named_buffers():
+            key = f"buffer{OPT_SEP}{name}"
+            if b is not None and rd.has(key):
+                b.copy_(rd.get(key).to(b.dtype))
+    rng_ok = False
+    rng_file = ckpt_dir / f"rng-rank{lay.rank}.safetensors"
+    if m["layout"]["world_size"] == lay.world_size and rng_file.exists():
+        with safe_open(str(rng_file), "pt") as sf:
+            torch.set_rng_state(sf.get_tensor("torch_cpu"))
+            if torch.cuda.is_available() and "torch_cuda" in sf.keys():
+                torch.cuda.set_rng_state(sf.get_tensor("torch_cuda"))
+        rng_ok = True
+    return LoadedCheckpoint(m["step"], optim, m.get("extra_state", {}), m.get("config"), rng_ok, m)
