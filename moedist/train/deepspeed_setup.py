@@ -1,0 +1,338 @@
+"""Everything moedist needs from DeepSpeed's internals, in one module.
+
+Checked against DeepSpeed 0.19.8 (setup.py pins >=0.19,<0.20); see
+`shared/notes/deepspeed-moe.md` for the experiments behind each choice.
+
+Order (every rank):
+
+    dims = init_expert_groups(ep)        # deepspeed.init_distributed + DeepSpeed's EP/EDP groups
+    model = parallelize(build_model(cfg), dims.ep_comm)   # all-to-all over DeepSpeed's EP group
+    prepare_model(model, ep, zero_stage) # tag expert params; make DeepSpeed see our MoE layers
+    groups = optimizer_param_groups(model, weight_decay)  # expert params in their own groups
+    engine = initialize(model, optimizer, ds_config(cfg, world_size))
+
+How DeepSpeed is told which parameters are experts:
+
+* Every expert parameter (tagged ``moedist_expert`` by `moedist.moe.experts`) gets
+  ``allreduce = False`` and ``group_name = "ep_size_<ep>"``: DeepSpeed then reduces
+  its gradient over the expert-data-parallel (EDP) group only, divided by the
+  full data-parallel size.
+* ZeRO 0/1/2: the engine only runs its expert reduction paths when the model
+  contains an instance of ``deepspeed.moe.layer.MoE``. Each of our `MoELayer`s
+  gets a class that also derives from ``MoE`` (``MoE.__init__`` never runs;
+  its attributes are set by hand and ``set_deepspeed_parallelism`` is a no-op
+  because the groups exist already). Forward stays ours.
+* ZeRO-3: the engine refuses ``MoE`` instances, so the layers stay plain and
+  the expert parameters carry AutoEP's per-parameter placement attributes
+  (``ds_zero_placement_family = "autoep_expert"``, partition group name and
+  EDP process group): ZeRO-3 then partitions an expert only over the ranks that
+  hold the same expert and averages its gradient like AutoEP's. Every MoE layer
+  is a ZeRO-3 leaf module, so all its parameters are gathered when it starts
+  (experts are called through `forward_tokens` and LoRA stacks through `delta`,
+  which ZeRO-3's per-module hooks would not see).
+* Optimizer param groups: ``split_params_into_different_moe_groups_for_optimizer``
+  puts expert parameters in groups with ``moe=True`` and ``name=<group_name>``.
+
+Gradient clipping: ZeRO-1/2/3 compute the global norm with each expert counted
+once (verified). The fp32 ZeRO-0 path averages per-rank norms (DeepSpeed issue
+#8475), so there DeepSpeed's clipping is switched off and the trainer clips
+with `moedist.distributed.clip_grad_norm_` between backward and step.
+
+Checkpoints: ``engine.save_checkpoint`` only writes expert files for layers
+whose keys follow DeepSpeed's native naming and crashes on ours, so
+`save_checkpoint` hides the MoE layers from it and writes each rank's expert
+tensors (and, at ZeRO-0, its optimizer state) into a per-rank file beside it.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from moedist.moe.experts import EXPERT_ATTR
+from moedist.moe.layer import MoELayer
+
+SUPPORTED = ((0, 19), (0, 20))  # [lower, upper) DeepSpeed version range
+
+
+def deepspeed_version_ok() -> bool:
+    import deepspeed
+
+    major, minor = (int(x) for x in deepspeed.__version__.split(".")[:2])
+    return SUPPORTED[0] <= (major, minor) < SUPPORTED[1]
+
+
+def group_name(ep_size: int) -> str:
+    """DeepSpeed's key for an expert-parallel size in its group dictionaries."""
+    return f"ep_size_{ep_size}"
+
+
+def init_expert_groups(ep_size: int):
+    """Join DeepSpeed's comm layer and create (or reuse) its EP/EDP groups.
+
+    Returns a `ParallelDims` whose EP group is DeepSpeed's, so that the all-to-all
+    of our layers and the engine's expert-gradient reduction use the same ranks.
+    Collective; torch.distributed must be initialised.
+    """
+    from moedist.distributed.parallel_dims import ParallelDims
+
+    return ParallelDims.from_deepspeed(ep_size)
+
+
+# ------------------------------------------------------------------ model tagging
+
+def _moe_class():
+    from deepspeed.moe.layer import MoE
+
+    return MoE
+
+
+_VIEW_CLASSES: Dict[type, type] = {}
+
+
+def _deepspeed_view_class(cls: type) -> type:
+    """`cls` (a MoELayer subclass) that DeepSpeed's engine also sees as ``MoE``."""
+    if cls not in _VIEW_CLASSES:
+        MoE = _moe_class()
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False, **_: Any) -> None:
+            # The groups were created by init_expert_groups before the model was built.
+            from deepspeed.utils import groups
+
+            if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+                raise RuntimeError(f"DeepSpeed group {self.expert_group_name} is missing; call "
+                                   "moedist.train.deepspeed_setup.init_expert_groups first")
+
+        _VIEW_CLASSES[cls] = type(f"DeepSpeedView{cls.__name__}", (cls, MoE),
+                                  {"set_deepspeed_parallelism": set_deepspeed_parallelism,
+                                   "__module__": __name__})
+    return _VIEW_CLASSES[cls]
+
+
+def expert_params(model: nn.Module) -> List[nn.Parameter]:
+    return [p for p in model.parameters() if getattr(p, EXPERT_ATTR, False)]
+
+
+def prepare_model(model: nn.Module, ep_size: int, zero_stage: int, dims=None) -> nn.Module:
+    """Tag expert parameters for DeepSpeed and make it see the MoE layers (in place).
+
+    Args:
+        model: a parallelized model (experts already sharded over EP).
+        ep_size: expert-parallel size. zero_stage: 0-3.
+        dims: the `ParallelDims` from `init_expert_groups` (needed for ZeRO-3).
+    """
+    name = group_name(ep_size)
+    for p in expert_params(model):
+        p.allreduce = False
+        p.group_name = name
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    if zero_stage < 3:
+        for layer in layers:
+            layer.__class__ = _deepspeed_view_class(type(layer))
+            layer.ep_size = ep_size
+            layer.num_local_experts = layer.num_experts // ep_size
+            layer.expert_group_name = name
+            layer.use_residual = False
+            layer.enable_expert_tensor_parallelism = False
+    else:
+        if dims is None:
+            raise ValueError("prepare_model: ZeRO-3 needs dims (from init_expert_groups)")
+        for p in expert_params(model):
+            p.ds_zero_placement_family = "autoep_expert"
+            p.ds_zero_partition_group_name = name
+            p.ds_zero_partition_process_group = dims.edp_group
+        if layers:
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(model, sorted({type(l) for l in layers}, key=lambda c: c.__name__))
+    return model
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """Trainable parameters in AdamW groups (decay for matrices, none for vectors),
+    with expert parameters moved into DeepSpeed MoE groups. Empty groups are dropped.
+
+    Frozen parameters are not in any group, so no optimizer state exists for them.
+    """
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"name": "decay", "params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
+              {"name": "no_decay", "params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return [g for g in groups if g["params"]]
+
+
+# ------------------------------------------------------------------ engine config
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def ds_config(cfg, world_size: int) -> Dict[str, Any]:
+    """The DeepSpeed JSON for a run; ``deepspeed.extra`` is deep-merged last."""
+    tr, ds = cfg.train, cfg.deepspeed
+    stage = ds.zero_stage
+    zero: Dict[str, Any] = {"stage": stage}
+    if stage in (1, 2):
+        zero.update(overlap_comm=False, contiguous_gradients=stage == 2)
+    conf: Dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
+        "gradient_accumulation_steps": tr.grad_accum,
+        "train_batch_size": tr.micro_batch_size * tr.grad_accum * world_size,
+        # ZeRO-0 fp32 clipping is wrong under EP: the trainer clips there itself.
+        "gradient_clipping": 0.0 if clips_itself(cfg) else tr.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": bool(ds.bf16)},
+        "fp16": {"enabled": bool(ds.fp16), "initial_scale_power": 12, "loss_scale_window": 100},
+    }
+    return _deep_merge(conf, ds.extra)
+
+
+def clips_itself(cfg) -> bool:
+    """True where the trainer, not DeepSpeed, must clip (ZeRO-0 without mixed precision)."""
+    ds = cfg.deepspeed
+    return ds.zero_stage == 0 and not (ds.bf16 or ds.fp16)
+
+
+RESERVED_EXTRA = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                  "optimizer", "scheduler", "bf16", "fp16")
+
+
+def check_extra(extra: dict) -> Optional[str]:
+    """A message for a ``deepspeed.extra`` key that moedist sets from its own config, else None."""
+    for key in RESERVED_EXTRA:
+        if key in extra:
+            return (f"deepspeed.extra.{key}: set by moedist from train.*/deepspeed.* "
+                    "(micro_batch_size, grad_accum, lr, bf16, fp16); remove it")
+    zero = extra.get("zero_optimization")
+    if isinstance(zero, dict) and "stage" in zero:
+        return "deepspeed.extra.zero_optimization.stage: use deepspeed.zero_stage"
+    return None
+
+
+def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, config: Dict[str, Any]):
+    """``deepspeed.initialize`` with a client optimizer; returns the engine."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                           dist_init_required=False)
+    return engine
+
+
+# ------------------------------------------------------------------ engine access
+
+def set_lr(engine, lr: float) -> None:
+    """Set the learning rate of every param group the engine's optimizer steps."""
+    opt = engine.optimizer
+    seen = set()
+    for o in (opt, getattr(opt, "optimizer", None)):
+        if o is None or not hasattr(o, "param_groups"):
+            continue
+        for g in o.param_groups:
+            if id(g) not in seen:
+                g["lr"] = lr
+                seen.add(id(g))
+
+
+def global_grad_norm(engine) -> Optional[float]:
+    """The norm DeepSpeed computed in its last step (ZeRO-1/2/3 and mixed precision), or None."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def inner_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer that holds the state DeepSpeed steps (flat partitions under ZeRO)."""
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def optimizer_state_numel(engine) -> int:
+    """Elements of optimizer state (exp_avg, exp_avg_sq, ...) held by this rank."""
+    total = 0
+    for state in inner_optimizer(engine).state.values():
+        total += sum(v.numel() for k, v in state.items() if torch.is_tensor(v) and k != "step")
+    return total
+
+
+def local_param_numel(p: torch.Tensor) -> int:
+    """Elements of `p` this rank stores (its ZeRO-3 partition, or the whole tensor)."""
+    ds_tensor = getattr(p, "ds_tensor", None)
+    return ds_tensor.numel() if ds_tensor is not None else p.numel()
+
+
+@contextlib.contextmanager
+def gathered(params, modifier_rank=None, enabled: bool = True):
+    """Full ZeRO-3 parameters inside the block (a no-op for other stages)."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not enabled or not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+# ------------------------------------------------------------------ checkpoints
+
+@contextlib.contextmanager
+def _moe_hidden(engine):
+    saved = engine.has_moe_layers
+    engine.has_moe_layers = False
+    try:
+        yield
+    finally:
+        engine.has_moe_layers = saved
+
+
+def _rank_file(ckpt_dir: str, tag: str, rank: int) -> str:
+    return os.path.join(ckpt_dir, tag, f"moedist_rank{rank:05d}.pt")
+
+
+def save_checkpoint(engine, ckpt_dir: str, tag: str, client_state: dict, rank: int) -> str:
+    """DeepSpeed's own checkpoint plus each rank's expert tensors; returns the tag folder.
+
+    Collective: every rank calls it.
+    """
+    import torch.distributed as dist
+
+    with _moe_hidden(engine):
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
+    experts = {n: p for n, p in engine.module.named_parameters() if getattr(p, EXPERT_ATTR, False)}
+    own: Dict[str, Any] = {}
+    if engine.zero_optimization_stage() < 3:
+        own["experts"] = {n: p.detach().cpu().clone() for n, p in experts.items()}
+    if engine.zero_optimization_stage() == 0 and engine.optimizer is not None:
+        own["optimizer"] = engine.optimizer.state_dict()
+    tmp = _rank_file(ckpt_dir, tag, rank) + ".tmp"
+    torch.save(own, tmp)
+    os.replace(tmp, _rank_file(ckpt_dir, tag, rank))
+    dist.barrier()
+    return os.path.join(ckpt_dir, tag)
+
+
+def load_checkpoint(engine, ckpt_dir: str, tag: str, rank: int) -> dict:
+    """Undo `save_checkpoint` on the same layout; returns the client state."""
+    with _moe_hidden(engine):
+        _, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
+    own = torch.load(_rank_file(ckpt_dir, tag, rank), map_location="cpu", weights_only=True)
+    params = dict(engine.module.named_parameters())
+    with torch.no_grad():
+        for n, t in own.get("experts", {}).items():
+            params[n].copy_(t)
+    if "optimizer" in own:
+        engine.optimizer.load_state_dict(own["optimizer"])
+    return client_state or {}

@@ -1,0 +1,166 @@
+"""Two ways to take an optimizer step over a global batch, behind one small interface.
+
+* `PlainRunner`: PyTorch only. Gradients are reduced by
+  `moedist.distributed.sync_gradients` (non-expert over the world, experts over
+  their expert-data-parallel group) and clipped by the true global norm
+  (`clip_grad_norm_`, each expert counted once).
+* `DeepSpeedRunner`: a DeepSpeed engine (ZeRO 0/1/2/3, bf16/fp16); every
+  DeepSpeed internal it needs lives in `moedist.train.deepspeed_setup`.
+
+Both take the loss of one micro-batch (mean over its tokens) and average over
+`grad_accum` micro-batches and all ranks, so one step is the gradient of the
+mean loss over the global batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+
+from moedist.distributed.grad_sync import clip_grad_norm_, sync_gradients
+from moedist.train import deepspeed_setup as dss
+
+
+def build_optimizer(param_groups: List[dict], train_cfg) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay per group) or SGD over `param_groups`."""
+    if train_cfg.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    return torch.optim.AdamW(param_groups, lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas), eps=1e-8,
+                             weight_decay=train_cfg.weight_decay, foreach=False)
+
+
+def _max_norm(clip: float) -> float:
+    return clip if clip > 0 else math.inf  # inf: measure the norm, never scale
+
+
+class PlainRunner:
+    """Single- or multi-process training with moedist's own gradient reduction."""
+
+    kind = "pytorch"
+
+    def __init__(self, model: nn.Module, cfg, dims, device: torch.device):
+        self.module = model.to(device)
+        self.cfg, self.dims, self.device = cfg, dims, device
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"name": "decay", "params": [p for p in trainable if p.ndim >= 2]},
+                  {"name": "no_decay", "params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+        self.optimizer = build_optimizer([g for g in groups if g["params"]], cfg.train)
+        self._accum = 0
+
+    def forward(self, x, y):
+        return self.module(x, y)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.cfg.train.grad_accum).backward()
+        self._accum += 1
+
+    def step(self, lr: float) -> Optional[float]:
+        """Called after every micro-batch; steps at the accumulation boundary and returns the grad norm."""
+        if self._accum < self.cfg.train.grad_accum:
+            return None
+        self._accum = 0
+        sync_gradients(self.module, self.dims)
+        trainable = [p for p in self.module.parameters() if p.requires_grad]
+        norm = clip_grad_norm_(trainable, _max_norm(self.cfg.train.grad_clip), self.dims)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def eval_forward(self, x, y):
+        return self.module(x, y)
+
+    def save(self, ckpt_dir: str, tag: str, client_state: dict, rank: int) -> str:
+        import torch.distributed as dist
+
+        folder = os.path.join(ckpt_dir, tag)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"rank{rank:05d}.pt")
+        torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "client_state": client_state}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        if dist.is_initialized():
+            dist.barrier()
+        if rank == 0:
+            with open(os.path.join(ckpt_dir, "latest"), "w") as fh:
+                fh.write(tag)
+        return folder
+
+    def load(self, ckpt_dir: str, tag: str, rank: int) -> dict:
+        state = torch.load(os.path.join(ckpt_dir, tag, f"rank{rank:05d}.pt"), map_location=self.device,
+                           weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state["client_state"]
+
+    def optimizer_state_numel(self) -> int:
+        return sum(v.numel() for s in self.optimizer.state.values() for k, v in s.items()
+                   if torch.is_tensor(v) and k != "step")
+
+
+class DeepSpeedRunner:
+    """A DeepSpeed engine around the (parallelized) model."""
+
+    kind = "deepspeed"
+
+    def __init__(self, model: nn.Module, cfg, dims, device: torch.device):
+        self.cfg, self.dims, self.device = cfg, dims, device
+        stage = cfg.deepspeed.zero_stage
+        dss.prepare_model(model, cfg.parallel.ep_size, stage, dims)
+        optimizer = build_optimizer(dss.optimizer_param_groups(model, cfg.train.weight_decay), cfg.train)
+        self.config = dss.ds_config(cfg, dims.world_size)
+        self.engine = dss.initialize(model, optimizer, self.config)
+        self.module = self.engine.module
+        self.clips_itself = dss.clips_itself(cfg)
+        self._norm: Optional[float] = None
+
+    def forward(self, x, y):
+        return self.engine(x, y)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        at_boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.backward(loss)
+        if at_boundary and self.clips_itself:
+            # ZeRO-0 fp32: grads are reduced now; DeepSpeed's own clip would average
+            # per-rank norms under EP, so clip by the true global norm here.
+            trainable = [p for p in self.module.parameters() if p.requires_grad and p.grad is not None]
+            self._norm = float(clip_grad_norm_(trainable, _max_norm(self.cfg.train.grad_clip), self.dims))
+
+    def step(self, lr: float) -> Optional[float]:
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary:
+            dss.set_lr(self.engine, lr)
+        self.engine.step()
+        if not boundary:
+            return None
+        if self.clips_itself:
+            return self._norm
+        return dss.global_grad_norm(self.engine)
+
+    def eval_forward(self, x, y):
+        return self.engine(x, y)
+
+    def save(self, ckpt_dir: str, tag: str, client_state: dict, rank: int) -> str:
+        return dss.save_checkpoint(self.engine, ckpt_dir, tag, client_state, rank)
+
+    def load(self, ckpt_dir: str, tag: str, rank: int) -> dict:
+        return dss.load_checkpoint(self.engine, ckpt_dir, tag, rank)
+
+    def optimizer_state_numel(self) -> int:
+        return dss.optimizer_state_numel(self.engine)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was)

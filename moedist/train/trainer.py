@@ -1,0 +1,338 @@
+"""The training loop: model + expert parallelism + runner (PyTorch or DeepSpeed) + data + outputs.
+
+    trainer = Trainer(cfg)                 # torch.distributed already initialised (run.py does it)
+    result = trainer.train()               # metrics.jsonl, summary, plot, checkpoints under output_dir
+
+One optimizer step consumes a global batch of world * grad_accum *
+micro_batch_size sequences; rank r takes grad_accum consecutive micro-batches
+(`data.micro_batch_position`), so layouts with the same global batch and
+micro-batch size see the same micro-batches and the same losses.
+
+`preflight(cfg, world_size)` holds every check that needs more than the config
+(world size, installed packages, data size): it runs before anything is
+written, and raises `ConfigError` (one line, exit 2 from the CLI).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from moedist.config import ConfigError, save_config, validate_world_size
+from moedist.train.data import ByteLMData, micro_batch_position
+from moedist.train.metrics import MetricsWriter, StepStats, tensorboard_available
+from moedist.train.progress import Progress, summary_table
+from moedist.train.schedule import lr_from_config
+
+
+# ------------------------------------------------------------------ preflight
+
+def preflight(cfg, world_size: int, cuda: Optional[bool] = None) -> None:
+    """Checks that need the world size or the environment; raises `ConfigError` (nothing written yet)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    m, moe, par, tr, ds, data = cfg.model, cfg.moe, cfg.parallel, cfg.train, cfg.deepspeed, cfg.data
+    validate_world_size(cfg, world_size)
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(ds.enabled or ds.zero_stage == 0,
+         f"deepspeed.zero_stage={ds.zero_stage}: needs deepspeed.enabled=true")
+    need(ds.enabled or not (ds.bf16 or ds.fp16),
+         f"deepspeed.{'bf16' if ds.bf16 else 'fp16'}=true: needs deepspeed.enabled=true")
+    need(not ds.fp16 or cuda, "deepspeed.fp16=true: needs a CUDA GPU (fp16 is not supported on CPU)")
+    need(m.dtype == "float32",
+         f"model.dtype={m.dtype!r}: the trainer keeps fp32 master weights; use deepspeed.bf16/fp16 for "
+         "mixed precision")
+    need(ds.enabled or not ds.extra, "deepspeed.extra: set but deepspeed.enabled=false")
+    if ds.enabled:
+        from moedist.train.deepspeed_setup import check_extra
+
+        problem = check_extra(ds.extra)
+        need(problem is None, problem or "")
+    need(not tr.tensorboard or tensorboard_available(),
+         "train.tensorboard=true: the tensorboard package is not installed (pip install tensorboard)")
+    need(m.from_hf is None, "model.from_hf: importing Hugging Face models is not supported by `moedist train` "
+         "yet; use moedist convert")
+    need(m.max_seq_len >= data.seq_len, f"data.seq_len={data.seq_len}: must be <= model.max_seq_len")
+    need(m.vocab_size >= 256, f"model.vocab_size={m.vocab_size}: byte-level data needs >= 256")
+    out = tr.output_dir
+    need(not os.path.exists(out) or os.path.isdir(out), f"train.output_dir={out!r}: exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(out))
+    probe = parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    need(os.path.isdir(probe) and os.access(probe, os.W_OK), f"train.output_dir={out!r}: {probe} is not writable")
+    if tr.resume not in (None, "auto"):
+        need(os.path.isdir(tr.resume), f"train.resume={tr.resume!r}: no such checkpoint directory")
+    try:
+        d = ByteLMData.from_config(data)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data.source={data.source!r}: {err}") from None
+    step_seqs = world_size * tr.micro_batch_size * tr.grad_accum
+    need(d.num_train >= step_seqs,
+         f"train.micro_batch_size={tr.micro_batch_size}: a global batch of {step_seqs} sequences is larger than "
+         f"the {d.num_train} training sequences of data.source={data.source!r}")
+
+
+# ------------------------------------------------------------------ results
+
+@dataclass
+class TrainResult:
+    records: List[dict]
+    summary: dict
+    final_step: int
+    val_loss: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class Trainer:
+    """Builds everything for one run of `cfg` in this process (one rank).
+
+    Args:
+        cfg: a validated `MoedistConfig`.
+        model_init: optional `fn(model)` called on the full (not yet parallelized)
+            model, e.g. to load a dense base into LoRA-MoE layers.
+        write_outputs: False keeps rank 0 from writing output_dir (tests).
+        console: show the progress bar and summary on rank 0.
+        eval_data: extra named validation sets {name: ByteLMData} evaluated with the
+            run's own data at eval time and at the end (`val_loss_<name>`).
+    """
+
+    def __init__(self, cfg, model_init: Optional[Callable] = None, write_outputs: bool = True,
+                 console: bool = True, eval_data: Optional[dict] = None):
+        from moedist.models import build_model, moe_layers, parallelize
+
+        self.cfg = cfg
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        preflight(cfg, self.world)
+        self.is_main = self.rank == 0
+        self.write = write_outputs and self.is_main
+        self.console = console
+        self.device = _device()
+        self.data = ByteLMData.from_config(cfg.data)
+        self.eval_data = dict(eval_data or {})
+        torch.manual_seed(cfg.train.seed)
+        ds = cfg.deepspeed.enabled
+        ep = cfg.parallel.ep_size
+        if ds:
+            from moedist.train import deepspeed_setup
+
+            self.dims = deepspeed_setup.init_expert_groups(ep)
+        else:
+            from moedist.distributed import ParallelDims
+
+            self.dims = ParallelDims(self.world, ep, self.rank).build()
+        model = build_model(cfg)
+        if model_init is not None:
+            model_init(model)
+        self.total_params = sum(p.numel() for p in model.parameters())
+        self.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        parallelize(model, self.dims.ep_comm)
+        self.num_moe_layers = len(moe_layers(model))
+        if ds:
+            from moedist.train.runners import DeepSpeedRunner
+
+            self.runner = DeepSpeedRunner(model, cfg, self.dims, self.device)
+        else:
+            from moedist.train.runners import PlainRunner
+
+            self.runner = PlainRunner(model, cfg, self.dims, self.device)
+        self.model = self.runner.module
+        self.step = 0
+        self.position = 0
+        self.ckpt_dir = os.path.join(cfg.train.output_dir, "checkpoints")
+        self.last_checkpoint: Optional[str] = None
+
+    # ---------------------------------------------------------------- pieces
+
+    @property
+    def layout(self) -> str:
+        c = self.cfg
+        engine = f"DeepSpeed ZeRO-{c.deepspeed.zero_stage}" if c.deepspeed.enabled else "PyTorch"
+        prec = "bf16" if c.deepspeed.bf16 else "fp16" if c.deepspeed.fp16 else "fp32"
+        return (f"{self.world} rank(s), EP {c.parallel.ep_size} x EDP {self.world // c.parallel.ep_size}, "
+                f"{engine}, {prec}, {self.device.type}")
+
+    def _model_text(self) -> str:
+        m, moe, lora = self.cfg.model, self.cfg.moe, self.cfg.lora
+        kind = "dense" if m.moe_every == 0 else f"{moe.num_experts} experts top-{moe.top_k}"
+        cap = "dropless" if not moe.capacity_factor else f"capacity {moe.capacity_factor}"
+        return (f"{m.num_layers} layers, H {m.hidden_size}, {kind}, {cap}, lora {lora.mode}"
+                + (f" r{lora.rank}" if lora.mode != "none" else ""))
+
+    def _allreduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            t = t.to(self.device)
+            dist.all_reduce(t)
+        return t.cpu()
+
+    def _barrier(self) -> None:
+        if dist.is_initialized() and self.world > 1:
+            dist.barrier()
+
+    @torch.no_grad()
+    def evaluate(self, data: Optional[ByteLMData] = None, batches: Optional[int] = None) -> float:
+        """Mean LM loss (no aux) over `batches` validation micro-batches per rank (collective)."""
+        from moedist.train.runners import eval_mode
+
+        data = data or self.data
+        batches = batches or self.cfg.train.eval_batches
+        M = self.cfg.train.micro_batch_size
+        total = torch.zeros(2, dtype=torch.float64)
+        with eval_mode(self.model):
+            for b in range(batches):
+                x, y = data.val_batch(b * self.world + self.rank, M)
+                out = self.runner.eval_forward(x.to(self.device), y.to(self.device))
+                total += torch.tensor([float(out.lm_loss), 1.0], dtype=torch.float64)
+        total = self._allreduce(total)
+        return float(total[0] / total[1])
+
+    def evaluate_all(self) -> dict:
+        out = {"val_loss": self.evaluate()}
+        for name, d in self.eval_data.items():
+            out[f"val_loss_{name}"] = self.evaluate(d)
+        return out
+
+    def save(self) -> str:
+        """Save a checkpoint of the current step (the one place that chooses the format)."""
+        tag = f"step_{self.step:06d}"
+        state = {"step": self.step, "position": self.position, "world_size": self.world,
+                 "ep_size": self.cfg.parallel.ep_size, "zero_stage": self.cfg.deepspeed.zero_stage,
+                 "engine": self.runner.kind}
+        self.last_checkpoint = self.runner.save(self.ckpt_dir, tag, state, self.rank)
+        return self.last_checkpoint
+
+    def resume(self) -> bool:
+        """Load `train.resume` ('auto' = latest in output_dir, or a directory); True if resumed."""
+        spec = self.cfg.train.resume
+        if spec is None:
+            return False
+        if spec == "auto":
+            latest = os.path.join(self.ckpt_dir, "latest")
+            if not os.path.exists(latest):
+                return False
+            ckpt_dir, tag = self.ckpt_dir, open(latest).read().strip()
+        else:
+            spec = os.path.abspath(spec.rstrip("/"))
+            ckpt_dir, tag = os.path.dirname(spec), os.path.basename(spec)
+        state = self.runner.load(ckpt_dir, tag, self.rank)
+        want = (self.world, self.cfg.parallel.ep_size, self.runner.kind)
+        got = (state.get("world_size"), state.get("ep_size"), state.get("engine"))
+        if want != got:
+            raise ConfigError(f"train.resume={self.cfg.train.resume!r}: checkpoint layout (world, ep, engine) = "
+                              f"{got} differs from this run's {want}")
+        self.step, self.position = int(state["step"]), int(state["position"])
+        return True
+
+    # ---------------------------------------------------------------- the loop
+
+    def train_step(self) -> dict:
+        """One optimizer step over the global batch; returns the global metrics record."""
+        tr = self.cfg.train
+        A, M = tr.grad_accum, tr.micro_batch_size
+        lr = lr_from_config(tr, self.step)
+        stats = StepStats(self.num_moe_layers, self.cfg.moe.num_experts if self.num_moe_layers else 0)
+        t0 = time.perf_counter()
+        self.model.train()
+        norm = None
+        for a in range(A):
+            pos = micro_batch_position(self.position, self.rank, a, A, M)
+            x, y = self.data.train_batch(pos, M)
+            out = self.runner.forward(x.to(self.device), y.to(self.device))
+            self.runner.backward(out.loss)
+            stats.add(out, x.numel())
+            got = self.runner.step(lr)
+            norm = got if got is not None else norm
+        self.position += self.world * A * M
+        self.step += 1
+        rec = stats.reduce(self.device if self.device.type == "cuda" else None)
+        dt = time.perf_counter() - t0
+        rec = {"step": self.step, "loss": rec.pop("loss"), "lm_loss": rec.pop("lm_loss"),
+               "aux_loss": rec.pop("aux_loss"), "lr": lr, "grad_norm": norm,
+               "tokens_per_s": rec["tokens"] / dt if dt > 0 else None, "step_time_s": dt, **rec}
+        return rec
+
+    def train(self) -> TrainResult:
+        cfg, tr = self.cfg, self.cfg.train
+        resumed = self.resume()
+        if self.write:
+            os.makedirs(tr.output_dir, exist_ok=True)
+            save_config(cfg, os.path.join(tr.output_dir, "config.yaml"))
+        writer = MetricsWriter(tr.output_dir, self.write, tr.tensorboard, resume_step=self.step if resumed else 0)
+        bar = Progress(tr.max_steps, self.is_main and self.console, tr.log_every, start=self.step, title=cfg.name)
+        if resumed:
+            bar.print(f"resumed at step {self.step} from {tr.resume}")
+        bar.print(f"[bold]{cfg.name}[/]: {self._model_text()}; {self.layout}; "
+                  f"{self.trainable_params:,}/{self.total_params:,} parameters train")
+        t_start = time.perf_counter()
+        val = None
+        try:
+            while self.step < tr.max_steps:
+                rec = self.train_step()
+                if tr.eval_every and self.step % tr.eval_every == 0 and self.step < tr.max_steps:
+                    rec.update(self.evaluate_all())
+                if self.step == tr.max_steps:
+                    val = self.evaluate_all()
+                    rec.update(val)
+                if not math.isfinite(rec["loss"]):
+                    raise FloatingPointError(f"loss is {rec['loss']} at step {self.step}")
+                writer.write(rec)
+                bar.update(rec)
+                if (tr.save_every and self.step % tr.save_every == 0) or self.step == tr.max_steps:
+                    if self.write_checkpoints:
+                        self.save()
+        finally:
+            bar.close()
+            writer.close()
+        elapsed = time.perf_counter() - t_start
+        summary = self._summary(writer.records if self.is_main else [], elapsed, val)
+        if self.write:
+            if tr.plot and writer.records:
+                from moedist.train.plot import plot_run
+
+                summary["plot"] = plot_run(writer.path, os.path.join(tr.output_dir, "plot.png"), cfg.name,
+                                           writer.records)
+            with open(os.path.join(tr.output_dir, "summary.json"), "w") as fh:
+                json.dump(summary, fh, indent=1)
+        if self.is_main and self.console:
+            bar.console.print(summary_table(summary))
+        self._barrier()
+        return TrainResult(writer.records, summary, self.step, (val or {}).get("val_loss"))
+
+    write_checkpoints = True
+
+    def _summary(self, records: List[dict], elapsed: float, val: Optional[dict]) -> dict:
+        last = records[-1] if records else {}
+        tps = [r["tokens_per_s"] for r in records[1:] if r.get("tokens_per_s")] or \
+              [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
+        out = {
+            "name": self.cfg.name, "layout": self.layout, "model": self._model_text(),
+            "steps": self.step, "tokens": sum(r["tokens"] for r in records), "time_s": elapsed,
+            "first_loss": records[0]["loss"] if records else None, "last_loss": last.get("loss"),
+            "last_lm_loss": last.get("lm_loss"), "last_aux_loss": last.get("aux_loss"),
+            "val_loss": (val or {}).get("val_loss"),
+            "tokens_per_s": sum(tps) / len(tps) if tps else None,
+            "dropped_frac": (sum(r["dropped_frac"] for r in records) / len(records)) if records else 0.0,
+            "expert_load": last.get("expert_load", []),
+            "trainable_params": self.trainable_params, "total_params": self.total_params,
+            "metrics": os.path.join(self.cfg.train.output_dir, "metrics.jsonl") if self.write else None,
+            "checkpoint": self.last_checkpoint,
+        }
+        for k, v in (val or {}).items():
+            out[k] = v
+        return out
