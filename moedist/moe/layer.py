@@ -10,6 +10,7 @@ all-to-all bytes).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -75,8 +76,10 @@ class MoELayer(nn.Module):
             raise ValueError(f"dispatcher num_experts={self.dispatcher.num_experts} != router num_experts={E}")
         if getattr(experts, "num_local", self.dispatcher.num_local_experts) != self.dispatcher.num_local_experts:
             raise ValueError(f"experts hold {experts.num_local} local experts, the dispatcher expects {self.dispatcher.num_local_experts}")
-        if capacity_factor is not None and capacity_factor < 0:
-            raise ValueError(f"capacity_factor={capacity_factor}: must be > 0, or 0/None for dropless")
+        if capacity_factor is not None and not (capacity_factor >= 0 and math.isfinite(capacity_factor)):
+            raise ValueError(f"capacity_factor={capacity_factor}: must be a finite number > 0, or 0/None for dropless")
+        if min_capacity < 0:
+            raise ValueError(f"min_capacity={min_capacity}: must be >= 0")
         if drop_policy not in DROP_POLICIES:
             raise ValueError(f"drop_policy={drop_policy!r}: allowed {', '.join(DROP_POLICIES)}")
         if aux_loss_type not in AUX_LOSS_TYPES:
