@@ -9,6 +9,7 @@ exception in a worker is re-raised here with its traceback text.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -30,7 +31,9 @@ def _entry(rank, world_size, port, fn, args, queue):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
-        queue.put((rank, "ok", out))
+        # plain pickle copies tensor data; the multiprocessing pickler would pass
+        # shared-memory handles that vanish when this worker exits first
+        queue.put((rank, "ok", pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -51,7 +54,7 @@ def run_workers(fn, world_size: int, args: tuple = (), timeout: float = 300.0) -
     for _ in range(world_size):
         rank, status, payload = queue.get()
         if status == "ok":
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
         else:
             errors.append(f"rank {rank}:\n{payload}")
             break
