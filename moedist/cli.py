@@ -1,0 +1,205 @@
+"""`moedist` command line: dispatch only; each subcommand lives in its own module.
+
+    moedist train CONFIG [key=value ...]      # e.g. moedist train configs/tiny.yaml moe.top_k=1
+    moedist train CONFIG --print-config       # resolved config as YAML
+    moedist train --help-config[=markdown]    # every config key with type, default and help
+    moedist doctor                            # versions, CUDA, CPUs
+
+Subcommands are registered in :data:`COMMANDS` by ``"module:function"`` and
+imported only when run, so ``moedist --help`` and config errors never pay for
+importing torch. Two kinds:
+
+* ``config`` commands (train, eval): the CLI loads and validates the config
+  first (a bad config exits 2 with one line on stderr, before anything is
+  created), then calls ``function(cfg, args)``; ``args.config`` and
+  ``args.overrides`` hold what was given.
+* ``argv`` commands (bench, convert, ...): ``function(argv)`` gets the rest of
+  the command line untouched and parses it itself.
+
+A function returns an exit code (None = 0). A :class:`ConfigError` it raises
+(e.g. ``validate_world_size``) is reported like a load error: one line, exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+
+from moedist.config import ConfigError, config_schema, config_to_dict, dump_yaml, load_config
+
+
+@dataclass(frozen=True)
+class Command:
+    target: str          # "package.module:function"
+    help: str
+    takes_config: bool   # True: function(cfg, args); False: function(argv) -> exit code
+
+
+# The registry. Owners: point your subcommand at your module here (one line).
+COMMANDS: dict[str, Command] = {
+    "train": Command("moedist.train.run:main_train", "train or fine-tune from a YAML config", True),
+    "eval": Command("moedist.train.evaluate:main_eval", "evaluate a run's latest checkpoint on the "
+                    "validation split", True),
+    "bench": Command("moedist.bench.cli:main", "benchmark MoE layers and all-to-all", False),
+    "convert": Command("moedist.models.convert:main", "convert Hugging Face <-> moedist checkpoints", False),
+    "merge": Command("moedist.checkpoint.cli:main_merge", "merge LoRA adapters into the base weights", False),
+    "extract": Command("moedist.checkpoint.cli:main_extract", "extract adapters (PEFT) or experts "
+                       "from a checkpoint", False),
+    "demo": Command("moedist.train.demo:main", "run the 2-process LoRA-MoE fine-tuning demo", False),
+    "doctor": Command("moedist.cli:doctor", "print versions, CUDA availability and CPU count", False),
+}
+
+# The deepspeed launcher appends --local_rank=N (it also sets LOCAL_RANK in the environment).
+_LOCAL_RANK = re.compile(r"^--local[-_]rank(=\d+)?$")
+
+
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    out, i = [], 0
+    while i < len(argv):
+        m = _LOCAL_RANK.match(argv[i])
+        if m is None:
+            out.append(argv[i])
+        elif m.group(1) is None and i + 1 < len(argv) and argv[i + 1].isdigit():
+            i += 1                                   # "--local_rank 3": drop the value too
+        i += 1
+    return out
+
+
+def _resolve(name: str):
+    """The function registered for ``name``, or None when its module/function does not exist yet."""
+    module_name, _, func_name = COMMANDS[name].target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        # Only "the module is not written yet" counts; a missing dependency inside it is a real error.
+        if err.name is not None and (module_name == err.name or module_name.startswith(err.name + ".")):
+            return None
+        raise
+    return getattr(module, func_name, None)
+
+
+def _error(message: str) -> int:
+    print(f"moedist: error: {message}", file=sys.stderr)
+    return 2
+
+
+def describe_config(markdown: bool = False) -> str:
+    """Every config key with type, default, allowed values and help: plain text or Markdown tables."""
+    out, section = [], None
+    for info in config_schema():
+        new = info.key.split(".")[0] if "." in info.key else "top level"
+        if new != section:
+            section = new
+            title = f"`{section}`" if "." in info.key else section
+            out += ["", f"### {title}", "", "| key | type | default | allowed | description |",
+                    "|---|---|---|---|---|"] if markdown else ["", f"[{section}]"]
+        if markdown:
+            cells = [f"`{info.key}`", info.type_name, f"`{info.default_text}`", info.allowed, info.help]
+            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        else:
+            allowed = f"  ({info.allowed})" if info.allowed else ""
+            out += [f"  {info.key}: {info.type_name} = {info.default_text}{allowed}", f"      {info.help}"]
+    return "\n".join(out).strip() + "\n"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moedist", description="Distributed Mixture-of-Experts "
+                                     "training and LoRA-MoE fine-tuning.")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, cmd in COMMANDS.items():
+        if not cmd.takes_config:
+            subs.add_parser(name, help=cmd.help, add_help=False)   # dispatched before parsing
+            continue
+        sub = subs.add_parser(name, help=cmd.help, description=cmd.help,
+                              usage=f"moedist {name} [CONFIG] [key=value ...] [options]")
+        sub.add_argument("items", nargs="*", metavar="CONFIG key=value",
+                         help="YAML config file (omit for defaults), then dotted overrides such as "
+                              "moe.top_k=1 or lora.targets=[gate,up]")
+        sub.add_argument("--print-config", action="store_true",
+                         help="print the resolved config as YAML and exit")
+        sub.add_argument("--help-config", nargs="?", const="text", choices=("text", "markdown"),
+                         help="describe every config key and exit")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``moedist`` console script and ``python -m moedist``."""
+    argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
+    if argv and argv[0] in COMMANDS and not COMMANDS[argv[0]].takes_config:
+        return _run(argv[0], lambda fn: fn(argv[1:]))
+    args = _parser().parse_args(argv)
+    if args.help_config:
+        print(describe_config(markdown=args.help_config == "markdown"), end="")
+        return 0
+    items = args.items
+    has_file = bool(items) and ("=" not in items[0] or os.path.isfile(items[0]))
+    args.config, args.overrides = (items[0], items[1:]) if has_file else (None, items)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        return _error(str(err))
+    if args.print_config:
+        print(dump_yaml(config_to_dict(cfg)), end="")
+        return 0
+    return _run(args.command, lambda fn: fn(cfg, args))
+
+
+def _run(name: str, call) -> int:
+    fn = _resolve(name)
+    if fn is None:
+        print(f"moedist {name}: not available yet", file=sys.stderr)
+        return 2
+    try:
+        rc = call(fn)
+    except ConfigError as err:
+        return _error(str(err))
+    return 0 if rc is None else int(rc)
+
+
+def doctor(argv: list[str]) -> int:
+    """Print what a bug report needs: versions, CUDA, CPUs, launchers on PATH."""
+    from importlib import metadata
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    rows = [("python", f"{platform.python_version()} ({sys.executable})"),
+            ("platform", platform.platform())]
+    rows += [(d, version(d)) for d in ("moedist", "torch", "deepspeed", "transformers", "peft",
+                                        "safetensors", "numpy", "pyyaml", "mpi4py")]
+    try:
+        import torch
+    except ImportError:
+        rows.append(("cuda", "unknown (torch not importable)"))
+        torch = None
+    if torch is not None:
+        cuda = torch.cuda.is_available()
+        rows.append(("cuda available", str(cuda)))
+        if cuda:
+            rows.append(("cuda version", str(torch.version.cuda)))
+            rows += [(f"cuda:{i}", torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())]
+        import torch.distributed as dist
+        rows.append(("dist backends", ", ".join(b for b in ("gloo", "nccl", "mpi")
+                                               if getattr(dist, f"is_{b}_available")())))
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    rows.append(("cpus", f"{os.cpu_count()} ({usable} usable by this process)"))
+    beside_python = os.path.dirname(sys.executable)      # a venv's launchers even when not on PATH
+    rows += [(f"which {tool}", shutil.which(tool) or shutil.which(tool, path=beside_python) or "not found")
+             for tool in ("torchrun", "deepspeed", "mpirun", "srun")]
+    rows.append(("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "unset")))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0 if torch is not None else 1
+
+
+if __name__ == "__main__":      # `python -m moedist.cli ...`, as the launch/ scripts run it
+    sys.exit(main())

@@ -1,0 +1,599 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted overrides, one validation pass.
+
+    cfg = load_config("configs/tiny.yaml", ["moe.top_k=1", "lora.targets=[gate,up]"])
+    save_config(cfg, "runs/tiny/config.yaml")
+
+Each field documents itself in ``field(metadata={"help": ...})`` beside its allowed
+values (``choices``) and bounds (``ge/gt/le/lt``); that metadata drives the checks,
+``moedist train --help-config`` and the key table in ``configs/README.md``. Every
+problem raises :class:`ConfigError`, one line that starts with the dotted key.
+No torch here: the CLI validates a config before it pays for importing torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+import math
+import operator
+import os
+import re
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration; ``str(err)`` is one line naming the dotted key."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+def _opt(default, help, *, choices=None, ge=None, gt=None, le=None, lt=None):
+    """A dataclass field with its help text and the per-key constraints :func:`validate` applies."""
+    md = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=md)
+    return field(default=default, metadata=md)
+
+
+LORA_TARGETS = ("gate", "up", "down")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = _opt(256, "Vocabulary size; byte-level data (no model.from_hf) needs >= 256.", ge=1)
+    hidden_size: int = _opt(64, "Model width H.", ge=1)
+    num_layers: int = _opt(2, "Number of decoder layers.", ge=1)
+    num_heads: int = _opt(4, "Attention (query) heads; must divide hidden_size.", ge=1)
+    num_kv_heads: int = _opt(4, "Key/value heads (grouped-query attention); must divide num_heads.", ge=1)
+    ffn_size: int = _opt(128, "Hidden size F of dense FFNs (and of experts unless moe.expert_ffn_size).", ge=1)
+    max_seq_len: int = _opt(128, "Longest sequence the model supports (rotary table size).", ge=1)
+    rope_theta: float = _opt(10000.0, "Rotary embedding base.", gt=0)
+    norm_eps: float = _opt(1e-5, "RMSNorm epsilon.", gt=0)
+    moe_every: int = _opt(1, "Which layers are MoE: 1 = every layer, 0 = dense model, n = every n-th "
+                             "layer (layer i is MoE when (i + 1) % n == 0).", ge=0)
+    tie_embeddings: bool = _opt(False, "Share the input embedding with the output projection.")
+    from_hf: str | None = _opt(None, "Local Hugging Face model directory to start from (its dimensions "
+                                     "replace the ones here); null = random init.")
+    dtype: str = _opt("float32", "Parameter dtype.", choices=("float32", "bfloat16", "float16"))
+    init_std: float = _opt(0.02, "Std of the normal init of linear and embedding weights.", gt=0)
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = _opt(8, "Routed experts E per MoE layer (lora.mode=moe_lora: LoRA experts).", ge=1)
+    top_k: int = _opt(2, "Experts K chosen per token.", ge=1)
+    capacity_factor: float | None = _opt(None, "Expert capacity = ceil(factor * T * K / E) tokens; 0 or "
+                                               "null = dropless (no token dropped).", ge=0)
+    min_capacity: int = _opt(4, "Lower bound on the capacity when a capacity_factor is set.", ge=0)
+    num_shared_experts: int = _opt(0, "Always-on shared experts (DeepSeek/Qwen2-MoE), replicated on all ranks.", ge=0)
+    shared_expert_gate: bool = _opt(False, "Scale the shared experts' output by a sigmoid gate (Qwen2-MoE).")
+    drop_policy: str = _opt("probs", "Which tokens an over-full expert keeps: 'position' = first come, "
+                                     "'probs' = highest router probability.", choices=("position", "probs"))
+    aux_loss_type: str = _opt("switch", "Load-balancing loss: 'switch' (fraction x probability, Switch "
+                                        "Transformer), 'importance' (squared CV of importance), 'none'.",
+                              choices=("switch", "importance", "none"))
+    aux_loss_coef: float = _opt(0.01, "Weight of the load-balancing loss.", ge=0)
+    z_loss_coef: float = _opt(0.0, "Weight of the router z-loss (ST-MoE); 0 = off.", ge=0)
+    score_func: str = _opt("softmax", "Router scores: softmax over experts or per-expert sigmoid.",
+                           choices=("softmax", "sigmoid"))
+    renormalize: bool = _opt(True, "Rescale the top-k weights of a token to sum to 1.")
+    noisy_gating: bool = _opt(False, "Add Gaussian noise to router logits while training (noisy top-k).")
+    jitter_eps: float = _opt(0.0, "Multiplicative jitter 1 +- eps on router inputs while training; 0 = off.", ge=0)
+    expert_bias: bool = _opt(False, "Aux-loss-free balancing: a per-expert bias added for top-k selection "
+                                    "only, updated from expert load (DeepSeek-V3).")
+    expert_ffn_size: int | None = _opt(None, "Hidden size of each routed expert; null = model.ffn_size.", ge=1)
+    activation: str = _opt("swiglu", "Expert and FFN activation.", choices=("swiglu", "gelu", "relu"))
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = _opt(8, "LoRA rank r (must be > 0 unless mode is none).", ge=0)
+    alpha: float | None = _opt(None, "LoRA updates are scaled by alpha / rank; null = rank (scale 1).", gt=0)
+    dropout: float = _opt(0.0, "Dropout on the LoRA branch.", ge=0, lt=1)
+    mode: str = _opt("none", "Adapter mode: 'none' = no adapters, all weights train; 'moe_lora' = frozen "
+                             "base whose FFNs gain a router over moe.num_experts LoRA experts; "
+                             "'expert_lora' = LoRA on each real expert; 'full' = LoRA on attention and "
+                             "every FFN/expert.", choices=("none", "moe_lora", "expert_lora", "full"))
+    targets: list[str] = _opt(list(LORA_TARGETS), "FFN projections that get LoRA adapters.", choices=LORA_TARGETS)
+    train_router: bool = _opt(True, "Train the router weights when the base is frozen.")
+    train_shared_experts: bool = _opt(False, "Train the shared experts when the base is frozen.")
+
+
+@dataclass
+class ParallelConfig:
+    ep_size: int = _opt(1, "Expert-parallel size: ranks that split each layer's experts; must divide "
+                           "moe.num_experts and the world size.", ge=1)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _opt(100, "Optimizer steps to run.", ge=1)
+    lr: float = _opt(3e-4, "Peak learning rate.", gt=0)
+    min_lr: float = _opt(0.0, "Final learning rate of the cosine/linear decay.", ge=0)
+    warmup_steps: int = _opt(10, "Linear warm-up steps (<= max_steps).", ge=0)
+    lr_schedule: str = _opt("cosine", "Learning-rate schedule after warm-up.", choices=("cosine", "constant", "linear"))
+    weight_decay: float = _opt(0.1, "Decoupled weight decay.", ge=0)
+    adam_betas: tuple[float, float] = _opt((0.9, 0.95), "AdamW betas [beta1, beta2], each in [0, 1).")
+    grad_clip: float = _opt(1.0, "Clip the global gradient norm to this value; 0 = off.", ge=0)
+    seed: int = _opt(1234, "Seed for parameter init and dropout.", ge=0)
+    output_dir: str = _opt("runs/moedist", "Directory for checkpoints, logs and the resolved config.")
+    micro_batch_size: int = _opt(4, "Sequences per rank per forward pass.", ge=1)
+    grad_accum: int = _opt(1, "Micro-batches accumulated per optimizer step.", ge=1)
+    save_every: int = _opt(0, "Save a checkpoint every N steps; 0 = only at the end.", ge=0)
+    log_every: int = _opt(10, "Log metrics every N steps.", ge=1)
+    eval_every: int = _opt(0, "Evaluate on the validation split every N steps; 0 = off.", ge=0)
+    eval_batches: int = _opt(4, "Micro-batches per evaluation.", ge=1)
+    resume: str | None = _opt(None, "Where to resume: null = start fresh; 'auto' = latest checkpoint in "
+                                    "output_dir if any; or a checkpoint directory.")
+    tensorboard: bool = _opt(False, "Write TensorBoard event files to output_dir.")
+    plot: bool = _opt(False, "Save loss/throughput plots (PNG) to output_dir at the end.")
+    optimizer: str = _opt("adamw", "Optimizer.", choices=("adamw", "sgd"))
+
+
+@dataclass
+class DataConfig:
+    source: str = _opt("pydoc", "Training text: 'pydoc' = English prose of pydoc_data.topics, 'stdlib' = "
+                                "the standard library's .py sources, 'file' = a UTF-8 text file at "
+                                "data.path.", choices=("pydoc", "stdlib", "file"))
+    path: str | None = _opt(None, "Text file for source=file.")
+    seq_len: int = _opt(64, "Tokens per training sequence (<= model.max_seq_len).", ge=2)
+    val_fraction: float = _opt(0.1, "Share of the data held out for validation, in (0, 1).", gt=0, lt=1)
+    seed: int = _opt(0, "Seed for the train/validation split and shuffling.", ge=0)
+
+
+@dataclass
+class DeepSpeedConfig:
+    enabled: bool = _opt(False, "Run under a DeepSpeed engine.")
+    zero_stage: int = _opt(0, "ZeRO stage.", choices=(0, 1, 2, 3))
+    bf16: bool = _opt(False, "DeepSpeed bf16 mixed precision.")
+    fp16: bool = _opt(False, "DeepSpeed fp16 mixed precision with loss scaling.")
+    extra: dict[str, Any] = _opt({}, "Mapping deep-merged into the generated DeepSpeed JSON (wins on conflict).")
+
+
+@dataclass
+class MoedistConfig:
+    name: str = _opt("moedist", "Run name (logs, plots).")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+_SECTIONS = [f.name for f in dataclasses.fields(MoedistConfig)]    # and the top-level key `name`
+
+
+# ------------------------------------------------------------------ schema
+
+_BOUNDS = (("ge", ">=", operator.ge), ("gt", ">", operator.gt), ("le", "<=", operator.le),
+           ("lt", "<", operator.lt))
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One documented leaf key of :class:`MoedistConfig` (see :func:`config_schema`)."""
+
+    key: str                 # dotted, e.g. "moe.top_k"
+    annotation: Any          # e.g. float | None
+    default: Any
+    metadata: Any            # help, choices, ge/gt/le/lt
+
+    @property
+    def help(self) -> str:
+        return self.metadata["help"]
+
+    @property
+    def type_name(self) -> str:
+        return _type_name(self.annotation)
+
+    @property
+    def allowed(self) -> str:
+        """The per-key constraints as text, e.g. ``one of softmax|sigmoid`` or ``>= 1``."""
+        md = self.metadata
+        parts = ["one of " + "|".join(map(str, md["choices"]))] if md["choices"] is not None else []
+        return ", ".join(parts + [f"{sym} {md[op]}" for op, sym, _ in _BOUNDS if md[op] is not None])
+
+    @property
+    def default_text(self) -> str:
+        text = yaml.dump(_plain(self.default), Dumper=_Dumper, default_flow_style=True, width=10**6)
+        return text.strip().removesuffix("...").strip()
+
+
+@functools.cache
+def config_schema() -> tuple[KeyInfo, ...]:
+    """Every leaf key in declaration order: ``name``, ``model.vocab_size``, ..."""
+    def default(f):
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default
+    out = []
+    for f in dataclasses.fields(MoedistConfig):
+        tp = typing.get_type_hints(MoedistConfig)[f.name]
+        if not dataclasses.is_dataclass(tp):
+            out.append(KeyInfo(f.name, tp, default(f), f.metadata))
+            continue
+        hints = typing.get_type_hints(tp)
+        out += [KeyInfo(f"{f.name}.{g.name}", hints[g.name], default(g), g.metadata)
+                for g in dataclasses.fields(tp)]
+    return tuple(out)
+
+
+def config_keys() -> list[str]:
+    """Every dotted key, e.g. ``['name', 'model.vocab_size', ...]``."""
+    return [info.key for info in config_schema()]
+
+
+def _suggest(dotted: str) -> str:
+    """' did you mean X?' for an unknown key: misspelt section, key of another section, misspelt key."""
+    keys, sections = config_keys(), _SECTIONS
+    head, _, rest = dotted.partition(".")
+    if not rest:
+        close = difflib.get_close_matches(head, sections, n=1, cutoff=0.6)
+        return f", did you mean {close[0]}?" if close else f" (allowed: {', '.join(sections)})"
+    if head not in sections:
+        head = next(iter(difflib.get_close_matches(head, sections, n=1, cutoff=0.6)), head)
+    leaves = [k.split(".", 1)[1] for k in keys if k.startswith(head + ".")]
+    close = ([f"{head}.{rest}"] if rest in leaves else
+             [k for k in keys if k.rsplit(".", 1)[-1] == rest] or
+             [f"{head}.{m}" for m in difflib.get_close_matches(rest, leaves, n=1, cutoff=0.6)])
+    if close:
+        return f", did you mean {close[0]}?"
+    return f" (allowed in {head}: {', '.join(leaves)})" if leaves else f" (allowed: {', '.join(sections)})"
+
+
+# ---------------------------------------------------------- values and types
+
+def _fmt(v) -> str:
+    """A value as error messages show it: YAML-like, strings quoted, one short line."""
+    if v is None or isinstance(v, bool):
+        return {None: "null", True: "true", False: "false"}[v]
+    if isinstance(v, (list, tuple)):
+        s = "[" + ", ".join(_fmt(x) for x in v) + "]"
+    elif isinstance(v, dict):
+        s = "{" + ", ".join(f"{_fmt(k)}: {_fmt(x)}" for k, x in v.items()) + "}"
+    else:
+        s = repr(v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def _type_name(tp) -> str:
+    """Name of an annotation in --help-config, the README and error messages."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return f"{_type_name(next(a for a in args if a is not type(None)))} | null"
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    if origin is tuple:
+        return "[" + ", ".join(_type_name(a) for a in args) + "]"
+    return "mapping" if origin is dict else {int: "int", float: "float", bool: "bool", str: "str"}[tp]
+
+
+_MUST = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+         "list[str]": "a list of strings", "[float, float]": "a list of 2 numbers", "mapping": "a mapping",
+         "null": "null"}
+
+
+def _coerce(key: str, value, tp, must: str | None = None):
+    """Check ``value`` against annotation ``tp``; return it normalized (int -> float, list -> tuple)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    must = must or " or ".join(_MUST[p] for p in _type_name(tp).split(" | "))
+    bad = ConfigError(f"{key}={_fmt(value)}: must be {must}")
+    if origin in (typing.Union, types.UnionType):
+        inner = next(a for a in args if a is not type(None))
+        return None if value is None else _coerce(key, value, inner, must)
+    if tp in (bool, int, str):
+        if type(value) is not tp:            # strict: 'yes' and 1 are no bools, True is no int
+            raise bad
+        return value
+    if tp is float:
+        if type(value) not in (int, float):
+            raise bad
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={_fmt(value)}: must be a finite number")
+        return float(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(key, x, args[0], must) for x in value]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad
+        return tuple(_coerce(key, x, a, must) for x, a in zip(value, args))
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}={_fmt(value)}: must be a mapping with string keys")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _check_bounds(key: str, value, md) -> None:
+    """Apply ``choices`` and ``ge/gt/le/lt`` from the field metadata (skipped for null)."""
+    if value is None:
+        return
+    if md["choices"] is not None:
+        allowed = "|".join(map(str, md["choices"]))
+        for item in value if isinstance(value, list) else [value]:
+            if item not in md["choices"] and isinstance(value, list):
+                raise ConfigError(f"{key}={_fmt(value)}: each must be one of {allowed} ({_fmt(item)} is not)")
+            if item not in md["choices"]:
+                raise ConfigError(f"{key}={_fmt(value)}: must be one of {allowed}")
+    for op, sym, ok in _BOUNDS:
+        if md[op] is not None and not ok(value, md[op]):
+            raise ConfigError(f"{key}={_fmt(value)}: must be {sym} {md[op]}")
+
+
+# ------------------------------------------------------------------ YAML I/O
+
+_TAG = "tag:yaml.org,2002:"
+# YAML 1.2 core-schema scalars: PyYAML's default 1.1 rules would read `yes` as a bool,
+# `1e-3` as a string, `010` as octal 8 and `2024-01-01` as a date.
+_RESOLVERS = [
+    ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", list("tTfF")),
+    ("int", r"^[-+]?[0-9]+$", list("-+0123456789")),
+    ("float", r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+              r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", list("-+0123456789.")),
+    ("merge", r"^(?:<<)$", ["<"]),
+]
+
+
+def _install_resolvers(cls, keep_yaml_1_1: bool = False):
+    cls.yaml_implicit_resolvers = {k: list(v) for k, v in cls.yaml_implicit_resolvers.items()
+                                   if keep_yaml_1_1}
+    for tag, regex, first in _RESOLVERS:
+        cls.add_implicit_resolver(_TAG + tag, re.compile(regex), first)
+    return cls
+
+
+@_install_resolvers
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader with YAML 1.2 scalars (decimal ints only)."""
+
+
+_Loader.add_constructor(_TAG + "int", lambda loader, node: int(loader.construct_scalar(node)))
+_Loader.add_constructor(_TAG + "float", lambda loader, node: float(
+    loader.construct_scalar(node).lower().replace(".inf", "inf").replace(".nan", "nan")))
+
+
+@functools.partial(_install_resolvers, keep_yaml_1_1=True)
+class _Dumper(yaml.SafeDumper):
+    """Quotes every string that :class:`_Loader` or a YAML 1.1 reader would take for another type."""
+
+    def represent_list(self, data):        # short scalar lists inline: targets: [gate, up, down]
+        flat = all(not isinstance(x, (list, tuple, dict)) for x in data)
+        return self.represent_sequence(_TAG + "seq", data, flow_style=flat)
+
+
+_Dumper.add_representer(list, _Dumper.represent_list)
+
+
+def _parse_yaml(text: str, where: str, prefix: tuple[str, ...] = ()):
+    """One YAML document; errors are one line. ``prefix``: the override key the text is the value of."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        _check_duplicates(node, where, prefix, set(), show_line=not prefix)
+        return None if node is None else loader.construct_document(node)
+    except yaml.YAMLError as err:
+        mark, context = getattr(err, "problem_mark", None), getattr(err, "context", None)
+        pos = f":{mark.line + 1}:{mark.column + 1}" if mark is not None and not prefix else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{where}{pos}: invalid YAML: {problem}" + (f" ({context})" if context else "")) \
+            from None
+    finally:
+        loader.dispose()
+
+
+def _check_duplicates(node, where: str, path: tuple[str, ...], seen: set, show_line: bool) -> None:
+    """PyYAML keeps the last of two equal keys silently; a config must not."""
+    if node is None or id(node) in seen:       # aliases may revisit (or loop back to) a node
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        names = set()
+        for key_node, value in node.value:
+            name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+            if name in names:
+                line = f" line {key_node.start_mark.line + 1}" if show_line else ""
+                raise ConfigError(f"{'.'.join(path + (name,))}: duplicate key ({where}{line})")
+            names.add(name)
+            _check_duplicates(value, where, path + (name,), seen, show_line)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            _check_duplicates(value, where, path + (str(i),), seen, show_line)
+
+
+def dump_yaml(data) -> str:
+    """YAML text that :func:`load_config` (and any YAML reader) reads back to the same values."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+
+
+# ------------------------------------------------------------ build and load
+
+def _set_dotted(raw: dict, item: str) -> None:
+    """Apply one ``a.b=value`` override to the raw nested mapping (``a.b.c`` goes into a mapping key)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. moe.top_k=2")
+    path = key.split(".")
+    value = _parse_yaml(text, f"{key}={text!r}", tuple(path))
+    schema = {info.key: info.annotation for info in config_schema()}
+    if key not in _SECTIONS or key in schema:     # else a whole section: moe={top_k: 1}
+        leaf = path[0] if path[0] in schema else ".".join(path[:2])
+        if leaf not in schema:
+            raise ConfigError(f"{key}: unknown key{_suggest(key)}")
+        if key != leaf and typing.get_origin(schema[leaf]) is not dict:
+            raise ConfigError(f"{key}: {leaf} is not a mapping")
+    node = raw
+    for part in path[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[path[-1]] = value
+
+
+def config_from_dict(raw: dict) -> MoedistConfig:
+    """Build a config from a nested mapping (missing keys keep defaults) and validate it."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config={_fmt(raw)}: must be a mapping of sections ({', '.join(_SECTIONS)})")
+    top = typing.get_type_hints(MoedistConfig)
+    kwargs = {}
+    for name, value in raw.items():
+        if name not in top:
+            raise ConfigError(f"{name}: unknown section{_suggest(str(name))}")
+        tp = top[name]
+        if not dataclasses.is_dataclass(tp):
+            kwargs[name] = _coerce(name, value, tp)
+            continue
+        value = {} if value is None else value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}={_fmt(value)}: must be a mapping of {name} keys")
+        hints = typing.get_type_hints(tp)
+        for key in value:
+            if key not in hints:
+                raise ConfigError(f"{name}.{key}: unknown key{_suggest(f'{name}.{key}')}")
+        kwargs[name] = tp(**{k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in value.items()})
+    cfg = MoedistConfig(**kwargs)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> MoedistConfig:
+    """Read a YAML file (None = defaults), apply ``key=value`` overrides in order, validate.
+
+    Override values are YAML: ``moe.capacity_factor=null``, ``lora.targets=[gate,up]``,
+    ``deepspeed.extra.gradient_clipping=1.0``.
+
+    Raises:
+        ConfigError: a one-line message naming the dotted key, the value and what is allowed.
+    """
+    raw: Any = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as err:
+            raise ConfigError(f"config file {os.fspath(path)!r}: {err.strerror or err}") from None
+        raw = _parse_yaml(text, os.fspath(path))
+        raw = {} if raw is None else raw
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {os.fspath(path)!r}: must be a mapping of sections, "
+                              f"got {type(raw).__name__}")
+    for item in overrides or []:
+        _set_dotted(raw, item)
+    return config_from_dict(raw)
+
+
+def _plain(v):
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def config_to_dict(cfg: MoedistConfig) -> dict:
+    """Plain nested dict of lists, dicts and scalars (YAML/JSON ready)."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: MoedistConfig, path: str | os.PathLike) -> None:
+    """Write ``cfg`` as YAML that :func:`load_config` reads back equal; atomic (temp + rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".config-", suffix=".yaml.tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(dump_yaml(config_to_dict(cfg)))
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------- validation
+
+def validate(cfg: MoedistConfig) -> None:
+    """The one validation pass: types, per-key bounds, then cross-key rules. Does not modify ``cfg``.
+
+    Raises:
+        ConfigError: on the first problem, one line starting with the dotted key.
+    """
+    for info in config_schema():
+        section, _, leaf = info.key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, leaf)
+        _check_bounds(info.key, _coerce(info.key, value, info.annotation), info.metadata)
+
+    m, moe, lora, par, tr, data, ds = cfg.model, cfg.moe, cfg.lora, cfg.parallel, cfg.train, cfg.data, cfg.deepspeed
+
+    def need(ok: bool, message: str):
+        if not ok:
+            raise ConfigError(message)
+
+    need(cfg.name.strip() != "", f"name={_fmt(cfg.name)}: must be a non-empty string")
+    # model shape
+    need(m.hidden_size % m.num_heads == 0,
+         f"model.hidden_size={m.hidden_size}: must be divisible by model.num_heads ({m.num_heads})")
+    need(m.num_heads % m.num_kv_heads == 0,
+         f"model.num_kv_heads={m.num_kv_heads}: must divide model.num_heads ({m.num_heads})")
+    need((m.hidden_size // m.num_heads) % 2 == 0,
+         f"model.hidden_size={m.hidden_size}: head dim hidden_size / num_heads "
+         f"({m.hidden_size // m.num_heads}) must be even for rotary embeddings")
+    need(m.moe_every <= m.num_layers, f"model.moe_every={m.moe_every}: must be <= model.num_layers "
+                                      f"({m.num_layers}), or 0 for a dense model")
+    need(m.from_hf is None or os.path.isdir(m.from_hf),
+         f"model.from_hf={_fmt(m.from_hf)}: must be an existing local model directory or null")
+    need(m.from_hf is not None or m.vocab_size >= 256,
+         f"model.vocab_size={m.vocab_size}: must be >= 256 for byte-level data (no model.from_hf)")
+    # routing
+    has_moe = m.moe_every > 0
+    need(moe.top_k <= moe.num_experts, f"moe.top_k={moe.top_k}: must be <= moe.num_experts ({moe.num_experts})")
+    need(moe.num_experts % par.ep_size == 0,
+         f"moe.num_experts={moe.num_experts}: must be divisible by parallel.ep_size ({par.ep_size})")
+    need(not moe.shared_expert_gate or moe.num_shared_experts > 0,
+         "moe.shared_expert_gate=true: needs moe.num_shared_experts >= 1 (got 0)")
+    need(par.ep_size == 1 or has_moe,
+         f"parallel.ep_size={par.ep_size}: expert parallelism needs MoE layers but model.moe_every=0")
+    # LoRA
+    need(lora.mode == "none" or lora.rank > 0, f"lora.rank={lora.rank}: must be > 0 when lora.mode={_fmt(lora.mode)}")
+    need(lora.mode not in ("moe_lora", "expert_lora") or has_moe,
+         f"lora.mode={_fmt(lora.mode)}: needs MoE layers but model.moe_every=0 (dense model); "
+         f"set model.moe_every >= 1 or lora.mode to none|full")
+    need(lora.mode == "none" or len(lora.targets) > 0,
+         f"lora.targets=[]: must name one of {'|'.join(LORA_TARGETS)} when lora.mode={_fmt(lora.mode)}")
+    need(len(set(lora.targets)) == len(lora.targets), f"lora.targets={_fmt(lora.targets)}: has duplicates")
+    # optimisation
+    need(tr.warmup_steps <= tr.max_steps,
+         f"train.warmup_steps={tr.warmup_steps}: must be <= train.max_steps ({tr.max_steps})")
+    need(tr.lr_schedule == "constant" or tr.min_lr <= tr.lr,
+         f"train.min_lr={_fmt(tr.min_lr)}: must be <= train.lr ({_fmt(tr.lr)})")
+    need(all(0 <= b < 1 for b in tr.adam_betas), f"train.adam_betas={_fmt(tr.adam_betas)}: each must be in [0, 1)")
+    need(tr.output_dir.strip() != "", f"train.output_dir={_fmt(tr.output_dir)}: must be a non-empty path")
+    need(tr.resume in (None, "auto") or os.path.isdir(tr.resume),
+         f"train.resume={_fmt(tr.resume)}: must be null, 'auto' or an existing checkpoint directory")
+    # data
+    need(data.source != "file" or data.path is not None, "data.path=null: must be set when data.source='file'")
+    need(data.source != "file" or os.path.isfile(data.path),
+         f"data.path={_fmt(data.path)}: no such file (data.source='file')")
+    need(data.seq_len <= m.max_seq_len, f"data.seq_len={data.seq_len}: must be <= model.max_seq_len ({m.max_seq_len})")
+    # DeepSpeed
+    need(not (ds.bf16 and ds.fp16), "deepspeed.fp16=true: cannot be combined with deepspeed.bf16=true")
+    try:
+        json.dumps(ds.extra, allow_nan=False)
+    except (TypeError, ValueError):
+        raise ConfigError(f"deepspeed.extra={_fmt(ds.extra)}: must be JSON-serializable") from None
+
+
+def validate_world_size(cfg: MoedistConfig, world_size: int) -> None:
+    """The checks that need the launched world size; call once the process group exists."""
+    if world_size % cfg.parallel.ep_size:
+        raise ConfigError(f"parallel.ep_size={cfg.parallel.ep_size}: must divide the world size ({world_size})")
