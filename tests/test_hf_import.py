@@ -10,7 +10,7 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_mo
 VOCAB = 64
 
 
-def make_hf(arch: str, seed: int = 0):
+def make_hf(arch: str, seed: int = 0, vocab: int = VOCAB):
     """A tiny random transformers CausalLM of `arch`, eval mode, every weight random.
 
     Norm weights are 1 + noise, routers have a large std so top-k choices are not
@@ -18,7 +18,7 @@ def make_hf(arch: str, seed: int = 0):
     """
     import transformers as tf
 
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     moe = dict(moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2)
     cfg = {
@@ -47,8 +47,8 @@ def make_hf(arch: str, seed: int = 0):
     return model
 
 
-def token_ids(seed: int = 1, batch: int = 2, seq: int = 12):
-    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+def token_ids(seed: int = 1, batch: int = 2, seq: int = 12, vocab: int = VOCAB):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
 def hf_logits(hf, ids):
