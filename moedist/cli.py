@@ -46,7 +46,7 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("moedist.train.evaluate:main_eval", "evaluate a run's latest checkpoint on the "
                     "validation split", True),
     "bench": Command("moedist.bench.cli:main", "benchmark MoE layers and all-to-all", False),
-    "convert": Command("moedist.models.convert:main", "convert Hugging Face <-> moedist checkpoints", False),
+    "convert": Command("moedist.models.convert_cli:main", "convert Hugging Face <-> moedist checkpoints", False),
     "merge": Command("moedist.checkpoint.cli:main_merge", "merge LoRA adapters into the base weights", False),
     "extract": Command("moedist.checkpoint.cli:main_extract", "extract adapters (PEFT) or experts "
                        "from a checkpoint", False),
