@@ -1,6 +1,6 @@
 """`moedist convert`: from-hf / to-hf / upcycle / peft through the CLI entry point.
 
-Byte-level vocab (256) so the written config.yaml validates without model.from_hf.
+Byte-level vocab (256): a checkpoint's config (model.from_hf cleared) must validate on its own.
 """
 import torch
 
@@ -17,7 +17,7 @@ def test_from_hf_then_to_hf_and_upcycle(tmp_path, capsys):
     ids = token_ids(12, vocab=V)
     ref = hf_logits(hf, ids)
     assert main(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "md")]) == 0
-    assert (tmp_path / "md" / "config.yaml").exists() and (tmp_path / "md" / "model.safetensors").exists()
+    assert (tmp_path / "md" / "manifest.json").exists()
     assert main(["convert", "to-hf", str(tmp_path / "md"), str(tmp_path / "back")]) == 0
     torch.testing.assert_close(hf_logits(load_hf(tmp_path / "back"), ids), ref, atol=1e-4, rtol=0)
     # upcycle straight from the HF directory, then export: Qwen3 + experts = qwen3_moe
@@ -28,28 +28,18 @@ def test_from_hf_then_to_hf_and_upcycle(tmp_path, capsys):
     torch.testing.assert_close(hf_logits(load_hf(tmp_path / "up_hf"), ids), ref, atol=1e-4, rtol=0)
 
 
-def test_config_and_global_expert_keys_and_peft(tmp_path):
-    """--config/--weights with experts keyed by global id (the checkpoint layout); PEFT from a LoRA model."""
-    from safetensors.torch import save_file
-
-    from moedist.config import load_config, save_config
+def test_checkpoint_to_hf_and_peft(tmp_path):
+    """A checkpoint written by moedist.checkpoint (experts keyed by global id) -> HF; PEFT from a LoRA model."""
+    from moedist.checkpoint import save_checkpoint
+    from moedist.config import config_to_dict, load_config
     from moedist.models import build_model
 
     cfg = load_config(None, ["model.hidden_size=32", "model.ffn_size=48", "model.num_heads=4", "moe.num_experts=4",
                              "lora.mode=expert_lora", "lora.rank=2"])
     model = build_model(cfg)
     perturb(model, only=None, std=0.05)
-    state = {}
-    for name, t in model.state_dict().items():
-        head, sep, rest = name.partition(".experts.")
-        if sep and rest.startswith(("w_", "lora.")):      # stacked [E, ...] -> one tensor per global expert
-            state.update({f"{head}.experts.{e}.{rest}": t[e].clone() for e in range(t.shape[0])})
-        else:
-            state[name] = t
-    save_config(cfg, tmp_path / "c.yaml")
-    save_file(state, str(tmp_path / "w.safetensors"))
-    assert main(["convert", "to-hf", str(tmp_path / "hf"), "--config", str(tmp_path / "c.yaml"),
-                 "--weights", str(tmp_path / "w.safetensors")]) == 0
+    save_checkpoint(tmp_path / "run" / "step_000007", model, step=7, config=config_to_dict(cfg))
+    assert main(["convert", "to-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0   # run dir: its latest
     ids = token_ids(13, vocab=V)
     torch.testing.assert_close(hf_logits(load_hf(tmp_path / "hf"), ids), our_logits(model, ids), atol=1e-4, rtol=0)
 
@@ -62,6 +52,6 @@ def test_config_and_global_expert_keys_and_peft(tmp_path):
 def test_errors_exit_2_with_one_line(tmp_path, capsys):
     assert main(["convert", "to-hf", str(tmp_path), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "neither a moedist model directory" in err[0]
+    assert len(err) == 1 and "neither a moedist checkpoint" in err[0]
     assert main(["convert", "from-hf", str(tmp_path), str(tmp_path / "o"), "lora.rank"]) == 2
     assert "section.key=value" in capsys.readouterr().err

@@ -1,30 +1,29 @@
-"""`moedist convert`: Hugging Face <-> moedist model directories, upcycling, PEFT export.
+"""`moedist convert`: Hugging Face <-> moedist checkpoints, upcycling, PEFT export.
 
-    moedist convert from-hf HF_DIR OUT [key=value ...]       # HF -> moedist model directory
+    moedist convert from-hf HF_DIR OUT [key=value ...]       # HF -> moedist checkpoint (step 0)
     moedist convert to-hf SRC OUT [--no-merge]               # moedist -> transformers directory
     moedist convert upcycle SRC OUT --method lora_moe --num-experts 8 --top-k 2 [--lora-rank 8]
     moedist convert peft SRC OUT [--base BASE_OUT]           # LoRA (lora.mode=full) -> PEFT adapter
 
-A moedist model directory holds ``config.yaml`` (the MoedistConfig, model.from_hf
-cleared because the weights are here) and ``model.safetensors`` (the model's
-state dict; the architecture facts that have no config key yet are stored in
-its metadata under ``moedist.arch``). SRC is such a directory, a Hugging Face
-directory (its config.json is detected), or ``--config FILE --weights FILE``
-for a config plus a safetensors state dict written elsewhere (e.g. by the
-trainer); expert tensors may be stacked (``layers.0.mlp.experts.w_up``
-[E, H, F]) or keyed by global expert id (``layers.0.mlp.experts.3.w_up``).
-Nothing is unpickled.
+SRC is a moedist checkpoint (`moedist.checkpoint` format: manifest.json with the
+config, safetensors keyed by global expert id; or a run directory whose
+``latest`` names one) or a Hugging Face directory (config.json; key=value
+overrides such as ``lora.mode=full`` apply to it). Checkpoints written here
+store the config with model.from_hf cleared (the weights are in the
+checkpoint) and the architecture facts that have no config key yet (head_dim,
+q/k norm, ...) in the manifest's extra_state. An adapter-only checkpoint is
+loaded on top of its config's model.from_hf. Nothing is unpickled.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
 from typing import Dict, List, Optional
 
 ARCH_EXTRAS = {"model": ("head_dim", "attention_bias", "qk_norm", "mlp_only_layers"), "moe": ("shared_expert_ffn_size",)}
+ARCH_KEY = "moedist.arch"
 
 
 def _arch_extras(cfg) -> Dict[str, dict]:
@@ -32,83 +31,63 @@ def _arch_extras(cfg) -> Dict[str, dict]:
             for sec, keys in ARCH_EXTRAS.items()}
 
 
-def save_moedist_dir(model, cfg, path: str) -> None:
-    """config.yaml + model.safetensors (arch extras in its metadata)."""
+def save_model_checkpoint(model, cfg, path: str, source: Optional[str] = None) -> None:
+    """A step-0 moedist checkpoint of `model` (`moedist.checkpoint` format).
+
+    The config is stored with model.from_hf cleared (the weights are in the
+    checkpoint); architecture facts without a config key go to extra_state.
+    """
     import copy
 
-    from safetensors.torch import save_file
+    from moedist.checkpoint import save_checkpoint
+    from moedist.config import config_to_dict
 
-    from moedist.config import save_config
-    from moedist.models.hf_export import _atomic_write
-
-    os.makedirs(path, exist_ok=True)
     out = copy.deepcopy(cfg)
     out.model.from_hf = None
-    save_config(out, os.path.join(path, "config.yaml"))
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    meta = {"format": "pt", "moedist.arch": json.dumps(_arch_extras(cfg))}
-    _atomic_write(os.path.join(path, "model.safetensors"), lambda tmp: save_file(state, tmp, metadata=meta))
+    save_checkpoint(path, model, step=0, config=config_to_dict(out),
+                    extra_state={ARCH_KEY: _arch_extras(cfg), "source": source})
 
 
-def _restack(state: Dict, expected: Dict) -> Dict:
-    """Turn global-expert keys (`...experts.3.w_up`) back into stacked tensors where the model wants them."""
-    import torch
-
-    out = dict(state)
-    for name, ref in expected.items():
-        if name in out:
-            continue
-        owner, _, rest = name.rpartition(".experts.")
-        if not owner:
-            continue
-        keys = [f"{owner}.experts.{e}.{rest}" for e in range(ref.shape[0])]
-        if all(k in state for k in keys):
-            out[name] = torch.stack([state[k] for k in keys])
-            for k in keys:
-                out.pop(k)
-    return out
-
-
-def load_moedist(config_path: str, weights_path: str, overrides: Optional[List[str]] = None):
-    """(model, cfg) from a config YAML and a safetensors state dict."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from moedist.config import load_config
+def load_model_checkpoint(path: str):
+    """(model, cfg) from a moedist checkpoint directory (or a run directory: its latest checkpoint)."""
+    from moedist.checkpoint import load_checkpoint, read_manifest, resolve_checkpoint
+    from moedist.config import ConfigError, config_from_dict
     from moedist.models.build import build_model
-    from moedist.models.hf_import import apply_hf_config
+    from moedist.models.hf_import import apply_hf_config, load_hf_weights_into
 
-    cfg = apply_hf_config(load_config(config_path, overrides))
-    with safe_open(weights_path, framework="pt") as fh:
-        meta = fh.metadata() or {}
-    for sec, values in json.loads(meta.get("moedist.arch", "{}")).items():
+    ckpt = resolve_checkpoint(path)
+    manifest = read_manifest(ckpt)
+    if not manifest.get("config"):
+        raise ValueError(f"{ckpt}: the checkpoint has no config; cannot rebuild its model")
+    try:
+        cfg = apply_hf_config(config_from_dict(manifest["config"]))
+    except ConfigError as err:
+        raise ValueError(f"{ckpt}/manifest.json config: {err}") from None
+    for sec, values in (manifest.get("extra_state") or {}).get(ARCH_KEY, {}).items():
         for k, v in values.items():
             setattr(getattr(cfg, sec), k, v)
     model = build_model(cfg)
-    state = _restack(load_file(weights_path), model.state_dict())
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{weights_path}: does not match the model of {config_path}: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if manifest.get("adapter_only"):
+        if not cfg.model.from_hf:
+            raise ValueError(f"{ckpt}: an adapter-only checkpoint needs its base model (model.from_hf is null)")
+        load_hf_weights_into(model, cfg.model.from_hf)
+    load_checkpoint(ckpt, model, load_optim=False)
     return model, cfg
 
 
-def _load_source(src: str, config: Optional[str], weights: Optional[str], overrides=None):
-    """A model from a moedist directory, a HF directory, or --config/--weights."""
+def _load_source(src: str, overrides: List[str]):
+    """A model from a moedist checkpoint / run directory or a Hugging Face directory."""
+    from moedist.checkpoint import resolve_checkpoint
     from moedist.models.hf_import import from_hf
 
-    if config or weights:
-        if not (config and weights):
-            raise ValueError("--config and --weights: give both (a config YAML and a safetensors state dict)")
-        return load_moedist(config, weights, overrides)
-    if src is None:
-        raise ValueError("SRC: give a model directory, or --config and --weights")
-    if os.path.isfile(os.path.join(src, "config.yaml")):
-        return load_moedist(os.path.join(src, "config.yaml"), os.path.join(src, "model.safetensors"), overrides)
+    if resolve_checkpoint(src) is not None:
+        if overrides:
+            raise ValueError(f"overrides {overrides}: only allowed with a Hugging Face SRC")
+        return load_model_checkpoint(src)
     if os.path.isfile(os.path.join(src, "config.json")):
-        return from_hf(src, **_sections(overrides or []))
-    raise ValueError(f"SRC={src!r}: neither a moedist model directory (config.yaml) nor a Hugging Face "
-                     "directory (config.json)")
+        return from_hf(src, **_sections(overrides))
+    raise ValueError(f"SRC={src!r}: neither a moedist checkpoint (manifest.json, or a run directory with "
+                     "'latest') nor a Hugging Face directory (config.json)")
 
 
 def _sections(overrides: List[str]) -> Dict[str, dict]:
@@ -131,15 +110,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     def source(sp):
-        sp.add_argument("src", nargs="?", help="moedist model directory or Hugging Face directory")
+        sp.add_argument("src", help="moedist checkpoint (or run directory) or Hugging Face directory")
         sp.add_argument("out", help="output directory")
-        sp.add_argument("--config", help="config YAML (with --weights, instead of SRC)")
-        sp.add_argument("--weights", help="safetensors state dict (with --config)")
-        sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.mode=full")
+        sp.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides for a Hugging Face SRC, e.g. lora.mode=full")
 
-    sp = sub.add_parser("from-hf", help="Hugging Face directory -> moedist model directory")
+    sp = sub.add_parser("from-hf", help="Hugging Face directory -> moedist checkpoint (step 0)")
     sp.add_argument("src", help="Hugging Face model directory (config.json + safetensors)")
-    sp.add_argument("out", help="output moedist model directory")
+    sp.add_argument("out", help="output checkpoint directory")
     sp.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. lora.mode=full lora.rank=8")
     sp = sub.add_parser("to-hf", help="moedist model -> transformers directory (LoRA merged)")
     source(sp)
@@ -176,11 +154,11 @@ def _run(args) -> int:
 
     if args.action == "from-hf":
         model, cfg = from_hf(args.src, **_sections(args.overrides))
-        save_moedist_dir(model, cfg, args.out)
+        save_model_checkpoint(model, cfg, args.out, source=args.src)
         print(f"wrote moedist model ({cfg.model.hf_model_type}, {sum(p.numel() for p in model.parameters())} "
               f"parameters) to {args.out}")
         return 0
-    model, cfg = _load_source(args.src, args.config, args.weights, args.overrides)
+    model, cfg = _load_source(args.src, args.overrides)
     if args.action == "to-hf":
         config = to_hf(model, args.out, cfg, merge_lora=not args.no_merge)
         print(f"wrote {config['model_type']} model to {args.out}")
@@ -188,7 +166,7 @@ def _run(args) -> int:
         kw = dict(lora_rank=args.lora_rank, moe_every=args.moe_every)
         upcycle(model, args.method, args.num_experts, args.top_k, seed=args.seed, cfg=cfg, **kw)
         ucfg = upcycled_config(cfg, args.method, args.num_experts, args.top_k, **kw)
-        save_moedist_dir(model, ucfg, args.out)
+        save_model_checkpoint(model, ucfg, args.out, source=args.src)
         print(f"wrote {args.method} model ({args.num_experts} experts, top-{args.top_k}) to {args.out}")
     else:
         config = to_peft(model, args.out, base_path=args.base)
