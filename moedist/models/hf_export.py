@@ -217,8 +217,9 @@ def to_hf(model: CausalLM, path, cfg=None, merge_lora: bool = True) -> Dict[str,
     Args:
         model: a moedist `CausalLM` (experts unsharded).
         path: output directory (created).
-        cfg: optional MoedistConfig; the architecture is read from the model itself
-            (cfg only supplies model.max_seq_len when the model lacks it).
+        cfg: the model's MoedistConfig, optional: everything the export needs is read
+            from the model itself (so a model changed after building, e.g. upcycled,
+            exports as it is).
         merge_lora: merge LoRA adapters (incl. LoRA-MoE experts) into the weights;
             False writes the frozen base weights only.
 
@@ -229,8 +230,6 @@ def to_hf(model: CausalLM, path, cfg=None, merge_lora: bool = True) -> Dict[str,
         ValueError: the model has no Hugging Face equivalent (see the module docstring).
     """
     spec = describe(model)
-    if cfg is not None and not spec["max_seq_len"]:
-        spec["max_seq_len"] = cfg.model.max_seq_len
     config = hf_config_dict(spec)
     save_hf_dir(os.fspath(path), config, hf_state_dict(model, spec, merge_lora))
     return config
