@@ -85,7 +85,8 @@ def build_model(cfg, seed: int = None) -> CausalLM:
                 setattr(attn, name, LoRALinear(getattr(attn, name), lora.rank, lora.alpha, lora.dropout, _seed(seed, i, 10 + j)))
         layers.append(DecoderLayer(attn, mlp, m.hidden_size, m.norm_eps))
     model = CausalLM(m.vocab_size, m.hidden_size, layers, m.max_seq_len, m.rope_theta, head_dim, m.norm_eps,
-                     m.tie_embeddings, m.init_std, _seed(seed, 10_000, 0))
+                     m.tie_embeddings, m.init_std, _seed(seed, 10_000, 0),
+                     rope_scaling=getattr(m, "rope_scaling", None))  # optional, HF import (Llama 3)
     if "full" == lora.mode:  # attention init above drew into the wrapped base linears; nothing else to do
         pass
     apply_lora_freezing(model, lora)

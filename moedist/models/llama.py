@@ -35,9 +35,32 @@ class RMSNorm(nn.Module):
         return self.weight * y.to(x.dtype)
 
 
-def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None, dtype=torch.float32):
-    """cos/sin tables [S, d] for rotary embeddings (HF 'rotate_half' layout)."""
+def scale_inv_freq(inv_freq: torch.Tensor, scaling: Optional[dict]) -> torch.Tensor:
+    """Rotary frequency scaling as in HF: None/default, "linear" (factor) or "llama3"
+    (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)."""
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv_freq
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    if kind != "llama3":
+        raise ValueError(f"rope_type={kind!r}: allowed default, linear, llama3")
+    lo, hi = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / hi) * ~(wavelen > old_len / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None, dtype=torch.float32,
+                 scaling: Optional[dict] = None):
+    """cos/sin tables [S, d] for rotary embeddings (HF 'rotate_half' layout); `scaling` see scale_inv_freq."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))  # [d/2]
+    inv_freq = scale_inv_freq(inv_freq, scaling)
     t = torch.arange(seq_len, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)  # [S, d/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [S, d]
@@ -133,7 +156,8 @@ class CausalLM(nn.Module):
     """Decoder-only language model built from a list of `DecoderLayer`s (see models/build.py)."""
 
     def __init__(self, vocab_size: int, hidden: int, layers: List[DecoderLayer], max_seq_len: int, rope_theta: float,
-                 head_dim: int, norm_eps: float = 1e-6, tie_embeddings: bool = False, init_std: float = 0.02, seed: int = 0):
+                 head_dim: int, norm_eps: float = 1e-6, tie_embeddings: bool = False, init_std: float = 0.02, seed: int = 0,
+                 rope_scaling: Optional[dict] = None):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.embed_tokens = nn.Embedding(vocab_size, hidden)
@@ -141,6 +165,8 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(hidden, norm_eps)
         self.lm_head = None if tie_embeddings else nn.Linear(hidden, vocab_size, bias=False)
         self.max_seq_len, self.rope_theta, self.head_dim = max_seq_len, rope_theta, head_dim
+        self.rope_scaling = dict(rope_scaling) if rope_scaling else None  # HF-style, e.g. {"rope_type": "llama3", ...}
+        scale_inv_freq(torch.ones(1), self.rope_scaling)  # reject an unknown rope_type at build time
         with torch.no_grad():
             self.embed_tokens.weight.copy_(torch.randn(vocab_size, hidden, generator=g) * init_std)
             if self.lm_head is not None:
@@ -159,7 +185,7 @@ class CausalLM(nn.Module):
         if S > self.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.max_seq_len}")
         x = self.embed_tokens(input_ids)  # [B, S, H]
-        cos, sin = rope_cos_sin(S, self.head_dim, self.rope_theta, device=x.device, dtype=x.dtype)
+        cos, sin = rope_cos_sin(S, self.head_dim, self.rope_theta, device=x.device, dtype=x.dtype, scaling=self.rope_scaling)
         auxes = []
         for layer in self.layers:
             x, aux = layer(x, cos, sin)
