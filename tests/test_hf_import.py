@@ -188,7 +188,7 @@ def test_import_errors(hf_dirs, tmp_path):
     with open(f"{hf_dirs['llama'][1]}/config.json", encoding="utf-8") as fh:
         cfg = json.load(fh)
     for key, value, msg in (("model_type", "gpt2", "model_type='gpt2'"), ("hidden_act", "gelu", "hidden_act"),
-                            ("rope_parameters", {"rope_type": "llama3", "rope_theta": 1e4}, "rope_type='llama3'")):
+                            ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4}, "rope_type='yarn'")):
         (tmp_path / key).mkdir()
         (tmp_path / key / "config.json").write_text(json.dumps(dict(cfg, **{key: value})))
         with pytest.raises(ValueError, match=msg):
@@ -198,3 +198,34 @@ def test_import_errors(hf_dirs, tmp_path):
                                            "model.num_heads=4", "model.num_kv_heads=2", "model.vocab_size=256"]))
     with pytest.raises(ValueError, match="shape|missing tensor"):
         load_hf_weights_into(dense, path)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8},
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+])
+def test_rope_scaling_import_and_export(rope, tmp_path):
+    import transformers as tf
+
+    from moedist.models import from_hf, to_hf
+
+    hf = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                            rope_parameters=rope)).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():      # large q/k so positions matter
+            std = 1.0 if ("q_proj" in name or "k_proj" in name) else 0.1
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g) if "norm" in name else std * torch.randn(p.shape, generator=g))
+    hf.save_pretrained(tmp_path / "in")
+    ids = token_ids(5, seq=40)
+    ref = hf_logits(hf, ids)
+    model, cfg = from_hf(str(tmp_path / "in"))
+    assert cfg.model.rope_scaling["rope_type"] == rope["rope_type"]
+    torch.testing.assert_close(our_logits(model, ids), ref, atol=1e-4, rtol=0)
+    to_hf(model, tmp_path / "out")
+    torch.testing.assert_close(hf_logits(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval(), ids), ref,
+                               atol=1e-4, rtol=0)
+    model.rope_scaling = None                       # the scaling is not a no-op here
+    assert (our_logits(model, ids) - ref).abs().max() > 1e-3

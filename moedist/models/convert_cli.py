@@ -22,7 +22,8 @@ import re
 import sys
 from typing import Dict, List, Optional
 
-ARCH_EXTRAS = {"model": ("head_dim", "attention_bias", "qk_norm", "mlp_only_layers"), "moe": ("shared_expert_ffn_size",)}
+ARCH_EXTRAS = {"model": ("head_dim", "attention_bias", "qk_norm", "mlp_only_layers", "rope_scaling"),
+               "moe": ("shared_expert_ffn_size",)}
 ARCH_KEY = "moedist.arch"
 
 

@@ -90,6 +90,7 @@ def describe(model: CausalLM) -> Dict[str, Any]:
     attn = model.layers[0].self_attn
     spec = dict(vocab_size=V, hidden_size=H, num_layers=len(model.layers), num_heads=attn.nh, num_kv_heads=attn.nkv,
                 head_dim=attn.d, max_seq_len=model.max_seq_len, norm_eps=model.norm.eps, rope_theta=model.rope_theta,
+                rope_scaling=getattr(model, "rope_scaling", None),
                 tie_embeddings=model.lm_head is None, dtype=_DTYPES.get(model.embed_tokens.weight.dtype, "float32"),
                 bias=_base_linear(attn.q_proj).bias is not None, qk_norm=attn.q_norm is not None)
     dense_F, moe_sig, dense_layers = set(), set(), []

@@ -18,7 +18,8 @@ qwen3_moe      as qwen2_moe without shared expert; q/k RMSNorm, ``head_dim``
 Architecture facts that MoedistConfig has no field for yet are attached to the
 config sections as plain attributes, which `build_model` reads with
 ``getattr``: ``model.head_dim``, ``model.attention_bias``, ``model.qk_norm``,
-``model.mlp_only_layers``, ``moe.shared_expert_ffn_size`` (and
+``model.mlp_only_layers``, ``model.rope_scaling`` (linear / llama3 rotary
+scaling), ``moe.shared_expert_ffn_size`` (and
 ``model.hf_model_type``, informational). They are re-derived from
 ``model.from_hf`` whenever a run starts from a Hugging Face directory.
 
@@ -34,6 +35,7 @@ from typing import Any, Dict, Optional
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 SUPPORTED = DENSE_TYPES + MOE_TYPES
+ROPE_TYPES = ("default", "linear", "llama3")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM",
                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
@@ -67,13 +69,16 @@ def read_hf_config(source) -> Dict[str, Any]:
     return config.to_dict()
 
 
-def _rope_theta(hf: dict, model_type: str) -> float:
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise ValueError(f"rope_type={kind!r}: only the default rotary embedding is supported")
-    return float(rope.get("rope_theta") or hf.get("rope_theta") or _ROPE_THETA.get(model_type, 10000.0))
+def _rope(hf: dict, model_type: str):
+    """(rope_theta, rope_scaling or None) from transformers 5 ``rope_parameters`` or 4.x ``rope_theta``/``rope_scaling``."""
+    rope = dict(hf.get("rope_scaling") or {}, **(hf.get("rope_parameters") or {}))
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_type={kind!r}: supported rotary embeddings are {', '.join(ROPE_TYPES)}")
+    theta = float(rope.get("rope_theta") or hf.get("rope_theta") or _ROPE_THETA.get(model_type, 10000.0))
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    scaling = None if kind == "default" else dict({k: rope[k] for k in keys if k in rope}, rope_type=kind)
+    return theta, scaling
 
 
 def _num_experts(hf: dict) -> int:
@@ -128,7 +133,7 @@ def hf_to_moedist_config(hf: Dict[str, Any], base=None, from_hf: Optional[str] =
     m.vocab_size, m.hidden_size, m.num_layers = int(hf["vocab_size"]), H, int(hf["num_hidden_layers"])
     m.num_heads, m.num_kv_heads = nh, int(hf.get("num_key_value_heads") or nh)
     m.ffn_size = int(hf["intermediate_size"])
-    m.rope_theta = _rope_theta(hf, mt)
+    m.rope_theta, m.rope_scaling = _rope(hf, mt)
     m.norm_eps = float(hf.get("rms_norm_eps") or _EPS.get(mt, 1e-6))
     m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
     m.max_seq_len = int(hf.get("max_position_embeddings") or m.max_seq_len)
@@ -198,6 +203,8 @@ def hf_config_dict(spec: Dict[str, Any]) -> Dict[str, Any]:
         "tie_word_embeddings": s["tie_embeddings"], "torch_dtype": s["dtype"], "attention_dropout": 0.0,
         "use_cache": True,
     }
+    if s.get("rope_scaling"):
+        out["rope_scaling"] = dict(s["rope_scaling"])
     mt = s["model_type"]
     if mt in ("llama", "qwen3", "qwen3_moe"):
         out["attention_bias"] = s["bias"]  # llama is only chosen without bias
