@@ -22,14 +22,9 @@ import re
 import sys
 from typing import Dict, List, Optional
 
-ARCH_EXTRAS = {"model": ("head_dim", "attention_bias", "qk_norm", "mlp_only_layers", "rope_scaling"),
-               "moe": ("shared_expert_ffn_size",)}
-ARCH_KEY = "moedist.arch"
+from moedist.models.hf_maps import arch_extras, set_arch_extras
 
-
-def _arch_extras(cfg) -> Dict[str, dict]:
-    return {sec: {k: getattr(getattr(cfg, sec), k) for k in keys if hasattr(getattr(cfg, sec), k)}
-            for sec, keys in ARCH_EXTRAS.items()}
+ARCH_KEY = "moedist.arch"  # extra_state key of the architecture facts without a config field
 
 
 def save_model_checkpoint(model, cfg, path: str, source: Optional[str] = None) -> None:
@@ -46,7 +41,7 @@ def save_model_checkpoint(model, cfg, path: str, source: Optional[str] = None) -
     out = copy.deepcopy(cfg)
     out.model.from_hf = None
     save_checkpoint(path, model, step=0, config=config_to_dict(out),
-                    extra_state={ARCH_KEY: _arch_extras(cfg), "source": source})
+                    extra_state={ARCH_KEY: arch_extras(cfg), "source": source})
 
 
 def load_model_checkpoint(path: str):
@@ -64,9 +59,7 @@ def load_model_checkpoint(path: str):
         cfg = apply_hf_config(config_from_dict(manifest["config"]))
     except ConfigError as err:
         raise ValueError(f"{ckpt}/manifest.json config: {err}") from None
-    for sec, values in (manifest.get("extra_state") or {}).get(ARCH_KEY, {}).items():
-        for k, v in values.items():
-            setattr(getattr(cfg, sec), k, v)
+    set_arch_extras(cfg, (manifest.get("extra_state") or {}).get(ARCH_KEY))
     model = build_model(cfg)
     if manifest.get("adapter_only"):
         if not cfg.model.from_hf:

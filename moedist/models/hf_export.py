@@ -28,20 +28,21 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn as nn
 
 from moedist.models.hf_maps import hf_config_dict
-from moedist.models.llama import CausalLM, DenseFFN
+from moedist.models.llama import CausalLM
 from moedist.models.lora import LoRAFFN, LoRALinear
-from moedist.moe import GroupedExperts, LoRAOnExperts, MoELayer, MoELoRAExperts
+from moedist.moe import GroupedExperts, MoELayer, MoELoRAExperts
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def _base_linear(lin: nn.Module) -> nn.Linear:
+def base_linear(lin: nn.Module) -> nn.Linear:
+    """The frozen nn.Linear of an attention projection (unwraps LoRALinear)."""
     return lin.base if isinstance(lin, LoRALinear) else lin
 
 
@@ -49,7 +50,7 @@ def linear_weight(lin: nn.Module, merge_lora: bool) -> torch.Tensor:
     """[out, in] weight of an attention projection, LoRA merged or not."""
     if isinstance(lin, LoRALinear) and merge_lora:
         return lin.merged_weight()
-    return _base_linear(lin).weight
+    return base_linear(lin).weight
 
 
 def dense_ffn_weights(mlp: nn.Module, merge_lora: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,7 +93,7 @@ def describe(model: CausalLM) -> Dict[str, Any]:
                 head_dim=attn.d, max_seq_len=model.max_seq_len, norm_eps=model.norm.eps, rope_theta=model.rope_theta,
                 rope_scaling=getattr(model, "rope_scaling", None),
                 tie_embeddings=model.lm_head is None, dtype=_DTYPES.get(model.embed_tokens.weight.dtype, "float32"),
-                bias=_base_linear(attn.q_proj).bias is not None, qk_norm=attn.q_norm is not None)
+                bias=base_linear(attn.q_proj).bias is not None, qk_norm=attn.q_norm is not None)
     dense_F, moe_sig, dense_layers = set(), set(), []
     for i, layer in enumerate(model.layers):
         mlp = layer.mlp
@@ -154,7 +155,7 @@ def hf_state_dict(model: CausalLM, spec: Dict[str, Any], merge_lora: bool = True
             w = linear_weight(lin, merge_lora)
             out[f"{p}self_attn.{name}.weight"] = w
             if (name != "o_proj" and qkv_bias) or (name == "o_proj" and o_bias):
-                b = _base_linear(lin).bias
+                b = base_linear(lin).bias
                 out[f"{p}self_attn.{name}.bias"] = b if b is not None else w.new_zeros(w.shape[0])
         if attn.q_norm is not None:
             out[f"{p}self_attn.q_norm.weight"] = attn.q_norm.weight
@@ -186,6 +187,7 @@ def hf_state_dict(model: CausalLM, spec: Dict[str, Any], merge_lora: bool = True
 
 
 def _atomic_write(path: str, write) -> None:
+    """write(tmp) into a temporary file beside `path`, then rename it into place."""
     folder = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
@@ -198,18 +200,19 @@ def _atomic_write(path: str, write) -> None:
         raise
 
 
-def save_hf_dir(path: str, config: Dict[str, Any], tensors: Dict[str, torch.Tensor], weights_name: str = "model.safetensors") -> None:
-    """Write config.json and a safetensors file into `path` (each atomically)."""
+def save_json_and_safetensors(path: str, json_name: str, obj: Dict[str, Any], st_name: str,
+                              tensors: Dict[str, torch.Tensor]) -> None:
+    """Write `obj` as JSON and `tensors` as safetensors into directory `path` (created), each atomically."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
 
     def write_json(tmp):
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(config, fh, indent=2, sort_keys=True)
+            json.dump(obj, fh, indent=2, sort_keys=True)
 
-    _atomic_write(os.path.join(path, "config.json"), write_json)
-    _atomic_write(os.path.join(path, weights_name), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(os.path.join(path, json_name), write_json)
+    _atomic_write(os.path.join(path, st_name), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 def to_hf(model: CausalLM, path, cfg=None, merge_lora: bool = True) -> Dict[str, Any]:
@@ -232,5 +235,6 @@ def to_hf(model: CausalLM, path, cfg=None, merge_lora: bool = True) -> Dict[str,
     """
     spec = describe(model)
     config = hf_config_dict(spec)
-    save_hf_dir(os.fspath(path), config, hf_state_dict(model, spec, merge_lora))
+    save_json_and_safetensors(os.fspath(path), "config.json", config, "model.safetensors",
+                              hf_state_dict(model, spec, merge_lora))
     return config

@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 
 from moedist.models.build import build_model
+from moedist.models.hf_export import base_linear
 from moedist.models.hf_maps import hf_to_moedist_config, read_hf_config
 from moedist.models.llama import CausalLM
-from moedist.models.lora import LoRAFFN, LoRALinear
 from moedist.moe import MoELayer, MoELoRAExperts
 
 
@@ -185,10 +185,6 @@ def _load_moe(ld: _Loader, moe: MoELayer, prefix: str) -> None:
             ld.copy(sh.w_shared_gate, f"{blk}shared_expert_gate.weight", transpose=True)
 
 
-def _linear(lin: nn.Module) -> nn.Linear:
-    return lin.base if isinstance(lin, LoRALinear) else lin
-
-
 @torch.no_grad()
 def load_hf_weights_into(model: CausalLM, source, strict: bool = True) -> CausalLM:
     """Copy a Hugging Face checkpoint's weights into a moedist model built from its config.
@@ -213,7 +209,7 @@ def load_hf_weights_into(model: CausalLM, source, strict: bool = True) -> Causal
         p = f"{r}layers.{i}."
         attn = layer.self_attn
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            lin = _linear(getattr(attn, name))
+            lin = base_linear(getattr(attn, name))
             ld.copy(lin.weight, f"{p}self_attn.{name}.weight")
             if lin.bias is not None:
                 ld.copy(lin.bias, f"{p}self_attn.{name}.bias")

@@ -40,6 +40,24 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "
                  "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM",
                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
+# Architecture facts without a MoedistConfig field yet, set as attributes by hf_to_moedist_config.
+ARCH_EXTRAS = {"model": ("head_dim", "attention_bias", "qk_norm", "mlp_only_layers", "rope_scaling"),
+               "moe": ("shared_expert_ffn_size",)}
+
+
+def arch_extras(cfg) -> Dict[str, dict]:
+    """The ARCH_EXTRAS attributes a config carries, {section: {key: value}} (JSON-able)."""
+    return {sec: {k: getattr(getattr(cfg, sec), k) for k in keys if hasattr(getattr(cfg, sec), k)}
+            for sec, keys in ARCH_EXTRAS.items()}
+
+
+def set_arch_extras(cfg, extras: Dict[str, dict]) -> None:
+    """Attach {section: {key: value}} (from `arch_extras`) to a config."""
+    for sec, values in (extras or {}).items():
+        for k, v in values.items():
+            setattr(getattr(cfg, sec), k, v)
+
+
 # Class defaults of transformers for keys a config.json may omit.
 _ROPE_THETA = {"mixtral": 1e6}
 _EPS = {"mixtral": 1e-5}

@@ -22,7 +22,7 @@ from typing import Dict, Optional
 
 import torch
 
-from moedist.models.hf_export import _atomic_write, describe, to_hf
+from moedist.models.hf_export import describe, save_json_and_safetensors, to_hf
 from moedist.models.llama import CausalLM
 from moedist.models.lora import LoRAFFN, LoRALinear
 from moedist.moe import MoELayer
@@ -94,24 +94,11 @@ def to_peft(model: CausalLM, path, base_path=None, base_model_name_or_path: Opti
     Raises:
         ValueError: no adapters, adapters on experts, or mixed ranks.
     """
-    import json
-
-    from safetensors.torch import save_file
-
     if describe(model)["model_type"] not in ("llama", "qwen2", "qwen3"):
         raise ValueError("to_peft: PEFT export supports dense models; export MoE models merged with to_hf")
     name = base_model_name_or_path or (os.fspath(base_path) if base_path is not None else None)
     config, tensors = peft_adapter(model, name)
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
-
-    def write_json(tmp):
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(config, fh, indent=2, sort_keys=True)
-
-    _atomic_write(os.path.join(path, "adapter_config.json"), write_json)
-    _atomic_write(os.path.join(path, "adapter_model.safetensors"),
-                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    save_json_and_safetensors(os.fspath(path), "adapter_config.json", config, "adapter_model.safetensors", tensors)
     if base_path is not None:
         to_hf(model, base_path, merge_lora=False)
     return config

@@ -38,7 +38,6 @@ import warnings
 from typing import Optional
 
 import torch
-import torch.nn as nn
 
 from moedist.models.build import apply_lora_freezing, build_moe_layer, is_moe_layer
 from moedist.models.llama import CausalLM, DenseFFN
