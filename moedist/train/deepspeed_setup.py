@@ -71,6 +71,35 @@ def group_name(ep_size: int) -> str:
     return f"ep_size_{ep_size}"
 
 
+def quiet_deepspeed() -> None:
+    """Before DeepSpeed's comm layer starts: skip its CPU shared-memory all-reduce op and
+    its INFO logs.
+
+    The op is JIT-compiled with ninja on first use (about a minute on 2 cores, and
+    again whenever another checkout's sources share ~/.cache/torch_extensions);
+    gloo does the same reductions. Probing op compatibility runs compilers too,
+    so the probe result is set rather than computed (it is read only for this op).
+    Set MOEDIST_DS_VERBOSE=1 to keep DeepSpeed's INFO logs.
+    """
+    import logging
+    import warnings
+
+    import deepspeed.ops as ops
+
+    # DeepSpeed calls the deprecated name once per ZeRO all-gather.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+    compat = ops.__dict__.get("__compatible_ops__")
+    if compat is None:
+        ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+    else:
+        compat["deepspeed_shm_comm"] = False
+    if os.environ.get("MOEDIST_DS_VERBOSE", "0") != "1":
+        from deepspeed.utils import logger
+
+        logger.setLevel(logging.WARNING)
+
+
 def init_expert_groups(ep_size: int):
     """Join DeepSpeed's comm layer and create (or reuse) its EP/EDP groups.
 
@@ -78,8 +107,14 @@ def init_expert_groups(ep_size: int):
     of our layers and the engine's expert-gradient reduction use the same ranks.
     Collective; torch.distributed must be initialised.
     """
+    import torch.distributed as dist
+
     from moedist.distributed.parallel_dims import ParallelDims
 
+    quiet_deepspeed()
+    # The engine asserts LOCAL_RANK is set; every launcher sets it, a plain process does not.
+    if "LOCAL_RANK" not in os.environ and dist.is_initialized() and dist.get_world_size() == 1:
+        os.environ["LOCAL_RANK"] = "0"
     return ParallelDims.from_deepspeed(ep_size)
 
 
@@ -152,6 +187,36 @@ def prepare_model(model: nn.Module, ep_size: int, zero_stage: int, dims=None) ->
     return model
 
 
+class Zero3Module(nn.Module):
+    """What a ZeRO-3 engine wraps: `forward(input_ids, labels)` returns the loss tensor.
+
+    ZeRO-3 fetches a module's partitioned parameters again for backward through
+    hooks on the tensors the module returns; it cannot see tensors inside our
+    `CausalLMOutput` dataclass, so the root returns the loss itself and keeps the
+    full output in `last_output`. The output projection weight is used by
+    `CausalLM.forward` without calling `lm_head`, so it is registered as an
+    external parameter of this root module.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.last_output = None
+
+    def forward(self, input_ids, labels):
+        out = self.model(input_ids, labels)
+        self.last_output = out
+        return out.loss
+
+
+def wrap_for_zero3(model: nn.Module) -> Zero3Module:
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    root = Zero3Module(model)
+    register_external_parameter(root, model.output_weight())
+    return root
+
+
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
     """Trainable parameters in AdamW groups (decay for matrices, none for vectors),
     with expert parameters moved into DeepSpeed MoE groups. Empty groups are dropped.
@@ -182,7 +247,9 @@ def ds_config(cfg, world_size: int) -> Dict[str, Any]:
     stage = ds.zero_stage
     zero: Dict[str, Any] = {"stage": stage}
     if stage in (1, 2):
-        zero.update(overlap_comm=False, contiguous_gradients=stage == 2)
+        # contiguous_gradients=False takes buffered_reduce_fallback, which all-reduces expert
+        # gradients over the whole world (mixing different experts): keep it on.
+        zero.update(overlap_comm=False, contiguous_gradients=True)
     conf: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
         "gradient_accumulation_steps": tr.grad_accum,
@@ -209,15 +276,23 @@ RESERVED_EXTRA = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradien
                   "optimizer", "scheduler", "bf16", "fp16")
 
 
-def check_extra(extra: dict) -> Optional[str]:
-    """A message for a ``deepspeed.extra`` key that moedist sets from its own config, else None."""
+def check_extra(extra: dict, ep_size: int = 1, zero_stage: int = 0) -> Optional[str]:
+    """A message for a ``deepspeed.extra`` entry moedist cannot honour, else None."""
     for key in RESERVED_EXTRA:
         if key in extra:
             return (f"deepspeed.extra.{key}: set by moedist from train.*/deepspeed.* "
                     "(micro_batch_size, grad_accum, lr, bf16, fp16); remove it")
     zero = extra.get("zero_optimization")
-    if isinstance(zero, dict) and "stage" in zero:
+    if zero is not None and not isinstance(zero, dict):
+        return "deepspeed.extra.zero_optimization: must be a mapping"
+    zero = zero or {}
+    if "stage" in zero:
         return "deepspeed.extra.zero_optimization.stage: use deepspeed.zero_stage"
+    if ep_size > 1 and zero_stage in (1, 2) and zero.get("contiguous_gradients", True) is False:
+        return ("deepspeed.extra.zero_optimization.contiguous_gradients=false: with parallel.ep_size > 1 "
+                "DeepSpeed's ZeRO-1/2 fallback path then averages different experts' gradients; remove it")
+    if zero.get("offload_optimizer") or zero.get("offload_param"):
+        return "deepspeed.extra.zero_optimization.offload_*: not supported by moedist's expert-parallel layers yet"
     return None
 
 

@@ -14,6 +14,7 @@ mean loss over the global batch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 from typing import List, Optional
@@ -114,13 +115,18 @@ class DeepSpeedRunner:
         dss.prepare_model(model, cfg.parallel.ep_size, stage, dims)
         optimizer = build_optimizer(dss.optimizer_param_groups(model, cfg.train.weight_decay), cfg.train)
         self.config = dss.ds_config(cfg, dims.world_size)
-        self.engine = dss.initialize(model, optimizer, self.config)
-        self.module = self.engine.module
+        self.zero3 = stage == 3
+        self.engine = dss.initialize(dss.wrap_for_zero3(model) if self.zero3 else model, optimizer, self.config)
+        self.module = model  # the CausalLM (under ZeRO-3 the engine holds a thin wrapper around it)
         self.clips_itself = dss.clips_itself(cfg)
         self._norm: Optional[float] = None
 
     def forward(self, x, y):
-        return self.engine(x, y)
+        out = self.engine(x, y)
+        if not self.zero3:
+            return out
+        # Backward must start from the tensor the engine returned (it carries ZeRO-3's hooks).
+        return dataclasses.replace(self.engine.module.last_output, loss=out)
 
     def backward(self, loss: torch.Tensor) -> None:
         at_boundary = self.engine.is_gradient_accumulation_boundary()
@@ -143,7 +149,7 @@ class DeepSpeedRunner:
         return dss.global_grad_norm(self.engine)
 
     def eval_forward(self, x, y):
-        return self.engine(x, y)
+        return self.forward(x, y)
 
     def save(self, ckpt_dir: str, tag: str, client_state: dict, rank: int) -> str:
         return dss.save_checkpoint(self.engine, ckpt_dir, tag, client_state, rank)

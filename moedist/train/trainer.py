@@ -55,7 +55,7 @@ def preflight(cfg, world_size: int, cuda: Optional[bool] = None) -> None:
     if ds.enabled:
         from moedist.train.deepspeed_setup import check_extra
 
-        problem = check_extra(ds.extra)
+        problem = check_extra(ds.extra, par.ep_size, ds.zero_stage)
         need(problem is None, problem or "")
     need(not tr.tensorboard or tensorboard_available(),
          "train.tensorboard=true: the tensorboard package is not installed (pip install tensorboard)")
@@ -107,13 +107,14 @@ class Trainer:
         model_init: optional `fn(model)` called on the full (not yet parallelized)
             model, e.g. to load a dense base into LoRA-MoE layers.
         write_outputs: False keeps rank 0 from writing output_dir (tests).
+        save_checkpoints: False skips checkpoints (tests).
         console: show the progress bar and summary on rank 0.
         eval_data: extra named validation sets {name: ByteLMData} evaluated with the
             run's own data at eval time and at the end (`val_loss_<name>`).
     """
 
     def __init__(self, cfg, model_init: Optional[Callable] = None, write_outputs: bool = True,
-                 console: bool = True, eval_data: Optional[dict] = None):
+                 console: bool = True, eval_data: Optional[dict] = None, save_checkpoints: bool = True):
         from moedist.models import build_model, moe_layers, parallelize
 
         self.cfg = cfg
@@ -123,6 +124,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.write = write_outputs and self.is_main
         self.console = console
+        self.save_checkpoints = save_checkpoints
         self.device = _device()
         self.data = ByteLMData.from_config(cfg.data)
         self.eval_data = dict(eval_data or {})
@@ -281,6 +283,7 @@ class Trainer:
                   f"{self.trainable_params:,}/{self.total_params:,} parameters train")
         t_start = time.perf_counter()
         val = None
+        records = list(writer.records)  # the same on every rank: each record is all-reduced
         try:
             while self.step < tr.max_steps:
                 rec = self.train_step()
@@ -291,30 +294,29 @@ class Trainer:
                     rec.update(val)
                 if not math.isfinite(rec["loss"]):
                     raise FloatingPointError(f"loss is {rec['loss']} at step {self.step}")
+                records.append(rec)
                 writer.write(rec)
                 bar.update(rec)
                 if (tr.save_every and self.step % tr.save_every == 0) or self.step == tr.max_steps:
-                    if self.write_checkpoints:
+                    if self.save_checkpoints:
                         self.save()
         finally:
             bar.close()
             writer.close()
         elapsed = time.perf_counter() - t_start
-        summary = self._summary(writer.records if self.is_main else [], elapsed, val)
+        summary = self._summary(records, elapsed, val)
         if self.write:
-            if tr.plot and writer.records:
+            if tr.plot and records:
                 from moedist.train.plot import plot_run
 
                 summary["plot"] = plot_run(writer.path, os.path.join(tr.output_dir, "plot.png"), cfg.name,
-                                           writer.records)
+                                           records)
             with open(os.path.join(tr.output_dir, "summary.json"), "w") as fh:
                 json.dump(summary, fh, indent=1)
         if self.is_main and self.console:
             bar.console.print(summary_table(summary))
         self._barrier()
-        return TrainResult(writer.records, summary, self.step, (val or {}).get("val_loss"))
-
-    write_checkpoints = True
+        return TrainResult(records, summary, self.step, (val or {}).get("val_loss"))
 
     def _summary(self, records: List[dict], elapsed: float, val: Optional[dict]) -> dict:
         last = records[-1] if records else {}
