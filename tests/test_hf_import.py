@@ -179,6 +179,8 @@ def test_import_errors(hf_dirs, tmp_path):
         from_hf(path, model={"hidden_size": 64})
     with pytest.raises(ValueError, match="moe.num_experts: fixed"):
         from_hf(path, moe={"num_experts": 8})
+    with pytest.raises(ValueError, match="model.head_dim: fixed"):
+        from_hf(path, model={"head_dim": 16})
     with pytest.raises(ValueError, match="moe.bogus: unknown key"):
         from_hf(path, moe={"bogus": 1})
     with pytest.raises(ValueError, match="lora.mode='moe_lora': needs a dense model"):

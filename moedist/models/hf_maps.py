@@ -65,8 +65,9 @@ _EPS = {"mixtral": 1e-5}
 # Keys the HF checkpoint fixes; overriding them would no longer match the weights.
 ARCH_KEYS = {
     "model": ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_size",
-              "rope_theta", "norm_eps", "tie_embeddings", "from_hf"),
-    "moe": ("expert_ffn_size", "num_shared_experts", "shared_expert_gate", "activation"),
+              "rope_theta", "norm_eps", "tie_embeddings", "from_hf", "head_dim", "attention_bias", "qk_norm",
+              "mlp_only_layers"),
+    "moe": ("expert_ffn_size", "num_shared_experts", "shared_expert_gate", "activation", "shared_expert_ffn_size"),
 }
 ARCH_KEYS_MOE = {"model": ("moe_every",), "moe": ("num_experts",)}
 
