@@ -25,7 +25,7 @@ from moedist.distributed.comm import ExpertParallelComm
 
 @dataclass
 class LocalPermutation:
-    """Kept pairs sorted by global expert (stable: slot-major position order inside an expert).
+    """Kept pairs sorted by global expert (stable: flat pair order t*K + k inside an expert).
 
     pair_N: flat pair ids t*K + k; token_N: their token ids; counts_E: [E] pairs per expert.
     """

@@ -100,6 +100,9 @@ class MoELayer(nn.Module):
         cap = compute_capacity(T, E, K, self.capacity_factor, self.min_capacity)
         sel = select_tokens(r.idx_TK, r.weight_TK, E, cap, self.drop_policy)
         d = self.dispatcher
+        if getattr(self.experts, "first_expert", d.first_expert) != d.first_expert:  # parallelize() swaps dispatchers
+            raise ValueError(f"experts start at global id {self.experts.first_expert}, the dispatcher's rank holds "
+                             f"experts from {d.first_expert}: shard the experts with the same EP layout")
         if d.ep_size == 1 and hasattr(self.experts, "forward_tokens"):
             perm = permute_pairs(r.idx_TK, sel.keep_TK, E)
             w_N = r.weight_TK.reshape(-1).index_select(0, perm.pair_N)  # [N]
