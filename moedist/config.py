@@ -64,6 +64,11 @@ class ModelConfig:
                                      "replace the ones here); null = random init.")
     dtype: str = _opt("float32", "Parameter dtype.", choices=("float32", "bfloat16", "float16"))
     init_std: float = _opt(0.02, "Std of the normal init of linear and embedding weights.", gt=0)
+    head_dim: int | None = _opt(None, "Attention head dimension; null = hidden_size / num_heads (set by HF import).", ge=1)
+    attention_bias: bool = _opt(False, "Bias on the q/k/v projections (Qwen2).")
+    qk_norm: bool = _opt(False, "RMSNorm on each head's queries and keys (Qwen3).")
+    mlp_only_layers: list[int] = _opt([], "Layer indices that stay dense even where moe_every makes them MoE (Qwen2/3-MoE).")
+    rope_scaling: dict[str, Any] | None = _opt(None, "Rotary scaling as in HF config.json (types linear, llama3); null = none.")
 
 
 @dataclass
@@ -75,6 +80,8 @@ class MoEConfig:
     min_capacity: int = _opt(4, "Lower bound on the capacity when a capacity_factor is set.", ge=0)
     num_shared_experts: int = _opt(0, "Always-on shared experts (DeepSeek/Qwen2-MoE), replicated on all ranks.", ge=0)
     shared_expert_gate: bool = _opt(False, "Scale the shared experts' output by a sigmoid gate (Qwen2-MoE).")
+    shared_expert_ffn_size: int | None = _opt(None, "Total hidden size of the shared experts; null = "
+                                                    "num_shared_experts * expert FFN size.", ge=1)
     drop_policy: str = _opt("probs", "Which tokens an over-full expert keeps: 'position' = first come, "
                                      "'probs' = highest router probability.", choices=("position", "probs"))
     aux_loss_type: str = _opt("switch", "Load-balancing loss: 'switch' (fraction x probability, Switch "
@@ -277,7 +284,7 @@ def _type_name(tp) -> str:
 
 
 _MUST = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-         "list[str]": "a list of strings", "[float, float]": "a list of 2 numbers", "mapping": "a mapping",
+         "list[str]": "a list of strings", "list[int]": "a list of integers", "[float, float]": "a list of 2 numbers", "mapping": "a mapping",
          "null": "null"}
 
 
@@ -541,13 +548,14 @@ def validate(cfg: MoedistConfig) -> None:
 
     need(cfg.name.strip() != "", f"name={_fmt(cfg.name)}: must be a non-empty string")
     # model shape
-    need(m.hidden_size % m.num_heads == 0,
+    need(m.head_dim is not None or m.hidden_size % m.num_heads == 0,
          f"model.hidden_size={m.hidden_size}: must be divisible by model.num_heads ({m.num_heads})")
     need(m.num_heads % m.num_kv_heads == 0,
          f"model.num_kv_heads={m.num_kv_heads}: must divide model.num_heads ({m.num_heads})")
-    need((m.hidden_size // m.num_heads) % 2 == 0,
+    need(m.head_dim is not None or (m.hidden_size // m.num_heads) % 2 == 0,
          f"model.hidden_size={m.hidden_size}: head dim hidden_size / num_heads "
          f"({m.hidden_size // m.num_heads}) must be even for rotary embeddings")
+    need(m.head_dim is None or m.head_dim % 2 == 0, f"model.head_dim={m.head_dim}: must be even for rotary embeddings")
     need(m.moe_every <= m.num_layers, f"model.moe_every={m.moe_every}: must be <= model.num_layers "
                                       f"({m.num_layers}), or 0 for a dense model")
     need(m.from_hf is None or os.path.isdir(m.from_hf),
