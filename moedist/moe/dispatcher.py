@@ -120,5 +120,26 @@ class TokenDispatcher:
 def combine_pairs(y_NH: torch.Tensor, perm: LocalPermutation, weight_TK: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """y[t] = sum over t's kept pairs of w[t, k] * y_pair (pure function). Returns [T, H]."""
     w_N = weight_TK.reshape(-1).index_select(0, perm.pair_N).to(y_NH.dtype)  # [N]
-    out_TH = y_NH.new_zeros(num_tokens, y_NH.shape[1])
-    return out_TH.index_add(0, perm.token_N, y_NH * w_N.unsqueeze(1))
+    return _WeightedScatterAdd.apply(y_NH, w_N, perm.token_N, num_tokens)
+
+
+class _WeightedScatterAdd(torch.autograd.Function):
+    """out[T, H] = zeros; out[token[n]] += w[n] * y[n]. The same kernels as
+    `zeros.index_add(0, token, y * w)` under autograd, with one [N, H] buffer
+    fewer in each direction (the sum is accumulated in place, and the gradient
+    of y is scaled in the gathered buffer)."""
+
+    @staticmethod
+    def forward(ctx, y_NH, w_N, token_N, num_tokens):
+        out_TH = y_NH.new_zeros(num_tokens, y_NH.shape[1])
+        out_TH.index_add_(0, token_N, y_NH * w_N.unsqueeze(1))
+        ctx.save_for_backward(y_NH, w_N, token_N)
+        return out_TH
+
+    @staticmethod
+    def backward(ctx, g_TH):
+        y_NH, w_N, token_N = ctx.saved_tensors
+        g_NH = g_TH.index_select(0, token_N)  # [N, H]
+        d_w = (g_NH * y_NH).sum(1) if ctx.needs_input_grad[1] else None  # [N]
+        d_y = g_NH.mul_(w_N.unsqueeze(1)) if ctx.needs_input_grad[0] else None
+        return d_y, d_w, None, None

@@ -56,11 +56,69 @@ def grouped_mm(x_NI: torch.Tensor, w_LIO: torch.Tensor, counts_L: Sequence[int])
         return torch._grouped_mm(x_NI, w_LIO, offs=offs)
     if L == 1:
         return x_NI @ w_LIO[0]
-    outs = [xs @ w for xs, w, c in zip(x_NI.split(counts), w_LIO.unbind(0), counts) if c > 0]
-    if not outs:
+    if x_NI.shape[0] == 0:
         # no rows: keep x and w in the graph (zero grads, not None: a rank with no tokens must still reduce)
         return x_NI.new_zeros((0, w_LIO.shape[-1])) + 0.0 * (x_NI.sum() + w_LIO.sum())
-    return torch.cat(outs, dim=0)
+    return _GroupedMM.apply(x_NI, w_LIO, tuple(counts))
+
+
+def _bounds(counts: Sequence[int]):
+    """(group, start, end) of every non-empty group's row slice."""
+    out, start = [], 0
+    for l, c in enumerate(counts):
+        if c > 0:
+            out.append((l, start, start + c))
+        start += c
+    return out
+
+
+def _group_mm_into(out_NO: torch.Tensor, x_NI: torch.Tensor, w_LIO: torch.Tensor, bounds, transpose_w: bool = False,
+                   accumulate: bool = False) -> torch.Tensor:
+    """out[s_l] (+)= x[s_l] @ w[l] (or w[l]^T) for every group slice s_l, written in place:
+    no per-group outputs to concatenate and no gradient to split afterwards."""
+    for l, a, b in bounds:
+        w = w_LIO[l].t() if transpose_w else w_LIO[l]
+        if accumulate:
+            out_NO[a:b].addmm_(x_NI[a:b], w)
+        else:
+            torch.mm(x_NI[a:b], w, out=out_NO[a:b])
+    return out_NO
+
+
+def _group_wgrad(a_NI: torch.Tensor, b_NO: torch.Tensor, num_groups: int, bounds) -> torch.Tensor:
+    """dW[l] = a[s_l]^T @ b[s_l] as one [L, I, O] tensor (zeros for empty groups)."""
+    dw = a_NI.new_empty((num_groups, a_NI.shape[1], b_NO.shape[1]))
+    filled = set()
+    for l, s, e in bounds:
+        torch.mm(a_NI[s:e].t(), b_NO[s:e], out=dw[l])
+        filled.add(l)
+    for l in range(num_groups):
+        if l not in filled:
+            dw[l].zero_()
+    return dw
+
+
+class _GroupedMM(torch.autograd.Function):
+    """y[s_l] = x[s_l] @ w[l] into one preallocated output (the same mm kernels as a loop,
+    without the concatenation in forward and the split/stack in backward)."""
+
+    @staticmethod
+    def forward(ctx, x_NI, w_LIO, counts):
+        bounds = _bounds(counts)
+        ctx.bounds, ctx.num_groups = bounds, w_LIO.shape[0]
+        ctx.save_for_backward(x_NI, w_LIO)
+        return _group_mm_into(x_NI.new_empty((x_NI.shape[0], w_LIO.shape[2])), x_NI, w_LIO, bounds)
+
+    @staticmethod
+    def backward(ctx, dy_NO):
+        x_NI, w_LIO = ctx.saved_tensors
+        dy_NO = dy_NO.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = _group_mm_into(dy_NO.new_empty(x_NI.shape), dy_NO, w_LIO, ctx.bounds, transpose_w=True)
+        if ctx.needs_input_grad[1]:
+            dw = _group_wgrad(x_NI, dy_NO, ctx.num_groups, ctx.bounds)
+        return dx, dw, None
 
 
 def _use_grouped_kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -73,7 +131,90 @@ def _use_grouped_kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def grouped_ffn(x_NH: torch.Tensor, w_gate: Optional[torch.Tensor], w_up: torch.Tensor, w_down: torch.Tensor,
                 counts_L: Sequence[int], activation: str) -> torch.Tensor:
-    """FFN per expert on contiguous slices: weights [L, H, F], [L, H, F], [L, F, H]. Returns [N, H]."""
+    """FFN per expert on contiguous slices: weights [L, H, F], [L, H, F], [L, F, H]. Returns [N, H].
+
+    Gated activations without the grouped kernel (fp32 on CPU, or no Hopper GPU)
+    go through `_GroupedGatedFFN`, which keeps 2 [N, F] tensors for backward
+    instead of 4 and writes every per-expert product in place.
+    """
+    counts = [int(c) for c in counts_L]
+    if (activation in _GATED_GRAD and w_up.shape[0] > 1 and x_NH.shape[0] > 0 and len(counts) == w_up.shape[0]
+            and sum(counts) == x_NH.shape[0] and not _use_grouped_kernel(x_NH, w_up)
+            and x_NH.dtype == w_gate.dtype == w_up.dtype == w_down.dtype):
+        return _GroupedGatedFFN.apply(x_NH, w_gate, w_up, w_down, tuple(counts), activation)
     gate = grouped_mm(x_NH, w_gate, counts_L) if activation in GATED else None  # [N, F]
     up = grouped_mm(x_NH, w_up, counts_L)  # [N, F]
     return grouped_mm(hidden_act(gate, up, activation), w_down, counts_L)  # [N, H]
+
+
+# phi'(z) applied to an incoming gradient: the kernels autograd itself uses for these activations.
+_GATED_GRAD = {
+    "swiglu": lambda g, z: torch.ops.aten.silu_backward(g, z),
+    "geglu": lambda g, z: torch.ops.aten.gelu_backward(g, z),
+}
+
+
+class _GroupedGatedFFN(torch.autograd.Function):
+    """y = (phi(x @ Wg[l]) * (x @ Wu[l])) @ Wd[l] on each expert's row slice, fused.
+
+    Works one expert at a time, so the [n_l, F] intermediates are small, reused
+    by the allocator from step to step and still in cache for the elementwise
+    passes; the forward writes each expert's output straight into one [N, H]
+    tensor. Saves x and, per expert, gate = x @ Wg and up = x @ Wu (2 [N, F] in
+    all instead of 4); h = phi(gate) * up is recomputed in backward. The same mm
+    and activation-backward kernels as the unfused autograd graph; the input
+    gradient's two terms are summed inside one addmm.
+    """
+
+    @staticmethod
+    def forward(ctx, x_NH, w_gate, w_up, w_down, counts, activation):
+        bounds = _bounds(counts)
+        phi = GATED[activation]
+        y_NH = x_NH.new_empty((x_NH.shape[0], w_down.shape[2]))
+        gates, ups = [], []
+        for l, a, b in bounds:
+            x_l = x_NH[a:b]
+            gate_l = torch.mm(x_l, w_gate[l])  # [n_l, F]
+            up_l = torch.mm(x_l, w_up[l])  # [n_l, F]
+            h_l = phi(gate_l).mul_(up_l)
+            torch.mm(h_l, w_down[l], out=y_NH[a:b])
+            gates.append(gate_l)
+            ups.append(up_l)
+        ctx.bounds, ctx.activation, ctx.num_groups = bounds, activation, w_up.shape[0]
+        ctx.save_for_backward(x_NH, w_gate, w_up, w_down, *gates, *ups)
+        return y_NH
+
+    @staticmethod
+    def backward(ctx, dy_NH):
+        x_NH, w_gate, w_up, w_down, *saved = ctx.saved_tensors
+        n = len(ctx.bounds)
+        gates, ups = saved[:n], saved[n:]
+        need_x, need_g, need_u, need_d = ctx.needs_input_grad[:4]
+        phi, dphi, L = GATED[ctx.activation], _GATED_GRAD[ctx.activation], ctx.num_groups
+        dy_NH = dy_NH.contiguous()
+        dx = x_NH.new_empty(x_NH.shape) if need_x else None
+        d_gate = w_gate.new_empty(w_gate.shape) if need_g else None
+        d_up = w_up.new_empty(w_up.shape) if need_u else None
+        d_down = w_down.new_empty(w_down.shape) if need_d else None
+        for (l, a, b), gate_l, up_l in zip(ctx.bounds, gates, ups):
+            x_l, dy_l = x_NH[a:b], dy_NH[a:b]
+            dh_l = torch.mm(dy_l, w_down[l].t())  # [n_l, F]
+            act_l = phi(gate_l)  # phi(gate), recomputed
+            if need_d:
+                torch.mm((act_l * up_l).t(), dy_l, out=d_down[l])  # h recomputed
+            dup_l = act_l.mul_(dh_l)  # d up = dh * phi(gate)
+            dgate_l = dphi(dh_l.mul_(up_l), gate_l)  # d gate = phi'(gate) * dh * up
+            if need_g:
+                torch.mm(x_l.t(), dgate_l, out=d_gate[l])
+            if need_u:
+                torch.mm(x_l.t(), dup_l, out=d_up[l])
+            if need_x:
+                torch.mm(dgate_l, w_gate[l].t(), out=dx[a:b])
+                dx[a:b].addmm_(dup_l, w_up[l].t())
+        filled = {l for l, _, _ in ctx.bounds}
+        for l in range(L):
+            if l not in filled:
+                for d in (d_gate, d_up, d_down):
+                    if d is not None:
+                        d[l].zero_()
+        return dx, d_gate, d_up, d_down, None, None
