@@ -29,7 +29,8 @@ How DeepSpeed is told which parameters are experts:
   hold the same expert and averages its gradient like AutoEP's. Every MoE layer
   is a ZeRO-3 leaf module, so all its parameters are gathered when it starts
   (experts are called through `forward_tokens` and LoRA stacks through `delta`,
-  which ZeRO-3's per-module hooks would not see).
+  which ZeRO-3's per-module hooks would not see), and its input is made to
+  require grad (else its gradient reduction misfires under a frozen base).
 * Optimizer param groups: ``split_params_into_different_moe_groups_for_optimizer``
   puts expert parameters in groups with ``moe=True`` and ``name=<group_name>``.
 
@@ -184,7 +185,19 @@ def prepare_model(model: nn.Module, ep_size: int, zero_stage: int, dims=None) ->
             from deepspeed.utils import set_z3_leaf_modules
 
             set_z3_leaf_modules(model, sorted({type(l) for l in layers}, key=lambda c: c.__name__))
+            for layer in layers:
+                layer.register_forward_pre_hook(_input_requires_grad)
     return model
+
+
+def _input_requires_grad(module, args):
+    """ZeRO-3 reduces a leaf module's gradients from a full backward hook, which misfires when
+    the module's input needs no gradient (a frozen base below the first MoE layer): the router's
+    gradient then reaches the reduction empty. A leaf input that requires grad avoids it."""
+    x = args[0]
+    if torch.is_tensor(x) and not x.requires_grad and torch.is_grad_enabled():
+        return (x.detach().requires_grad_(True),) + tuple(args[1:])
+    return None
 
 
 class Zero3Module(nn.Module):
