@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Launch moedist with the DeepSpeed launcher (it appends --local_rank=N to the arguments).
+#
+#   launch/deepspeed.sh train configs/tiny.yaml
+#   HOSTFILE=hostfile NNODES=2 MASTER_ADDR=node0 launch/deepspeed.sh train configs/big.yaml
+#   MOEDIST_ENTRY=tests/scripts/dist_smoke.py NPROC=2 launch/deepspeed.sh  # a script instead of the CLI
+#
+# Env: NPROC (processes per node; default: GPUs, else 1), HOSTFILE (DeepSpeed hostfile,
+# "host slots=N" lines; MASTER_ADDR then defaults to its first host), NNODES (nodes of the
+# hostfile to use; default all), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500),
+# DS_ACCELERATOR (cpu when no GPU is visible), MOEDIST_ENTRY (default "-m moedist.cli";
+# a path runs that script, "-m pkg.mod" a module), DEEPSPEED_ARGS (extra launcher flags).
+# Arguments go to the entry unchanged.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+find_tool() { command -v "$1" 2>/dev/null || { [[ -x $ROOT/.venv/bin/$1 ]] && echo "$ROOT/.venv/bin/$1"; } || { echo "$1 not found on PATH or in $ROOT/.venv/bin" >&2; exit 127; }; }
+gpu_count() { nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true; }
+
+GPUS=$(gpu_count)
+if [[ ${GPUS:-0} == 0 ]]; then export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}; fi
+NPROC=${NPROC:-$GPUS}
+NPROC=${NPROC:-1}; [[ $NPROC == 0 ]] && NPROC=1
+HOSTFILE=${HOSTFILE:-}
+MASTER_PORT=${MASTER_PORT:-29500}
+ARGS=(--num_gpus "$NPROC" --master_port "$MASTER_PORT")
+if [[ -n $HOSTFILE ]]; then
+    MASTER_ADDR=${MASTER_ADDR:-$(awk '$1 !~ /^#/ && NF { print $1; exit }' "$HOSTFILE")}
+    ARGS+=(--hostfile "$HOSTFILE" --no_ssh_check --master_addr "$MASTER_ADDR")
+    [[ -n ${NNODES:-} ]] && ARGS+=(--num_nodes "$NNODES")
+else
+    ARGS+=(--master_addr "${MASTER_ADDR:-127.0.0.1}")
+fi
+ENTRY=${MOEDIST_ENTRY:--m moedist.cli}
+if [[ $ENTRY == "-m "* ]]; then ENTRY_ARGS=(--module "${ENTRY#-m }"); else ENTRY_ARGS=("$ENTRY"); fi
+read -r -a EXTRA <<< "${DEEPSPEED_ARGS:-}"
+
+DEEPSPEED=$(find_tool deepspeed)
+exec "$DEEPSPEED" "${ARGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"} "${ENTRY_ARGS[@]}" "$@"

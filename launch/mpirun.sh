@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Launch moedist with Open MPI's mpirun (ranks come from OMPI_COMM_WORLD_* variables).
+#
+#   launch/mpirun.sh train configs/tiny.yaml
+#   NPROC=16 HOSTFILE=hosts.txt launch/mpirun.sh train configs/big.yaml     # 16 ranks over the hosts
+#   MOEDIST_ENTRY=tests/scripts/dist_smoke.py NPROC=2 launch/mpirun.sh      # a script instead of the CLI
+#
+# Env: NPROC (total ranks; default: GPUs, else 1), HOSTFILE (Open MPI hostfile; MASTER_ADDR then
+# defaults to its first host), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500), PYTHON (python on
+# PATH, else the repo's .venv), MOEDIST_ENTRY (default "-m moedist.cli"; a path runs that script,
+# "-m pkg.mod" a module), MPIRUN_ARGS (extra mpirun flags). Arguments go to the entry unchanged.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+find_tool() { command -v "$1" 2>/dev/null || { [[ -x $ROOT/.venv/bin/$1 ]] && echo "$ROOT/.venv/bin/$1"; } || { echo "$1 not found on PATH or in $ROOT/.venv/bin" >&2; exit 127; }; }
+gpu_count() { nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true; }
+
+NPROC=${NPROC:-$(gpu_count)}
+NPROC=${NPROC:-1}; [[ $NPROC == 0 ]] && NPROC=1
+HOSTFILE=${HOSTFILE:-}
+HOST_ARGS=()
+if [[ -n $HOSTFILE ]]; then
+    HOST_ARGS=(--hostfile "$HOSTFILE")
+    MASTER_ADDR=${MASTER_ADDR:-$(awk '$1 !~ /^#/ && NF { print $1; exit }' "$HOSTFILE")}
+fi
+export MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+export MASTER_PORT=${MASTER_PORT:-29500}
+PYTHON=${PYTHON:-$(find_tool python)}
+ENTRY=${MOEDIST_ENTRY:--m moedist.cli}
+if [[ $ENTRY == "-m "* ]]; then ENTRY_ARGS=(-m "${ENTRY#-m }"); else ENTRY_ARGS=("$ENTRY"); fi
+read -r -a EXTRA <<< "${MPIRUN_ARGS:-}"
+
+MPIRUN=$(find_tool mpirun)
+exec "$MPIRUN" --allow-run-as-root --oversubscribe -n "$NPROC" ${HOST_ARGS[@]+"${HOST_ARGS[@]}"} \
+    -x MASTER_ADDR -x MASTER_PORT ${EXTRA[@]+"${EXTRA[@]}"} \
+    "$PYTHON" "${ENTRY_ARGS[@]}" "$@"
