@@ -8,7 +8,9 @@
 # Env: NPROC (total ranks; default: GPUs, else 1), HOSTFILE (Open MPI hostfile; MASTER_ADDR then
 # defaults to its first host), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500), PYTHON (python on
 # PATH, else the repo's .venv), MOEDIST_ENTRY (default "-m moedist.cli"; a path runs that script,
-# "-m pkg.mod" a module), MPIRUN_ARGS (extra mpirun flags). Arguments go to the entry unchanged.
+# "-m pkg.mod" a module), MPIRUN_BIND (--bind-to value; default none: a rank's intra-op and
+# data-loader threads should not share one core), MPIRUN_ARGS (extra mpirun flags).
+# Arguments go to the entry unchanged.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -31,6 +33,7 @@ if [[ $ENTRY == "-m "* ]]; then ENTRY_ARGS=(-m "${ENTRY#-m }"); else ENTRY_ARGS=
 read -r -a EXTRA <<< "${MPIRUN_ARGS:-}"
 
 MPIRUN=$(find_tool mpirun)
-exec "$MPIRUN" --allow-run-as-root --oversubscribe -n "$NPROC" ${HOST_ARGS[@]+"${HOST_ARGS[@]}"} \
+exec "$MPIRUN" --allow-run-as-root --oversubscribe --bind-to "${MPIRUN_BIND:-none}" -n "$NPROC" \
+    ${HOST_ARGS[@]+"${HOST_ARGS[@]}"} \
     -x MASTER_ADDR -x MASTER_PORT ${EXTRA[@]+"${EXTRA[@]}"} \
     "$PYTHON" "${ENTRY_ARGS[@]}" "$@"

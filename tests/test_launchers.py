@@ -193,13 +193,15 @@ def test_default_entry_is_the_cli(fake_tools):
 
 def test_mpirun_command_and_hostfile(fake_tools, tmp_path):
     got = fake_run("mpirun.sh", dict(fake_tools, PYTHON="py"), "train", "c.yaml")
-    assert got["argv"] == ["--allow-run-as-root", "--oversubscribe", "-n", "1", "-x", "MASTER_ADDR", "-x",
-                           "MASTER_PORT", "py", "-m", "moedist.cli", "train", "c.yaml"]
+    assert got["argv"] == ["--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", "1", "-x",
+                           "MASTER_ADDR", "-x", "MASTER_PORT", "py", "-m", "moedist.cli", "train", "c.yaml"]
     assert (got["addr"], got["port"]) == ("127.0.0.1", "29500")
     hosts = tmp_path / "hosts"
     hosts.write_text("# nodes\nnode7 slots=4\nnode8 slots=4\n")
-    got = fake_run("mpirun.sh", dict(fake_tools, PYTHON="py", NPROC="8", HOSTFILE=str(hosts)), "t")
-    assert got["argv"][:6] == ["--allow-run-as-root", "--oversubscribe", "-n", "8", "--hostfile", str(hosts)]
+    got = fake_run("mpirun.sh", dict(fake_tools, PYTHON="py", NPROC="8", HOSTFILE=str(hosts), MPIRUN_BIND="socket"),
+                   "t")
+    assert got["argv"][:8] == ["--allow-run-as-root", "--oversubscribe", "--bind-to", "socket", "-n", "8",
+                               "--hostfile", str(hosts)]
     assert got["addr"] == "node7"
 
 
