@@ -16,13 +16,9 @@ import torch.nn as nn
 from moedist.moe.ffn import GATED, check_activation, grouped_ffn, grouped_mm, hidden_act
 from moedist.moe.lora_math import lora_dropout, lora_scale
 
-EXPERT_ATTR = "moedist_expert"
-
-
-def tag_expert_param(p: nn.Parameter) -> nn.Parameter:
-    """Mark a parameter as expert-sharded (reduced over expert-data-parallel ranks only)."""
-    setattr(p, EXPERT_ATTR, True)
-    return p
+# One tag for expert parameters, owned by moedist.distributed (which reduces them
+# over the expert-data-parallel group only); re-exported here for the expert modules.
+from moedist.distributed.grad_sync import EXPERT_ATTR, mark_expert_param as tag_expert_param  # noqa: E402
 
 
 def _expert_normal(shape: Sequence[int], std: float, seed: int, expert: int, which: int) -> torch.Tensor:
