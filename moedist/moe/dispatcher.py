@@ -120,7 +120,12 @@ class TokenDispatcher:
 def combine_pairs(y_NH: torch.Tensor, perm: LocalPermutation, weight_TK: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """y[t] = sum over t's kept pairs of w[t, k] * y_pair (pure function). Returns [T, H]."""
     w_N = weight_TK.reshape(-1).index_select(0, perm.pair_N).to(y_NH.dtype)  # [N]
-    return _WeightedScatterAdd.apply(y_NH, w_N, perm.token_N, num_tokens)
+    return weighted_scatter_add(y_NH, w_N, perm.token_N, num_tokens)
+
+
+def weighted_scatter_add(y_NH: torch.Tensor, w_N: torch.Tensor, token_N: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """out[t] = sum over rows n with token[n] = t of w[n] * y[n]. Returns [T, H] (differentiable in y and w)."""
+    return _WeightedScatterAdd.apply(y_NH, w_N, token_N, num_tokens)
 
 
 class _WeightedScatterAdd(torch.autograd.Function):

@@ -13,7 +13,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from moedist.moe.ffn import GATED, check_activation, grouped_ffn, grouped_mm, hidden_act
+from moedist.moe.dispatcher import weighted_scatter_add
+from moedist.moe.ffn import GATED, check_activation, gather_lora_proj, grouped_ffn, grouped_mm, hidden_act
 from moedist.moe.lora_math import lora_dropout, lora_scale
 
 # One tag for expert parameters, owned by moedist.distributed (which reduces them
@@ -226,16 +227,25 @@ class MoELoRAExperts(_LoRAMixin, nn.Module):
         Returns the weighted sum over each token's kept experts, [T, H].
         """
         x_TH = x_TH.to(self.w_up.dtype)
+        tok = pair_token_N
         gate_T = x_TH @ self.w_gate if self.w_gate is not None else None  # [T, F] once per token
         up_T = x_TH @ self.w_up  # [T, F] once per token
-        x_NH = x_TH.index_select(0, pair_token_N)  # [N, H]
-        gate_N = gate_T.index_select(0, pair_token_N) if gate_T is not None else None
-        h_NF = self._hidden(gate_N, up_T.index_select(0, pair_token_N), x_NH, counts_L)  # [N, F]
-        w_N1 = weight_N.to(h_NF.dtype).unsqueeze(1)  # [N, 1]
+        x_NH = x_TH.index_select(0, tok)  # [N, H]
+
+        def routed(name: str, base_TF: torch.Tensor) -> torch.Tensor:  # [N, F] base rows + this pair's LoRA
+            if name not in self.lora:
+                return base_TF.index_select(0, tok)
+            st = self.lora[name]
+            return gather_lora_proj(base_TF, self._drop(x_NH), tok, st.lora_A, st.lora_B, counts_L, self.scaling)
+
+        gate_N = routed("gate", gate_T) if gate_T is not None else None
+        h_NF = hidden_act(gate_N, routed("up", up_T), self.activation)  # [N, F]
+        w_N = weight_N.to(h_NF.dtype)  # [N]
         T = x_TH.shape[0]
-        h_TF = h_NF.new_zeros(T, h_NF.shape[1]).index_add(0, pair_token_N, h_NF * w_N1)  # [T, F] combined hidden
+        h_TF = weighted_scatter_add(h_NF, w_N, tok, T)  # [T, F] combined hidden
         y_TH = h_TF @ self.w_down  # [T, H] frozen down once per token
-        dd = self._delta("down", h_NF, counts_L)  # [N, H]
-        if dd is not None:
-            y_TH = y_TH.index_add(0, pair_token_N, dd * w_N1)
+        if "down" in self.lora:
+            st = self.lora["down"]
+            z_Nr = grouped_mm(self._drop(h_NF), st.lora_A, counts_L) * (w_N * self.scaling).unsqueeze(1)  # [N, r]
+            y_TH = y_TH.index_add(0, tok, grouped_mm(z_Nr, st.lora_B, counts_L))  # weight applied at rank r, not H
         return y_TH

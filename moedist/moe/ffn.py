@@ -218,3 +218,56 @@ class _GroupedGatedFFN(torch.autograd.Function):
                     if d is not None:
                         d[l].zero_()
         return dx, d_gate, d_up, d_down, None, None
+
+
+def gather_lora_proj(base_TO: torch.Tensor, x_NI: torch.Tensor, token_N: torch.Tensor, lora_A: torch.Tensor,
+                     lora_B: torch.Tensor, counts_L: Sequence[int], scaling: float) -> torch.Tensor:
+    """base[token[n]] + scaling * x[n] @ A[l] @ B[l] for the rows n of group l. Returns [N, O].
+
+    base_TO: [T, O] a frozen projection computed once per token; x_NI: [N, I]
+    rows sorted by group; lora_A: [L, I, r]; lora_B: [L, r, O]. The LoRA term is
+    accumulated into the gathered rows in place (addmm), so no [N, O] delta,
+    scaled delta or sum is materialised; backward likewise scales the [N, r]
+    gradient, not an [N, O] one.
+    """
+    counts = [int(c) for c in counts_L]
+    L = lora_A.shape[0]
+    if len(counts) != L or sum(counts) != x_NI.shape[0] or token_N.shape[0] != x_NI.shape[0]:
+        raise ValueError(f"gather_lora_proj: counts {counts} do not match {L} groups and {x_NI.shape[0]} rows")
+    dtypes_ok = base_TO.dtype == x_NI.dtype == lora_A.dtype == lora_B.dtype
+    if x_NI.shape[0] == 0 or not dtypes_ok or _use_grouped_kernel(x_NI, lora_A):
+        delta = grouped_mm(grouped_mm(x_NI, lora_A, counts), lora_B, counts)  # [N, O]
+        return base_TO.index_select(0, token_N) + scaling * delta
+    return _GatherLoRAProj.apply(base_TO, x_NI, token_N, lora_A, lora_B, tuple(counts), float(scaling))
+
+
+class _GatherLoRAProj(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, base_TO, x_NI, token_N, lora_A, lora_B, counts, scaling):
+        bounds = _bounds(counts)
+        out_NO = base_TO.index_select(0, token_N)  # [N, O]
+        xa_Nr = _group_mm_into(x_NI.new_empty((x_NI.shape[0], lora_A.shape[2])), x_NI, lora_A, bounds)  # [N, r]
+        for l, a, b in bounds:
+            out_NO[a:b].addmm_(xa_Nr[a:b], lora_B[l], alpha=scaling)
+        ctx.bounds, ctx.scaling, ctx.num_tokens, ctx.num_groups = bounds, scaling, base_TO.shape[0], lora_A.shape[0]
+        ctx.save_for_backward(x_NI, token_N, lora_A, lora_B, xa_Nr)
+        return out_NO
+
+    @staticmethod
+    def backward(ctx, d_NO):
+        x_NI, token_N, lora_A, lora_B, xa_Nr = ctx.saved_tensors
+        need_base, need_x, _, need_A, need_B = ctx.needs_input_grad[:5]
+        bounds, s = ctx.bounds, ctx.scaling
+        d_NO = d_NO.contiguous()
+        d_base = None
+        if need_base:
+            d_base = d_NO.new_zeros((ctx.num_tokens, d_NO.shape[1])).index_add_(0, token_N, d_NO)  # [T, O]
+        d_B = _group_wgrad(xa_Nr, d_NO, ctx.num_groups, bounds).mul_(s) if need_B else None  # [L, r, O]
+        d_x = d_A = None
+        if need_x or need_A:
+            dxa_Nr = _group_mm_into(d_NO.new_empty(xa_Nr.shape), d_NO, lora_B, bounds, transpose_w=True).mul_(s)
+            if need_A:
+                d_A = _group_wgrad(x_NI, dxa_Nr, ctx.num_groups, bounds)
+            if need_x:
+                d_x = _group_mm_into(x_NI.new_empty(x_NI.shape), dxa_Nr, lora_A, bounds, transpose_w=True)
+        return d_base, d_x, None, d_A, d_B, None, None
