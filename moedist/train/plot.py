@@ -10,10 +10,20 @@ from typing import List, Optional
 from moedist.train.metrics import read_metrics
 
 
-def plot_run(metrics_path: str, out_path: str, title: Optional[str] = None, records: Optional[List[dict]] = None) -> str:
+def _ema(values: List[float], alpha: float) -> List[float]:
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else alpha * v + (1 - alpha) * acc
+        out.append(acc)
+    return out
+
+
+def plot_run(metrics_path: str, out_path: str, title: Optional[str] = None, records: Optional[List[dict]] = None,
+             initial: Optional[dict] = None, val_label: str = "val loss") -> str:
     """Draw `metrics.jsonl` into `out_path` (PNG); returns the path.
 
-    Top panel: training loss (total and LM) and validation loss by step. One
+    Top panel: training loss (raw and smoothed) and validation losses by step
+    (`initial` = validation losses before the first step, drawn at step 0). One
     panel per MoE layer: expert (rows) x step (columns), colour = share of the
     layer's routed pairs that went to that expert.
     """
@@ -31,16 +41,21 @@ def plot_run(metrics_path: str, out_path: str, title: Optional[str] = None, reco
     fig, axes = plt.subplots(1 + layers, 1, figsize=(9, 3.2 + 2.0 * layers), squeeze=False,
                              gridspec_kw={"height_ratios": [1.6] + [1.0] * layers})
     ax = axes[0][0]
-    ax.plot(steps, [r["loss"] for r in recs], label="train loss (lm + aux)", lw=1.5)
-    ax.plot(steps, [r["lm_loss"] for r in recs], label="train lm loss", lw=1.0, alpha=0.7)
-    val = [(r["step"], r["val_loss"]) for r in recs if r.get("val_loss") is not None]
-    if val:
-        ax.plot(*zip(*val), "o-", label="val loss", ms=4)
-    for key in sorted({k for r in recs for k in r if k.startswith("val_loss_")}):
-        pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
-        ax.plot(*zip(*pts), "s--", label=key.replace("_", " "), ms=3)
+    initial = initial or {}
+    loss = [r["loss"] for r in recs]
+    ax.plot(steps, loss, label="train loss (lm + aux)", lw=0.8, alpha=0.45, color="C0")
+    if len(recs) >= 10:
+        ax.plot(steps, _ema(loss, 2.0 / (1 + max(5, len(recs) // 15))), label="train loss, smoothed", lw=1.8,
+                color="C0")
+    keys = ["val_loss"] + sorted({k for r in recs for k in r if k.startswith("val_loss_")})
+    for i, key in enumerate(keys):
+        pts = ([(0, initial[key])] if key in initial else []) + \
+              [(r["step"], r[key]) for r in recs if r.get(key) is not None]
+        if pts:
+            name = val_label if key == "val_loss" else "val loss (" + key[len("val_loss_"):] + ")"
+            ax.plot(*zip(*pts), "o-" if i == 0 else "s--", label=name, ms=4, color=f"C{i + 2}")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel("loss (nats per byte)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or os.path.basename(os.path.dirname(os.path.abspath(metrics_path))))

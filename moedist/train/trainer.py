@@ -93,6 +93,31 @@ class TrainResult:
     extra: dict = field(default_factory=dict)
 
 
+@torch.no_grad()
+def evaluate_lm(forward: Callable, module: torch.nn.Module, data: ByteLMData, batches: int, micro_batch_size: int,
+                device: torch.device) -> float:
+    """Mean LM loss of `forward(x, y)` over `batches` validation micro-batches on every rank.
+
+    Rank r takes validation micro-batches r, r + W, r + 2W, ...; collective when a
+    process group exists (every rank must call it: EP layers all-to-all).
+    """
+    from moedist.train.runners import eval_mode
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    total = torch.zeros(2, dtype=torch.float64)
+    with eval_mode(module):
+        for b in range(batches):
+            x, y = data.val_batch(b * world + rank, micro_batch_size)
+            out = forward(x.to(device), y.to(device))
+            total += torch.tensor([float(out.lm_loss), 1.0], dtype=torch.float64)
+    if world > 1:
+        buf = total.to(device)
+        dist.all_reduce(buf)
+        total = buf.cpu()
+    return float(total[0] / total[1])
+
+
 def _device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
@@ -187,22 +212,10 @@ class Trainer:
         if dist.is_initialized() and self.world > 1:
             dist.barrier()
 
-    @torch.no_grad()
     def evaluate(self, data: Optional[ByteLMData] = None, batches: Optional[int] = None) -> float:
         """Mean LM loss (no aux) over `batches` validation micro-batches per rank (collective)."""
-        from moedist.train.runners import eval_mode
-
-        data = data or self.data
-        batches = batches or self.cfg.train.eval_batches
-        M = self.cfg.train.micro_batch_size
-        total = torch.zeros(2, dtype=torch.float64)
-        with eval_mode(self.model):
-            for b in range(batches):
-                x, y = data.val_batch(b * self.world + self.rank, M)
-                out = self.runner.eval_forward(x.to(self.device), y.to(self.device))
-                total += torch.tensor([float(out.lm_loss), 1.0], dtype=torch.float64)
-        total = self._allreduce(total)
-        return float(total[0] / total[1])
+        return evaluate_lm(self.runner.eval_forward, self.model, data or self.data,
+                           batches or self.cfg.train.eval_batches, self.cfg.train.micro_batch_size, self.device)
 
     def evaluate_all(self) -> dict:
         out = {"val_loss": self.evaluate()}
@@ -283,6 +296,10 @@ class Trainer:
                   f"{self.trainable_params:,}/{self.total_params:,} parameters train")
         t_start = time.perf_counter()
         val = None
+        self.initial_val = None
+        if tr.eval_every and self.step == 0:  # the starting point of the validation curves
+            self.initial_val = self.evaluate_all()
+            bar.print("before training: " + "  ".join(f"{k} {v:.4f}" for k, v in self.initial_val.items()))
         records = list(writer.records)  # the same on every rank: each record is all-reduced
         try:
             while self.step < tr.max_steps:
@@ -310,7 +327,8 @@ class Trainer:
                 from moedist.train.plot import plot_run
 
                 summary["plot"] = plot_run(writer.path, os.path.join(tr.output_dir, "plot.png"), cfg.name,
-                                           records)
+                                           records, initial=self.initial_val,
+                                           val_label=f"val loss ({cfg.data.source})")
             with open(os.path.join(tr.output_dir, "summary.json"), "w") as fh:
                 json.dump(summary, fh, indent=1)
         if self.is_main and self.console:
@@ -333,7 +351,7 @@ class Trainer:
             "expert_load": last.get("expert_load", []),
             "trainable_params": self.trainable_params, "total_params": self.total_params,
             "metrics": os.path.join(self.cfg.train.output_dir, "metrics.jsonl") if self.write else None,
-            "checkpoint": self.last_checkpoint,
+            "checkpoint": self.last_checkpoint, "initial_val": getattr(self, "initial_val", None),
         }
         for k, v in (val or {}).items():
             out[k] = v
