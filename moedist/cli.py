@@ -48,8 +48,8 @@ COMMANDS: dict[str, Command] = {
     "bench": Command("moedist.bench.cli:main", "benchmark MoE layers and all-to-all", False),
     "convert": Command("moedist.models.convert_cli:main", "convert Hugging Face <-> moedist checkpoints", False),
     "merge": Command("moedist.checkpoint.cli:main_merge", "merge LoRA adapters into the base weights", False),
-    "extract": Command("moedist.checkpoint.cli:main_extract", "extract adapters (PEFT) or experts "
-                       "from a checkpoint", False),
+    "extract": Command("moedist.checkpoint.cli:main_extract", "write an adapter-only checkpoint "
+                       "from a full one (PEFT export: moedist convert peft)", False),
     "demo": Command("moedist.train.demo:main", "run the 2-process LoRA-MoE fine-tuning demo", False),
     "doctor": Command("moedist.cli:doctor", "print versions, CUDA availability and CPU count", False),
 }

@@ -143,3 +143,16 @@ def test_wrong_shape_is_one_clear_error(tmp_path):
     other = build_model(load_config(None, OVR + ["model.ffn_size=64"]))
     with pytest.raises(ValueError, match="shape"):
         load_checkpoint(tmp_path / "c", other)
+
+
+def test_adapter_only_keeps_buffers_of_trained_modules(tmp_path):
+    cfg = load_config(None, OVR + ["lora.mode=moe_lora", "lora.rank=4", "moe.expert_bias=true",
+                                   "moe.score_func=sigmoid"])
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.layers[0].mlp.router.expert_bias.fill_(0.25)
+    save_checkpoint(tmp_path / "a", model, step=1, adapter_only=True)
+    fresh = build_model(cfg)
+    load_checkpoint(tmp_path / "a", fresh)
+    assert torch.equal(fresh.layers[0].mlp.router.expert_bias, model.layers[0].mlp.router.expert_bias)
+    assert not any("rotary" in k or "norm" in k for k in read_manifest(tmp_path / "a")["index"])

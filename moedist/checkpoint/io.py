@@ -99,8 +99,12 @@ def _tensors_by_owner(model: nn.Module, optim_state, adapter_only: bool):
             for sname, st in states.items():
                 opt_dense[f"{sname}{OPT_SEP}{name}"] = st.detach().to("cpu").contiguous()
     persistent = set(model.state_dict().keys())
+    # adapter-only: keep the buffers of modules that train (e.g. a router's expert_bias)
+    trained_modules = {n.rpartition(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     for name, b in model.named_buffers():
-        if b is not None and not adapter_only and name in persistent:
+        if adapter_only and name.rpartition(".")[0] not in trained_modules:
+            continue
+        if b is not None and name in persistent:
             dense[f"buffer{OPT_SEP}{name}"] = b.detach().to("cpu").contiguous()
     return dense, experts, opt_dense, opt_experts
 
