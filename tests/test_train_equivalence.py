@@ -25,7 +25,7 @@ from tests._dist import run_workers
 
 STEPS = 5
 GLOBAL_SEQS = 8     # sequences per optimizer step
-MICRO = int(os.environ.get("EQ_MICRO", 2))           # sequences per micro-batch
+MICRO = 2           # sequences per micro-batch
 
 BASE = {
     "name": "eq",
