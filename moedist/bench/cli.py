@@ -1,0 +1,157 @@
+"""`moedist bench layer|ep|train`: argument parsing and printing.
+
+`moedist.cli` calls `main(argv)` with the arguments after `bench`; until then:
+    python -m moedist.bench.cli layer --tokens 4096 --experts 8 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional, Sequence
+
+
+def _int_list(s: str) -> List[int]:
+    try:
+        return [int(v) for v in s.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected comma-separated integers") from None
+
+
+def _str_list(s: str) -> List[str]:
+    return [v.strip() for v in s.split(",") if v.strip()]
+
+
+def _add_shape_args(p: argparse.ArgumentParser, tokens: int) -> None:
+    p.add_argument("--tokens", type=int, default=tokens, help="T, tokens per step (per rank for ep)")
+    p.add_argument("--hidden", type=int, default=512, help="H")
+    p.add_argument("--ffn", type=int, default=1024, help="F, FFN size of one expert")
+    p.add_argument("--experts", type=int, default=8, help="E")
+    p.add_argument("--topk", type=int, default=2, help="K")
+    p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    p.add_argument("--activation", default="swiglu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
+    p.add_argument("--json", metavar="PATH", help="write the results here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moedist bench", description="Benchmarks of the MoE layer, EP and training.")
+    sub = parser.add_subparsers(dest="what", required=True)
+
+    lay = sub.add_parser("layer", help="one MoE layer vs DeepSpeed, fairscale, a dense FFN and the matmul floor")
+    _add_shape_args(lay, 4096)
+    lay.add_argument("--impls", type=_str_list, default=None,
+                     help="comma list of moedist,deepspeed,fairscale,dense,floor,lora (default all but lora)")
+    lay.add_argument("--modes", type=_str_list, default=["capacity", "dropless"], help="capacity,dropless")
+    lay.add_argument("--skew", type=float, default=0.0, help="target max/mean expert load (0: natural routing)")
+    lay.add_argument("--lora-rank", type=int, default=8)
+    lay.add_argument("--min-capacity", type=int, default=4)
+    lay.add_argument("--no-memory", action="store_true", help="skip the memory measurement step")
+    lay.add_argument("--plot", metavar="PATH", help="PNG of the ratios (the sweep: cost curves)")
+    lay.add_argument("--sweep", action="store_true", help="sweep tokens and experts")
+    lay.add_argument("--sweep-tokens", type=_int_list, default=None, help="default 1024,2048,4096,8192,16384")
+    lay.add_argument("--sweep-experts", type=_int_list, default=None, help="default 8,16,32,64,128")
+
+    ep = sub.add_parser("ep", help="expert-parallel layer under torchrun: all-to-all time, bytes, imbalance")
+    _add_shape_args(ep, 2048)
+    ep.add_argument("--impls", type=_str_list, default=["moedist", "deepspeed"], help="moedist,deepspeed")
+    ep.add_argument("--modes", type=_str_list, default=["capacity", "dropless"])
+    ep.add_argument("--skew", type=float, default=0.0, help="target max/mean expert load")
+
+    tr = sub.add_parser("train", help="end-to-end tokens/s of the tiny model: moedist vs DeepSpeed native MoE")
+    tr.add_argument("--config", default="configs/tiny.yaml", help="model/data config (YAML)")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable")
+    tr.add_argument("--steps", type=int, default=20, help="timed steps per model")
+    tr.add_argument("--warmup", type=int, default=3)
+    tr.add_argument("--zero-stage", type=int, default=1, choices=(0, 1, 2))
+    tr.add_argument("--ep-size", type=int, default=1)
+    tr.add_argument("--threads", type=int, default=0)
+    tr.add_argument("--json", metavar="PATH")
+    return parser
+
+
+def _fmt(v, spec=".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_layer_table(res: dict) -> str:
+    """A fixed-width table of one `bench layer` result (what RESULTS.md shows)."""
+    head = f"{'impl':<13}{'mode':<10}{'fwd ms':>9}{'fwd+bwd ms':>12}{'p10-p90':>16}{'x dense':>9}{'x DS':>7}" \
+           f"{'cpu ms':>9}{'x dense':>8}{'x DS':>7}{'act MB':>9}{'peak MB':>9}{'a2a MB':>9}{'tok/s':>9}"
+    lines = [head, "-" * len(head)]
+    for r in res["results"]:
+        rat = r.get("ratios", {})
+        lines.append(f"{r['impl']:<13}{r['mode']:<10}{r['fwd_ms']:>9.1f}{r['fwd_bwd_ms']:>12.1f}"
+                     f"{r['fwd_bwd_ms_p10']:>8.0f}-{r['fwd_bwd_ms_p90']:<7.0f}"
+                     f"{_fmt(rat.get('fwd_bwd_vs_dense'), '.2f'):>9}{_fmt(rat.get('fwd_bwd_vs_deepspeed'), '.2f'):>7}"
+                     f"{_fmt(r.get('fwd_bwd_cpu_ms')):>9}{_fmt(rat.get('cpu_fwd_bwd_vs_dense'), '.2f'):>8}"
+                     f"{_fmt(rat.get('cpu_fwd_bwd_vs_deepspeed'), '.2f'):>7}"
+                     f"{_fmt(r.get('act_mem_mb')):>9}{_fmt(r.get('peak_mem_mb')):>9}{r['a2a_bytes'] / 2**20:>9.1f}"
+                     f"{r['tokens_per_s']:>9.0f}")
+    return "\n".join(lines)
+
+
+def _layer(args) -> dict:
+    from moedist.bench.layer import DEFAULT_IMPLS, LayerBenchConfig, SWEEP_EXPERTS, SWEEP_TOKENS, run_layer_bench, run_layer_sweep
+
+    impls = args.impls or (["moedist", "deepspeed", "dense", "floor"] if args.sweep else list(DEFAULT_IMPLS))
+    cfg = LayerBenchConfig(tokens=args.tokens, hidden=args.hidden, ffn=args.ffn, experts=args.experts, topk=args.topk,
+                           capacity_factor=args.capacity_factor, dtype=args.dtype, iters=args.iters, warmup=args.warmup,
+                           impls=impls, modes=args.modes, skew=args.skew, lora_rank=args.lora_rank,
+                           activation=args.activation, min_capacity=args.min_capacity, seed=args.seed,
+                           device=args.device, threads=args.threads, memory=not args.no_memory)
+    log = lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True)  # noqa: E731
+    if args.sweep:
+        res = run_layer_sweep(cfg, args.sweep_tokens or SWEEP_TOKENS, args.sweep_experts or SWEEP_EXPERTS, log=log)
+        for which in ("tokens", "experts"):
+            print(f"sweep over {which}:")
+            print(format_layer_table(dict(results=[r for r in res["results"] if r["sweep"] == which])))
+        for k, f in res["fits"].items():
+            print(f"fit {k}: {f['ms_per_1k_tokens']:.1f} ms per 1k tokens, R^2 = {f['r2']:.4f}")
+    else:
+        res = run_layer_bench(cfg, log=log)
+        print(format_layer_table(res))
+        for t in res["targets"]:
+            cpu = f", CPU time {t['cpu_value']:.3f} {'OK' if t['cpu_ok'] else 'MISS'}" if "cpu_value" in t else ""
+            print(f"target {'OK  ' if t['ok'] else 'MISS'} {t['target']}: {t['value']:.3f} (<= {t['limit']}){cpu}")
+        for k, v in res["skipped"].items():
+            print(f"skipped {k}: {v}")
+    if args.plot:
+        from moedist.bench.plot import plot_layer, plot_sweep
+
+        (plot_sweep if args.sweep else plot_layer)(res, args.plot)
+    return res
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point for `moedist bench ...` (argv: the arguments after `bench`)."""
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    try:
+        if args.what == "layer":
+            res = _layer(args)
+        elif args.what == "ep":
+            from moedist.bench.ep import run_ep_from_args
+
+            res = run_ep_from_args(args)
+        else:
+            from moedist.bench.train import run_train_from_args
+
+            res = run_train_from_args(args)
+    except ValueError as e:
+        print(f"moedist bench {args.what}: {e}", file=sys.stderr)
+        return 2
+    if res is not None and getattr(args, "json", None):
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,611 @@
+"""`moedist bench layer`: one MoE layer against its peers on identical shapes and inputs.
+
+Every implementation gets the same input x [T, H] (requires grad, as inside a
+model), the same output gradient, the same router weight and the same expert
+weights (copied from one moedist `GroupedExperts`). Each is timed for a
+training forward (graph built, then dropped) and for forward + backward, round
+robin (see timing.py), and measured for memory once (see memory.py).
+
+Rows of the result (impl, mode):
+    moedist   capacity | dropless   our MoELayer (Router + GroupedExperts + TokenDispatcher)
+    deepspeed capacity | dropless   deepspeed.moe.layer.MoE, drop_tokens=True | False
+    fairscale capacity              fairscale MOELayer + Top2Gate (its own C = 2T/E)
+    dense     -                     one FFN of size K*F
+    floor     capacity | dropless   per-expert matmuls on pre-sorted tokens, moedist's counts
+    moedist-lora fused | naive      MoELayer + MoELoRAExperts (forward_tokens | per-pair FFN)
+    dense-lora -                    the frozen FFN + one LoRA of rank r
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from moedist.bench import peers
+from moedist.bench.memory import measure_step_memory
+from moedist.bench.timing import ffn_flops, gpu_peak_tflops, linear_fit, run_interleaved, summarize, synchronize
+from moedist.moe import GroupedExperts, MoELayer, MoELoRAExperts, Router
+from moedist.moe.dispatcher import permute_pairs
+from moedist.moe.capacity import compute_capacity, select_tokens
+from moedist.moe.ffn import GATED
+
+IMPLS = ("moedist", "deepspeed", "fairscale", "dense", "floor", "lora")
+DEFAULT_IMPLS = ("moedist", "deepspeed", "fairscale", "dense", "floor")
+MODES = ("capacity", "dropless")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LayerBenchConfig:
+    """Shapes and run settings of one `bench layer` run."""
+
+    tokens: int = 4096
+    """T, tokens per step (batch * sequence)."""
+    hidden: int = 512
+    """H, model width."""
+    ffn: int = 1024
+    """F, FFN size of one expert (the dense peer has K*F; the LoRA-MoE frozen FFN has F)."""
+    experts: int = 8
+    """E, number of experts."""
+    topk: int = 2
+    """K, experts per token."""
+    capacity_factor: float = 1.25
+    """capacity = ceil(cf * T * K / E) in capacity mode (moedist and deepspeed)."""
+    dtype: str = "float32"
+    """float32 | bfloat16 | float16 (expert weights and activations; routers stay fp32)."""
+    iters: int = 10
+    """timed iterations per impl (median and p10/p90 over these)."""
+    warmup: int = 2
+    """untimed rounds before timing."""
+    impls: Sequence[str] = DEFAULT_IMPLS
+    """which implementations: moedist, deepspeed, fairscale, dense, floor, lora."""
+    modes: Sequence[str] = MODES
+    """capacity and/or dropless (for moedist, deepspeed, floor)."""
+    skew: float = 0.0
+    """target max/mean expert load (0: the natural routing of a random router); at most E/K."""
+    lora_rank: int = 8
+    """r of the LoRA-MoE experts and of the dense-lora reference."""
+    activation: str = "swiglu"
+    min_capacity: int = 4
+    seed: int = 0
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    threads: int = 0
+    """torch.set_num_threads (0: leave as is)."""
+    memory: bool = True
+    """measure memory (one extra step per impl)."""
+
+    def validate(self) -> None:
+        for name in ("tokens", "hidden", "ffn", "experts", "topk", "iters", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name}={getattr(self, name)}: must be >= 1")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup={self.warmup}: must be >= 0")
+        if self.topk > self.experts:
+            raise ValueError(f"--topk={self.topk}: must be <= --experts ({self.experts})")
+        if self.capacity_factor <= 0:
+            raise ValueError(f"--capacity-factor={self.capacity_factor}: must be > 0 (dropless is a mode)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype={self.dtype!r}: allowed {', '.join(DTYPES)}")
+        bad = [i for i in self.impls if i not in IMPLS]
+        if bad or not self.impls:
+            raise ValueError(f"--impls={','.join(self.impls)}: allowed a non-empty subset of {', '.join(IMPLS)}")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ValueError(f"--modes={','.join(self.modes)}: allowed a non-empty subset of {', '.join(MODES)}")
+        if self.skew and not 1.0 <= self.skew <= self.experts / self.topk:
+            raise ValueError(f"--skew={self.skew}: must be 0 or between 1 and E/K = {self.experts / self.topk:g} "
+                             "(an expert takes each token at most once)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device={self.device!r}: allowed auto, cpu, cuda")
+
+
+@dataclass
+class Case:
+    """One (impl, mode) ready to run: forward() -> output, backward(output), clear()."""
+
+    impl: str
+    mode: str
+    forward: Callable[[], object]
+    backward: Callable[[object], None]
+    clear: Callable[[], None]
+    a2a_bytes: Callable[[], int]
+    rows_executed: Callable[[], int]
+    capacity: Callable[[], Optional[int]] = lambda: None
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.impl}/{self.mode}"
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device=cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def make_inputs(cfg: LayerBenchConfig, device: torch.device, dtype: torch.dtype, rank: int = 0):
+    """x [T, H], output gradient [T, H] and the router weight [E, H] (skewed when asked).
+
+    Skew: a fraction p of the tokens get a component s*u along a unit vector u
+    (the rest have their u component removed) and expert 0's router row gets
+    g*u, so those tokens all pick expert 0 first. Expert 0 then carries
+    p*T + (1-p)*T*K/E pairs against a mean of T*K/E: p = (S-1) / (E/K - 1).
+    `rank` (expert-parallel runs) draws other tokens with the same router and u.
+    """
+    g = torch.Generator().manual_seed(cfg.seed + 17 + 7919 * rank)
+    T, H, E, K = cfg.tokens, cfg.hidden, cfg.experts, cfg.topk
+    x = torch.randn(T, H, generator=g)
+    grad = torch.randn(T, H, generator=g)
+    router = Router(H, E, K, renormalize=K > 1, seed=cfg.seed + 1)
+    w = router.weight.detach().clone()
+    if cfg.skew:
+        u = torch.randn(H, generator=torch.Generator().manual_seed(cfg.seed + 23))
+        u = u / u.norm()
+        p = (cfg.skew - 1.0) / (E / K - 1.0) if E > K else 1.0
+        hot = torch.randperm(T, generator=g)[: round(p * T)]
+        x = x - (x @ u).unsqueeze(1) * u  # no u component ...
+        x[hot] += 4.0 * u  # ... except on the hot tokens
+        w[0] += 2.0 * u
+    return x.to(device=device, dtype=dtype), grad.to(device=device, dtype=dtype), w
+
+
+def routing_stats(router_w: torch.Tensor, x: torch.Tensor, cfg: LayerBenchConfig) -> dict:
+    """Expert loads of moedist's routing of x (the routing every impl but fairscale gets)."""
+    E, K = cfg.experts, cfg.topk
+    r = Router(cfg.hidden, E, K, renormalize=K > 1).to(x.device)
+    with torch.no_grad():
+        r.weight.copy_(router_w)
+        out = r(x)
+    load = torch.bincount(out.idx_TK.reshape(-1), minlength=E).float()
+    cap = compute_capacity(cfg.tokens, E, K, cfg.capacity_factor, cfg.min_capacity)
+    sel = select_tokens(out.idx_TK, out.weight_TK, E, cap)
+    return dict(load_max_over_mean=float(load.max() / load.mean()), load_min=int(load.min()), load_max=int(load.max()),
+                load_mean=float(load.mean()), capacity=cap,
+                dropped_frac_at_capacity=float(sel.dropped_E.sum()) / (cfg.tokens * K))
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def _params_clear(*mods) -> Callable[[], None]:
+    params = [p for m in mods for p in m.parameters()]
+
+    def clear():
+        for p in params:
+            p.grad = None
+
+    return clear
+
+
+def _tensor_backward(grad: torch.Tensor) -> Callable[[object], None]:
+    def backward(out):
+        out.backward(grad)
+
+    return backward
+
+
+def _moedist_case(mode, router_w, experts, x, grad, cfg, elem) -> Case:
+    E, K = cfg.experts, cfg.topk
+    router = Router(cfg.hidden, E, K, renormalize=K > 1).to(x.device)
+    with torch.no_grad():
+        router.weight.copy_(router_w)
+    cf = cfg.capacity_factor if mode == "capacity" else None
+    layer = MoELayer(router, experts, capacity_factor=cf, min_capacity=cfg.min_capacity)
+    last = {}
+
+    def forward():
+        y, aux = layer(x)
+        last["aux"] = aux
+        return y
+
+    def clear():
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+
+    kept = lambda: int(last["aux"].tokens_per_expert.sum())  # noqa: E731
+    return Case("moedist", mode, forward, _tensor_backward(grad), clear,
+                a2a_bytes=lambda: kept() * cfg.hidden * elem, rows_executed=kept,
+                capacity=lambda: last["aux"].capacity, notes=dict(layer=layer))
+
+
+def _deepspeed_case(mode, router_w, experts, x, grad, cfg, elem, dtype) -> Case:
+    m = peers.DeepSpeedMoE(router_w, experts, cfg.topk, cfg.capacity_factor, drop_tokens=(mode == "capacity"),
+                           min_capacity=cfg.min_capacity).to(x.device)
+    m.moe.deepspeed_moe.experts.to(dtype)
+
+    def clear():
+        x.grad = None
+        for p in m.parameters():
+            p.grad = None
+
+    return Case("deepspeed", mode, lambda: m(x), _tensor_backward(grad), clear,
+                a2a_bytes=lambda: m.a2a_bytes(elem), rows_executed=lambda: cfg.experts * m.capacity,
+                capacity=lambda: m.capacity, notes=dict(module=m))
+
+
+def _fairscale_case(router_w, experts, x, grad, cfg, elem, dtype) -> Case:
+    m = peers.FairscaleMoE(router_w, experts).to(x.device)
+    m.layer.experts.to(dtype)
+
+    def clear():
+        x.grad = None
+        for p in m.parameters():
+            p.grad = None
+
+    T = cfg.tokens
+    return Case("fairscale", "capacity", lambda: m(x), _tensor_backward(grad), clear,
+                a2a_bytes=lambda: m.a2a_bytes(T, elem), rows_executed=lambda: cfg.experts * m.capacity(T),
+                capacity=lambda: m.capacity(T),
+                notes=dict(capacity_factor=1.0, routing="Top2Gate: 2nd expert sampled with Gumbel noise"))
+
+
+def _dense_case(x, grad, cfg, dtype) -> Case:
+    m = peers.DenseFFN(cfg.hidden, cfg.topk * cfg.ffn, cfg.activation, seed=cfg.seed + 3, dtype=dtype, device=x.device)
+
+    def clear():
+        x.grad = None
+        _params_clear(m)()
+
+    return Case("dense", "-", lambda: m(x), _tensor_backward(grad), clear, a2a_bytes=lambda: 0,
+                rows_executed=lambda: cfg.tokens * cfg.topk, notes=dict(ffn_size=cfg.topk * cfg.ffn))
+
+
+def _floor_case(mode, router_w, experts, x, grad, cfg) -> Case:
+    E, K = cfg.experts, cfg.topk
+    r = Router(cfg.hidden, E, K, renormalize=K > 1).to(x.device)
+    with torch.no_grad():
+        r.weight.copy_(router_w)
+        out = r(x)
+        cap = compute_capacity(cfg.tokens, E, K, cfg.capacity_factor if mode == "capacity" else None, cfg.min_capacity)
+        keep = select_tokens(out.idx_TK, out.weight_TK, E, cap).keep_TK
+        perm = permute_pairs(out.idx_TK, keep, E)
+        x_sorted = x.index_select(0, perm.token_N)
+        g_sorted = grad.index_select(0, perm.token_N)
+    counts = perm.counts_E.tolist()
+    m = peers.FloorExperts(experts, counts, x_sorted)
+    grads = [gs for gs, c in zip(g_sorted.split(counts), counts) if c > 0]
+
+    def backward(outs):
+        torch.autograd.backward(outs, grads)
+
+    def clear():
+        m.clear_input_grads()
+        _params_clear(m)()
+
+    n = sum(counts)
+    return Case("floor", mode, m, backward, clear, a2a_bytes=lambda: 0, rows_executed=lambda: n)
+
+
+class _PerPairExperts(nn.Module):
+    """Hides MoELoRAExperts.forward_tokens so MoELayer takes the per-pair path (the naive form)."""
+
+    def __init__(self, inner: MoELoRAExperts):
+        super().__init__()
+        self.inner, self.num_local = inner, inner.num_local
+
+    def forward(self, x_NH, counts_L):
+        return self.inner(x_NH, counts_L)
+
+
+def _lora_cases(router_w, x, grad, cfg, elem, dtype) -> List[Case]:
+    E, K, H, F, r = cfg.experts, cfg.topk, cfg.hidden, cfg.ffn, cfg.lora_rank
+    base = peers.DenseFFN(H, F, cfg.activation, seed=cfg.seed + 5, dtype=dtype, device=x.device)
+    ref = peers.DenseLoRA(base.w_gate, base.w_up, base.w_down, r, cfg.activation, seed=cfg.seed + 6)
+    cases = []
+    for form in ("fused", "naive"):
+        lora_experts = MoELoRAExperts(E, H, F, r, activation=cfg.activation, seed=cfg.seed + 7, dtype=dtype,
+                                      device=x.device)
+        lora_experts.load_base(base.w_gate, base.w_up, base.w_down)
+        router = Router(H, E, K, renormalize=K > 1).to(x.device)
+        with torch.no_grad():
+            router.weight.copy_(router_w)
+        experts = lora_experts if form == "fused" else _PerPairExperts(lora_experts)
+        layer = MoELayer(router, experts, capacity_factor=None)
+        last = {}
+
+        def forward(layer=layer, last=last):
+            y, aux = layer(x)
+            last["aux"] = aux
+            return y
+
+        def clear(layer=layer):
+            x.grad = None
+            for p in layer.parameters():
+                p.grad = None
+
+        kept = lambda last=last: int(last["aux"].tokens_per_expert.sum())  # noqa: E731
+        cases.append(Case("moedist-lora", form, forward, _tensor_backward(grad), clear,
+                          a2a_bytes=lambda kept=kept: kept() * H * elem, rows_executed=kept,
+                          notes=dict(lora_rank=r, frozen_ffn=F)))
+
+    def clear_ref():
+        x.grad = None
+        _params_clear(ref)()
+
+    cases.append(Case("dense-lora", "-", lambda: ref(x), _tensor_backward(grad), clear_ref, a2a_bytes=lambda: 0,
+                      rows_executed=lambda: cfg.tokens, notes=dict(lora_rank=r, frozen_ffn=F)))
+    return cases
+
+
+def build_cases(cfg: LayerBenchConfig, device: torch.device, dtype: torch.dtype, x, grad, router_w) -> tuple:
+    """All (impl, mode) cases of this config, plus the reasons for any impl skipped."""
+    elem = torch.tensor([], dtype=dtype).element_size()
+    experts = GroupedExperts(cfg.experts, cfg.hidden, cfg.ffn, activation=cfg.activation, seed=cfg.seed + 2,
+                             dtype=dtype, device=device)
+    cases: List[Case] = []
+    skipped: Dict[str, str] = {}
+    for impl in cfg.impls:
+        if impl == "moedist":
+            cases += [_moedist_case(m, router_w, experts, x, grad, cfg, elem) for m in cfg.modes]
+        elif impl == "deepspeed":
+            cases += [_deepspeed_case(m, router_w, experts, x, grad, cfg, elem, dtype) for m in cfg.modes]
+        elif impl == "fairscale":
+            why = peers.fairscale_supports(cfg.tokens, cfg.experts, cfg.topk)
+            if why:
+                skipped["fairscale"] = why
+            else:
+                cases.append(_fairscale_case(router_w, experts, x, grad, cfg, elem, dtype))
+        elif impl == "dense":
+            cases.append(_dense_case(x, grad, cfg, dtype))
+        elif impl == "floor":
+            cases += [_floor_case(m, router_w, experts, x, grad, cfg) for m in cfg.modes]
+        elif impl == "lora":
+            cases += _lora_cases(router_w, x, grad, cfg, elem, dtype)
+    return cases, skipped
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def consistency_checks(cases: List[Case]) -> dict:
+    """Max |y_moedist - y_deepspeed| / max |y| per mode (same weights, same routing).
+
+    Dropless they must agree to rounding; with capacity the two renormalise a
+    token's weights differently once one of its pairs is dropped (DeepSpeed over
+    the kept pairs, moedist over the top-k), so only dropped tokens differ.
+    """
+    by = {c.name: c for c in cases}
+    out = {}
+    with torch.no_grad():
+        for mode in MODES:
+            a, b = by.get(f"moedist/{mode}"), by.get(f"deepspeed/{mode}")
+            if a is None or b is None:
+                continue
+            ya, yb = a.forward().float(), b.forward().float()
+            diff = (ya - yb).abs()
+            scale = ya.abs().max().clamp_min(1e-30)
+            out[mode] = dict(max_rel_diff=float(diff.max() / scale),
+                             tokens_differing_frac=float((diff.amax(1) > 1e-4 * float(scale)).float().mean()))
+    return out
+
+
+# --------------------------------------------------------------------------- run
+
+
+def environment(device: torch.device) -> dict:
+    env = dict(torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
+               cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), device=str(device),
+               date=datetime.date.today().isoformat())
+    try:
+        env["loadavg_1m"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    for mod in ("deepspeed", "fairscale"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional peer
+            env[mod] = None
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _needs_dist(impls: Sequence[str]) -> bool:
+    return any(i in ("deepspeed", "fairscale") for i in impls)
+
+
+def run_layer_bench(cfg: LayerBenchConfig, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Run one `bench layer` configuration; returns the JSON-ready dict."""
+    cfg.validate()
+    device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    created = peers.ensure_process_group(device) if _needs_dist(cfg.impls) else False
+    try:
+        return _run(cfg, device, dtype, log)
+    finally:
+        if created:
+            peers.teardown_process_group(created)
+
+
+def _run(cfg: LayerBenchConfig, device: torch.device, dtype: torch.dtype, log) -> dict:
+    x, grad, router_w = make_inputs(cfg, device, dtype)
+    x.requires_grad_(True)
+    routing = routing_stats(router_w, x.detach(), cfg)
+    log(f"routing: max/mean expert load {routing['load_max_over_mean']:.2f}, capacity {routing['capacity']}, "
+        f"dropped at cf {cfg.capacity_factor}: {routing['dropped_frac_at_capacity']:.3%}")
+    cases, skipped = build_cases(cfg, device, dtype, x, grad, router_w)
+    for c in cases:  # one untimed step each: first-call costs out of the way
+        c.clear()
+        c.backward(c.forward())
+    checks = consistency_checks(cases)
+    mem = {}
+    if cfg.memory:
+        for c in cases:
+            c.clear()
+            mem[c.name] = measure_step_memory(c.forward, c.backward, device)
+            log(f"memory {c.name}: peak {mem[c.name]['peak_mem_mb']:.1f} MB, after forward {mem[c.name]['act_mem_mb']:.1f} MB")
+    stats = {}
+    for c in cases:  # a2a bytes, capacity and rows from a plain forward
+        with torch.no_grad():
+            c.forward()
+        stats[c.name] = dict(a2a_bytes=int(c.a2a_bytes()), rows_executed=int(c.rows_executed()), capacity=c.capacity())
+    log(f"timing forward: {len(cases)} impls x {cfg.iters} iters")
+    fwd = run_interleaved({c.name: c.forward for c in cases}, cfg.iters, cfg.warmup, device,
+                          before_each={c.name: c.clear for c in cases})
+    log(f"timing forward+backward: {len(cases)} impls x {cfg.iters} iters")
+    fwd_bwd = run_interleaved({c.name: (lambda c=c: c.backward(c.forward())) for c in cases}, cfg.iters, cfg.warmup,
+                              device, before_each={c.name: c.clear for c in cases})
+    synchronize(device)
+    results = []
+    gated = cfg.activation in GATED
+    active_rows = cfg.tokens * cfg.topk
+    peak = gpu_peak_tflops(device, dtype)
+    for c in cases:
+        f, fb = summarize(fwd[c.name]["wall"]), summarize(fwd_bwd[c.name]["wall"])
+        fc, fbc = summarize(fwd[c.name]["cpu"]), summarize(fwd_bwd[c.name]["cpu"])
+        ffn_size = cfg.ffn
+        model_flops = ffn_flops(active_rows if c.impl != "dense-lora" else cfg.tokens, cfg.hidden,
+                                ffn_size, gated, backward=True)
+        row = dict(impl=c.impl, mode=c.mode, tokens=cfg.tokens, experts=cfg.experts,
+                   fwd_ms=f["median"], fwd_ms_p10=f["p10"], fwd_ms_p90=f["p90"],
+                   fwd_bwd_ms=fb["median"], fwd_bwd_ms_p10=fb["p10"], fwd_bwd_ms_p90=fb["p90"],
+                   fwd_cpu_ms=fc["median"] if fc["n"] else None, fwd_bwd_cpu_ms=fbc["median"] if fbc["n"] else None,
+                   fwd_bwd_cpu_ms_p10=fbc["p10"] if fbc["n"] else None, fwd_bwd_cpu_ms_p90=fbc["p90"] if fbc["n"] else None,
+                   peak_mem_mb=mem.get(c.name, {}).get("peak_mem_mb"), act_mem_mb=mem.get(c.name, {}).get("act_mem_mb"),
+                   a2a_bytes=stats[c.name]["a2a_bytes"], rows_executed=stats[c.name]["rows_executed"],
+                   capacity=stats[c.name]["capacity"], tokens_per_s=cfg.tokens / (fb["median"] / 1e3),
+                   model_tflops=model_flops / (fb["median"] / 1e3) / 1e12)
+        if peak:
+            row["pct_of_peak"] = 100.0 * row["model_tflops"] / peak
+        row.update({k: v for k, v in c.notes.items() if isinstance(v, (int, float, str))})
+        results.append(row)
+    add_ratios(results)
+    config = dataclasses.asdict(cfg)
+    config["impls"], config["modes"] = list(cfg.impls), list(cfg.modes)
+    return dict(config=config, environment=environment(device), routing=routing, checks=checks, skipped=skipped,
+                timing=dict(fwd="training forward (autograd graph built, then dropped)",
+                            fwd_bwd="forward + backward of a fixed output gradient; x requires grad",
+                            a2a_bytes="bytes of the dispatch all-to-all payload (one direction): moedist = kept pairs x H x "
+                                      "element size, deepspeed/fairscale = E x C x H x element size",
+                            memory=(next(iter(mem.values()))["mem_method"] if mem else None)),
+                results=results, targets=evaluate_targets(results, routing, cfg))
+
+
+def _find(results, impl, mode=None):
+    for r in results:
+        if r["impl"] == impl and (mode is None or r["mode"] == mode):
+            return r
+    return None
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def add_ratios(results: List[dict]) -> None:
+    """Per row: time and memory relative to dense, to deepspeed in the same mode, to dense-lora.
+
+    Time ratios from wall-clock medians (`*_vs_*`) and from CPU-time medians (`cpu_*_vs_*`).
+    """
+    dense = _find(results, "dense")
+    dlora = _find(results, "dense-lora")
+    for r in results:
+        rat = {}
+        refs = [("dense", dense)]
+        ds = _find(results, "deepspeed", r["mode"])
+        refs.append(("deepspeed", ds))
+        if r["impl"].endswith("lora"):
+            refs.append(("dense_lora", dlora))
+        for tag, ref in refs:
+            if ref is None:
+                continue
+            rat[f"fwd_bwd_vs_{tag}"] = _ratio(r["fwd_bwd_ms"], ref["fwd_bwd_ms"])
+            rat[f"fwd_vs_{tag}"] = _ratio(r["fwd_ms"], ref["fwd_ms"])
+            rat[f"cpu_fwd_bwd_vs_{tag}"] = _ratio(r.get("fwd_bwd_cpu_ms"), ref.get("fwd_bwd_cpu_ms"))
+            rat[f"act_mem_vs_{tag}"] = _ratio(r.get("act_mem_mb"), ref.get("act_mem_mb"))
+            rat[f"peak_mem_vs_{tag}"] = _ratio(r.get("peak_mem_mb"), ref.get("peak_mem_mb"))
+        r["ratios"] = {k: v for k, v in rat.items() if v is not None}
+
+
+def evaluate_targets(results: List[dict], routing: dict, cfg: LayerBenchConfig) -> List[dict]:
+    """The issue's targets that this run can decide (each a ratio measured in this run).
+
+    `value` is from wall-clock medians (memory: tracked bytes); `cpu_value`,
+    for time targets, from CPU-time medians of the same iterations.
+    """
+    out = []
+
+    def add(name, r, key, limit):
+        value = r["ratios"].get(key) if r else None
+        if value is None:
+            return
+        t = dict(target=name, value=value, limit=limit, ok=bool(value <= limit))
+        if key.startswith("fwd_bwd") and r["ratios"].get("cpu_" + key) is not None:
+            t["cpu_value"] = r["ratios"]["cpu_" + key]
+            t["cpu_ok"] = bool(t["cpu_value"] <= limit)
+        out.append(t)
+
+    cap, drop = _find(results, "moedist", "capacity"), _find(results, "moedist", "dropless")
+    add(f"capacity cf {cfg.capacity_factor}: moedist / deepspeed fwd+bwd time", cap, "fwd_bwd_vs_deepspeed", 0.8)
+    add(f"capacity cf {cfg.capacity_factor}: moedist / deepspeed activation memory", cap, "act_mem_vs_deepspeed", 0.7)
+    if routing["load_max_over_mean"] >= 4:
+        add("dropless skewed: moedist / deepspeed(drop_tokens=False) fwd+bwd time", drop, "fwd_bwd_vs_deepspeed", 0.25)
+        add("dropless skewed: moedist / deepspeed(drop_tokens=False) peak memory", drop, "peak_mem_vs_deepspeed", 0.25)
+    if not cfg.skew:
+        for r in (cap, drop):
+            if r:
+                add(f"{r['mode']}: moedist / dense FFN (equal active FLOPs) fwd+bwd time", r, "fwd_bwd_vs_dense", 1.15)
+    add("LoRA-MoE (fused) / frozen FFN + one LoRA fwd+bwd time", _find(results, "moedist-lora", "fused"),
+        "fwd_bwd_vs_dense_lora", 1.3)
+    return out
+
+
+# --------------------------------------------------------------------------- sweep
+
+SWEEP_TOKENS = (1024, 2048, 4096, 8192, 16384)
+SWEEP_EXPERTS = (8, 16, 32, 64, 128)
+
+
+def run_layer_sweep(cfg: LayerBenchConfig, tokens: Sequence[int] = SWEEP_TOKENS, experts: Sequence[int] = SWEEP_EXPERTS,
+                    log: Callable[[str], None] = lambda s: None) -> dict:
+    """Tokens sweep at E = cfg.experts, then experts sweep at T = cfg.tokens.
+
+    Rows carry `sweep` ("tokens" or "experts"); `fits` holds, per impl/mode,
+    the straight-line fit of fwd+bwd time against tokens and its R^2.
+    """
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    created = peers.ensure_process_group(device) if _needs_dist(cfg.impls) else False
+    rows, runs = [], []
+    try:
+        points = [("tokens", dataclasses.replace(cfg, tokens=t)) for t in tokens]
+        points += [("experts", dataclasses.replace(cfg, experts=e)) for e in experts]
+        for which, pc in points:
+            log(f"sweep {which}: T={pc.tokens} E={pc.experts}")
+            res = _run(pc, device, DTYPES[pc.dtype], log)
+            for r in res["results"]:
+                r["sweep"] = which
+                rows.append(r)
+            runs.append(dict(sweep=which, tokens=pc.tokens, experts=pc.experts, routing=res["routing"],
+                             skipped=res["skipped"], loadavg_1m=res["environment"].get("loadavg_1m")))
+    finally:
+        if created:
+            peers.teardown_process_group(created)
+    fits = {}
+    for key in sorted({(r["impl"], r["mode"]) for r in rows if r["sweep"] == "tokens"}):
+        pts = [(r["tokens"], r["fwd_bwd_ms"]) for r in rows if r["sweep"] == "tokens" and (r["impl"], r["mode"]) == key]
+        if len(pts) >= 2:
+            fit = linear_fit([p[0] for p in pts], [p[1] for p in pts])
+            fits[f"{key[0]}/{key[1]}"] = dict(ms_per_1k_tokens=fit["slope"] * 1024, intercept_ms=fit["intercept"],
+                                              r2=fit["r2"], points=len(pts))
+    config = dataclasses.asdict(cfg)
+    config.update(impls=list(cfg.impls), modes=list(cfg.modes), sweep_tokens=list(tokens), sweep_experts=list(experts))
+    return dict(config=config, environment=environment(device), runs=runs, results=rows, fits=fits)

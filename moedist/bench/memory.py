@@ -1,0 +1,101 @@
+"""Peak memory of one training step, measured the same way for every implementation.
+
+On CUDA: `torch.cuda.max_memory_allocated` minus what was allocated before the
+step (the caching allocator's own accounting).
+
+On CPU there is no allocator counter, so `AllocationTracker` counts it: a
+`TorchDispatchMode` sees every aten op of the step (the forward and, because the
+autograd engine carries the mode into backward, the backward too), adds the
+bytes of each output storage the op created, and subtracts them when the
+storage is freed (weak reference callback). Storages that existed before the
+step (parameters, inputs) and outputs that alias an input (views, in-place and
+`out=` ops) are never counted. What it misses, the same for every impl:
+scratch space inside a kernel (e.g. a matmul's packing buffers).
+
+Two figures per step, both relative to the memory live when the step starts:
+    peak_mem_mb: the highest live total during forward + backward (activations,
+                 temporaries and parameter gradients);
+    act_mem_mb:  the live total right after forward (what the layer keeps for
+                 backward, plus its output).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Dict
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+MB = 1024.0 * 1024.0
+
+
+class AllocationTracker(TorchDispatchMode):
+    """Live bytes of storages created by ops run under this mode (CPU or any device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._owned: Dict[int, int] = {}  # id(storage) -> bytes
+        self._refs: Dict[int, weakref.ref] = {}
+
+    def _freed(self, key: int, _ref=None) -> None:
+        nbytes = self._owned.pop(key, 0)
+        self._refs.pop(key, None)
+        self.live -= nbytes
+
+    def _track(self, t: torch.Tensor, input_keys: set) -> None:
+        st = t.untyped_storage()
+        key = id(st)
+        if key in self._owned or st.data_ptr() in input_keys:
+            return
+        nbytes = st.nbytes()
+        if nbytes == 0:
+            return
+        self._owned[key] = nbytes
+        self._refs[key] = weakref.ref(st, lambda r, k=key: self._freed(k))
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        input_keys = {a.untyped_storage().data_ptr() for a in inputs if a.untyped_storage().nbytes() > 0}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t, input_keys)
+        return out
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+
+def measure_step_memory(forward: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None],
+                        device: torch.device) -> dict:
+    """Run one forward + backward and return {"peak_mem_mb", "act_mem_mb", "method"}.
+
+    `forward()` returns the layer output; `backward(out)` runs its backward.
+    Parameter gradients must be cleared by the caller before the call, so
+    every impl allocates them afresh inside the step.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = forward()
+        torch.cuda.synchronize(device)
+        act = torch.cuda.memory_allocated(device) - base
+        backward(out)
+        del out
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        return dict(peak_mem_mb=peak / MB, act_mem_mb=act / MB, mem_method="torch.cuda.max_memory_allocated")
+    tracker = AllocationTracker()
+    with tracker:
+        out = forward()
+        act = tracker.live
+        backward(out)
+        del out
+    return dict(peak_mem_mb=tracker.peak / MB, act_mem_mb=act / MB, mem_method="tracked aten allocations (TorchDispatchMode)")
