@@ -104,13 +104,23 @@ def train_jobs(rank: int, world: int, jobs: list) -> list:
     from moedist.config import config_from_dict
     from moedist.train.trainer import Trainer
 
+    from moedist.moe import Router
+
     results = []
     for label, cfg_dict in jobs:
         cfg = config_from_dict(cfg_dict)
-        res = Trainer(cfg, write_outputs=False, console=False, save_checkpoints=False).train()
+        trainer = Trainer(cfg, write_outputs=False, console=False, save_checkpoints=False)
+        dtypes = set()
+        for m in trainer.model.modules():
+            if isinstance(m, Router):  # what the routing math ran in, whatever the parameter dtype
+                m.register_forward_hook(lambda mod, inp, out: dtypes.update(
+                    {str(out.logits_TE.dtype), str(out.probs_TE.dtype), str(out.weight_TK.dtype)}))
+        res = trainer.train()
         results.append({"label": label, "loss": [r["loss"] for r in res.records],
                         "grad_norm": [r["grad_norm"] for r in res.records],
-                        "dropped": [r["dropped_frac"] for r in res.records]})
+                        "dropped": [r["dropped_frac"] for r in res.records],
+                        "router_dtypes": sorted(dtypes),
+                        "param_dtype": str(trainer.model.layers[0].self_attn.q_proj.weight.dtype)})
     return results
 
 
@@ -139,9 +149,9 @@ def test_reference_drops_tokens_and_clips(references):
     assert references["base"]["loss"][-1] < references["base"]["loss"][0]
 
 
-def test_two_processes_all_layouts_match_reference(references):
+def _fp32_jobs_2():
     W = 2
-    jobs = [
+    return [
         ("pytorch ep1", make_cfg(W, 1)),
         ("pytorch ep2", make_cfg(W, 2)),
         ("zero0 ep1", make_cfg(W, 1, "deepspeed", 0)),
@@ -153,10 +163,56 @@ def test_two_processes_all_layouts_match_reference(references):
         ("zero2 ep2 shared", make_cfg(W, 2, "deepspeed", 2, SHARED_DROPLESS)),
         ("zero0 ep2 shared", make_cfg(W, 2, "deepspeed", 0, SHARED_DROPLESS)),
     ]
+
+
+FP32_JOBS_2 = _fp32_jobs_2()
+
+
+def bf16(cfg: dict) -> dict:
+    cfg["deepspeed"]["bf16"] = True
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def two_proc():
+    """Every 2-process job of this file in one launch: {label: result}."""
+    W = 2
+    jobs = FP32_JOBS_2 + [
+        ("bf16 zero0 ep1", bf16(make_cfg(W, 1, "deepspeed", 0))),
+        ("bf16 zero0 ep2", bf16(make_cfg(W, 2, "deepspeed", 0))),
+        ("bf16 zero1 ep2", bf16(make_cfg(W, 2, "deepspeed", 1))),
+        ("bf16 zero2 ep2", bf16(make_cfg(W, 2, "deepspeed", 2))),
+        ("bf16 zero3 ep2", bf16(make_cfg(W, 2, "deepspeed", 3))),
+    ]
     results = run_workers(train_jobs, W, args=(jobs,), timeout=600)
     assert results[0] == results[1]  # every rank reports the same global metrics
-    assert any(d > 0 for d in results[0][0]["dropped"]), "capacity dropped nothing: test proves less"
-    _check(results[0], references)
+    return {r["label"]: r for r in results[0]}
+
+
+def test_two_processes_all_layouts_match_reference(references, two_proc):
+    fp32 = [two_proc[label] for label, _ in FP32_JOBS_2]
+    assert any(d > 0 for d in fp32[0]["dropped"]), "capacity dropped nothing: test proves less"
+    assert all(r["param_dtype"] == "torch.float32" for r in fp32)
+    _check(fp32, references)
+
+
+def test_bf16_tracks_fp32_with_router_in_fp32(references, two_proc):
+    """DeepSpeed bf16 (CPU here): parameters in bf16, routing math in fp32; ZeRO-1/2/3 keep fp32
+    gradient partitions and track the fp32 reference closely. ZeRO-0 bf16 accumulates and reduces
+    gradients in bf16 (DeepSpeed's design), so it is looser -- and must not depend on the EP size."""
+    ref = references["base"]
+    for label, r in two_proc.items():
+        if not label.startswith("bf16"):
+            continue
+        assert r["param_dtype"] == "torch.bfloat16", label
+        assert r["router_dtypes"] == ["torch.float32"], (label, r["router_dtypes"])
+        rel = 2e-2 if "zero0" in label else 1e-3
+        assert_close(r["loss"], ref["loss"], f"{label} loss", rel=rel)
+        assert_close(r["grad_norm"], ref["grad_norm"], f"{label} grad_norm", rel=5 * rel)
+    assert_close(two_proc["bf16 zero0 ep2"]["loss"], two_proc["bf16 zero0 ep1"]["loss"], "bf16 zero0 ep2 vs ep1",
+                 rel=1e-4)
+
+
 
 
 @pytest.mark.slow
