@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 from moedist.moe.dispatcher import weighted_scatter_add
-from moedist.moe.ffn import GATED, check_activation, gather_lora_proj, grouped_ffn, grouped_mm, hidden_act
+from moedist.moe.ffn import (GATED, _use_grouped_kernel, check_activation, gather_lora_proj, grouped_ffn, grouped_mm,
+                             hidden_act, moe_lora_hidden)
 from moedist.moe.lora_math import lora_dropout, lora_scale
 
 # One tag for expert parameters, owned by moedist.distributed (which reduces them
@@ -220,6 +221,15 @@ class MoELoRAExperts(_LoRAMixin, nn.Module):
         dd = self._delta("down", h_NF, counts_L)
         return y_NH if dd is None else y_NH + dd
 
+    def _fused_ok(self, x_NH: torch.Tensor) -> bool:
+        """The per-expert fused kernel (ffn.moe_lora_hidden) applies: gated FFN, no active
+        dropout, one dtype, and no grouped-GEMM kernel that the unfused path would use."""
+        params = [self.w_gate, self.w_up] + [p for st in self.lora.values() for p in (st.lora_A, st.lora_B)]
+        return (self.w_gate is not None and self.activation in GATED and x_NH.shape[0] > 0
+                and (self.lora_dropout_rate == 0.0 or not self.training)
+                and all(p.dtype == x_NH.dtype for p in params)
+                and not any(_use_grouped_kernel(x_NH, st.lora_A) for st in self.lora.values()))
+
     def forward_tokens(self, x_TH: torch.Tensor, pair_token_N: torch.Tensor, weight_N: torch.Tensor, counts_L: Sequence[int]) -> torch.Tensor:
         """Fused local path: routed pairs sorted by expert (token ids `pair_token_N`,
         combine weights `weight_N`). Frozen gate/up/down run once per token.
@@ -231,6 +241,14 @@ class MoELoRAExperts(_LoRAMixin, nn.Module):
         gate_T = x_TH @ self.w_gate if self.w_gate is not None else None  # [T, F] once per token
         up_T = x_TH @ self.w_up  # [T, F] once per token
         x_NH = x_TH.index_select(0, tok)  # [N, H]
+        if self._fused_ok(x_NH):
+            lora = {k: (st.lora_A, st.lora_B) for k, st in self.lora.items()}
+            w_N = weight_N.to(x_NH.dtype)
+            h_TF, z_Nr = moe_lora_hidden(gate_T, up_T, x_NH, tok, w_N, lora, counts_L, self.scaling, self.activation)
+            y_TH = h_TF @ self.w_down  # [T, H] frozen down once per token
+            if z_Nr is not None:  # down adapter: weight and scale applied at rank r
+                y_TH = y_TH.index_add(0, tok, grouped_mm(z_Nr, self.lora["down"].lora_B, counts_L))
+            return y_TH
 
         def routed(name: str, base_TF: torch.Tensor) -> torch.Tensor:  # [N, F] base rows + this pair's LoRA
             if name not in self.lora:

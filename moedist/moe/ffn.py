@@ -271,3 +271,127 @@ class _GatherLoRAProj(torch.autograd.Function):
             if need_x:
                 d_x = _group_mm_into(x_NI.new_empty(x_NI.shape), dxa_Nr, lora_A, bounds, transpose_w=True)
         return d_base, d_x, None, d_A, d_B, None, None
+
+
+def moe_lora_hidden(gate_TF: torch.Tensor, up_TF: torch.Tensor, x_NH: torch.Tensor, token_N: torch.Tensor,
+                    weight_N: torch.Tensor, lora: dict, counts_L: Sequence[int], scaling: float, activation: str):
+    """The per-pair part of MoE-LoRA (MixLoRA) experts on a frozen gated FFN, fused per expert.
+
+    For the rows n of expert l (sorted by expert; token t = token[n], weight w = weight[n]):
+        g_n = gate[t] + s * x_n A_g[l] B_g[l]        u_n = up[t] + s * x_n A_u[l] B_u[l]
+        h_n = phi(g_n) * u_n
+    Returns (h_TF [T, F] = sum_n w_n h_n per token, z_Nr [N, r] = w_n * s * h_n A_d[l], or None
+    without a down adapter). `lora` maps "gate"/"up"/"down" to (A [L, I, r], B [L, r, O]);
+    a missing entry means no adapter on that projection.
+
+    g and u are built per expert in place (gather, then the LoRA term by addmm) and saved;
+    h is recomputed in backward, which works one expert at a time on small [n_l, F] tiles.
+    """
+    counts = tuple(int(c) for c in counts_L)
+    if activation not in _GATED_GRAD:
+        raise ValueError(f"moe_lora_hidden: activation={activation!r} must be gated ({', '.join(_GATED_GRAD)})")
+    if sum(counts) != x_NH.shape[0] or token_N.shape[0] != x_NH.shape[0]:
+        raise ValueError(f"moe_lora_hidden: counts {list(counts)} do not match {x_NH.shape[0]} rows")
+    none = (None, None)
+    (ag, bg), (au, bu), (ad, _bd) = (lora.get(k, none) for k in ("gate", "up", "down"))
+    return _MoELoRAHidden.apply(gate_TF, up_TF, x_NH, token_N, weight_N, ag, bg, au, bu, ad, counts, float(scaling),
+                                activation)
+
+
+class _MoELoRAHidden(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_TF, up_TF, x_NH, token_N, w_N, ag, bg, au, bu, ad, counts, s, activation):
+        bounds = _bounds(counts)
+        phi = GATED[activation]
+        T, F = gate_TF.shape
+        N = x_NH.shape[0]
+        h_TF = gate_TF.new_zeros((T, F))
+        xa_g = x_NH.new_empty((N, ag.shape[2])) if ag is not None else None  # [N, r]
+        xa_u = x_NH.new_empty((N, au.shape[2])) if au is not None else None
+        ha_d = x_NH.new_empty((N, ad.shape[2])) if ad is not None else None
+        g_NF = gate_TF.new_empty((N, F))
+        u_NF = up_TF.new_empty((N, F))
+        for l, a, b in bounds:
+            t, x_l = token_N[a:b], x_NH[a:b]
+            torch.index_select(gate_TF, 0, t, out=g_NF[a:b])  # [n_l, F]
+            if ag is not None:
+                torch.mm(x_l, ag[l], out=xa_g[a:b])
+                g_NF[a:b].addmm_(xa_g[a:b], bg[l], alpha=s)
+            torch.index_select(up_TF, 0, t, out=u_NF[a:b])
+            if au is not None:
+                torch.mm(x_l, au[l], out=xa_u[a:b])
+                u_NF[a:b].addmm_(xa_u[a:b], bu[l], alpha=s)
+        # phi over the whole buffer, not per expert: the same elementwise kernel calls (and so
+        # bit-identical values) as the unfused path, whose SIMD tail handling depends on length
+        h_NF = phi(g_NF).mul_(u_NF)  # [N, F]
+        for l, a, b in bounds:
+            t, h_l = token_N[a:b], h_NF[a:b]
+            if ad is not None:
+                torch.mm(h_l, ad[l], out=ha_d[a:b])
+            h_TF.index_add_(0, t, h_l * w_N[a:b].unsqueeze(1))
+        del h_NF
+        gates = [g_NF[a:b] for _, a, b in bounds]
+        ups = [u_NF[a:b] for _, a, b in bounds]
+        z_Nr = ha_d * (w_N * s).unsqueeze(1) if ad is not None else None  # [N, r]
+        ctx.bounds, ctx.s, ctx.activation, ctx.T = bounds, s, activation, T
+        ctx.has = (ag is not None, au is not None, ad is not None)
+        ctx.save_for_backward(x_NH, token_N, w_N, ag, bg, au, bu, ad, xa_g, xa_u, ha_d, *gates, *ups)
+        if z_Nr is None:
+            return h_TF, None
+        return h_TF, z_Nr
+
+    @staticmethod
+    def backward(ctx, d_hTF, d_z):
+        x_NH, token_N, w_N, ag, bg, au, bu, ad, xa_g, xa_u, ha_d, *saved = ctx.saved_tensors
+        n = len(ctx.bounds)
+        gates, ups = saved[:n], saved[n:]
+        s, phi, dphi = ctx.s, GATED[ctx.activation], _GATED_GRAD[ctx.activation]
+        need = ctx.needs_input_grad
+        d_hTF = d_hTF.contiguous()
+        L = (ag if ag is not None else au if au is not None else ad).shape[0] if any(ctx.has) else 0
+        d_gate = d_hTF.new_zeros(d_hTF.shape) if need[0] else None
+        d_up = d_hTF.new_zeros(d_hTF.shape) if need[1] else None
+        d_x = x_NH.new_zeros(x_NH.shape) if need[2] else None
+        d_w = w_N.new_empty(w_N.shape) if need[4] else None
+
+        def zeros_like(p):
+            return None if p is None else p.new_zeros(p.shape)
+
+        d_ag, d_bg, d_au, d_bu, d_ad = (zeros_like(p) if need[i] else None
+                                        for p, i in ((ag, 5), (bg, 6), (au, 7), (bu, 8), (ad, 9)))
+        dz_s = None
+        if d_z is not None and ad is not None:
+            dz_s = d_z * (w_N * s).unsqueeze(1)  # d(h A_d) [N, r]
+        for (l, a, b), g_l, u_l in zip(ctx.bounds, gates, ups):
+            t, x_l, w_l = token_N[a:b], x_NH[a:b], w_N[a:b].unsqueeze(1)
+            dh_l = d_hTF.index_select(0, t)  # [n_l, F] gradient of w * h
+            act_l = phi(g_l)
+            h_l = act_l * u_l  # recomputed
+            if d_w is not None:
+                d_w[a:b] = (dh_l * h_l).sum(1)
+                if dz_s is not None:
+                    d_w[a:b] += (d_z[a:b] * ha_d[a:b]).sum(1) * s
+            dh_l.mul_(w_l)
+            if dz_s is not None:
+                if d_ad is not None:
+                    torch.mm(h_l.t(), dz_s[a:b], out=d_ad[l])
+                dh_l.addmm_(dz_s[a:b], ad[l].t())
+            del h_l
+            du_l = act_l.mul_(dh_l)  # d u = dh * phi(g)
+            dg_l = dphi(dh_l.mul_(u_l), g_l)  # d g = phi'(g) * dh * u
+            for d_l, d_base, xa, A, B, dA, dB in ((dg_l, d_gate, xa_g, ag, bg, d_ag, d_bg),
+                                                  (du_l, d_up, xa_u, au, bu, d_au, d_bu)):
+                if d_base is not None:
+                    d_base.index_add_(0, t, d_l)
+                if A is None:
+                    continue
+                if dB is not None:
+                    torch.mm(xa[a:b].t(), d_l, out=dB[l])
+                    dB[l].mul_(s)
+                if dA is not None or d_x is not None:
+                    dxa = torch.mm(d_l, B[l].t()).mul_(s)  # [n_l, r]
+                    if dA is not None:
+                        torch.mm(x_l.t(), dxa, out=dA[l])
+                    if d_x is not None:
+                        d_x[a:b].addmm_(dxa, A[l].t())
+        return (d_gate, d_up, d_x, None, d_w, d_ag, d_bg, d_au, d_bu, d_ad, None, None, None)
