@@ -88,6 +88,21 @@ def test_resume_continues_exactly(tmp_path):
     assert lb[:2] == pytest.approx(la[:2], rel=1e-6)
 
 
+def test_eval_reports_validation_loss_of_latest_checkpoint(tmp_path, capsys):
+    out = tmp_path / "ev"
+    common = [TINY, f"train.output_dir={out}", "train.max_steps=2", *SMALL]
+    assert main(["train", *common]) == 0
+    last = read_metrics(out / "metrics.jsonl")[-1]
+    capsys.readouterr()
+    assert main(["eval", *common]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["step"] == 2 and line["val_loss"] == pytest.approx(last["val_loss"], rel=1e-6)
+    # no checkpoint: one line, exit 2
+    assert main(["eval", TINY, f"train.output_dir={tmp_path / 'none'}", *SMALL]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no checkpoint found" in err[0] and not (tmp_path / "none").exists()
+
+
 def test_tensorboard_option(tmp_path, capsys):
     out = tmp_path / "tb"
     rc = main(["train", TINY, f"train.output_dir={out}", "train.max_steps=1", "train.tensorboard=true", *SMALL])

@@ -87,7 +87,7 @@ def reference_run(cfg_dict: dict, steps: int = STEPS) -> dict:
             x, y = data.train_batch(step * GLOBAL_SEQS + j * MICRO, MICRO)
             out = model(x, y)
             (out.loss / n_micro).backward()
-            total += float(out.loss)
+            total += float(out.loss.detach())
         norms.append(float(torch.nn.utils.clip_grad_norm_(params, tr["grad_clip"])))
         for g in opt.param_groups:
             g["lr"] = reference_lr(step, tr)

@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--base-steps", type=int, default=None, help="steps of base training (default: demo_base.yaml)")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: demo.yaml)")
     p.add_argument("--retrain-base", action="store_true", help="train the base model even if cached")
+    p.add_argument("--gpu", action="store_true", help="run on GPUs (one per process, nccl) instead of CPU")
     p.add_argument("--base-config", default=str(CONFIGS / "demo_base.yaml"))
     p.add_argument("--config", default=str(CONFIGS / "demo.yaml"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -86,14 +87,16 @@ def main(argv=None) -> int:
 
     try:
         base, ft = _configs(args)
-        preflight(base, args.nproc, cuda=False)
-        preflight(ft, args.nproc, cuda=False)
+        preflight(base, args.nproc, cuda=args.gpu)
+        preflight(ft, args.nproc, cuda=args.gpu)
     except ConfigError as err:
         print(f"moedist: error: {err}", file=sys.stderr)
         return 2
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("DS_ACCELERATOR", "cpu")
+    if not args.gpu:  # a CPU demo (gloo) even where CUDA is visible
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        env["DS_ACCELERATOR"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
            "-m", "moedist.train.demo", "--worker", *(argv if argv is not None else sys.argv[2:])]
@@ -202,10 +205,12 @@ def worker(args) -> int:
         prose = ByteLMData.from_config(base_cfg.data)
         code = ByteLMData.from_config(ft_cfg.data)
         M, batches = ft_cfg.train.micro_batch_size, ft_cfg.train.eval_batches
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         dense = build_model(base_cfg)
         dense.load_state_dict(dense_state)
-        dense_prose = evaluate_lm(dense, dense, prose, batches, M, torch.device("cpu"))
-        dense_code = evaluate_lm(dense, dense, code, batches, M, torch.device("cpu"))
+        dense.to(dev)
+        dense_prose = evaluate_lm(dense, dense, prose, batches, M, dev)
+        dense_code = evaluate_lm(dense, dense, code, batches, M, dev)
         del dense
         m, moe, lora = ft_cfg.model, ft_cfg.moe, ft_cfg.lora
         console.print(f"[bold]2. convert[/]: each of the {m.num_layers} FFNs -> frozen FFN + router over "
