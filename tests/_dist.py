@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import time
 import traceback
 
 import torch
@@ -51,13 +52,22 @@ def run_workers(fn, world_size: int, args: tuple = (), timeout: float = 300.0) -
         p.start()
     results: dict = {}
     errors = []
-    for _ in range(world_size):
-        rank, status, payload = queue.get()
-        if status == "ok":
-            results[rank] = pickle.loads(payload)
+    deadline = time.monotonic() + timeout
+    while len(results) < world_size and not errors:
+        if not queue.empty():
+            rank, status, payload = queue.get()
+            if status == "ok":
+                results[rank] = pickle.loads(payload)
+            else:
+                errors.append(f"rank {rank}:\n{payload}")
+            continue
+        dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+        if dead and queue.empty():
+            errors.append(f"rank(s) {dead} died (exit codes {[procs[r].exitcode for r in dead]}) without a result")
+        elif time.monotonic() > deadline:
+            errors.append(f"timed out after {timeout:.0f} s (a rank is stuck, e.g. in a collective)")
         else:
-            errors.append(f"rank {rank}:\n{payload}")
-            break
+            time.sleep(0.02)
     for p in procs:
         p.join(timeout=5 if errors else timeout)
         if p.is_alive():

@@ -276,3 +276,14 @@ def test_grouped_mm_matches_loop(counts):
 def test_expert_bad_arguments(make, name):
     with pytest.raises(ValueError, match=name):
         make()
+
+
+def test_bf16_experts_with_unaligned_sizes_run():
+    """torch._grouped_mm needs 16-byte aligned strides; odd F or LoRA rank must fall back, not crash."""
+    from moedist.moe import GroupedExperts as GE, LoRAOnExperts as LE
+    x = torch.randn(10, 16)
+    for mod in (GE(4, 16, 6), LE(4, 16, 32, lora_rank=2)):
+        ref = mod(x, [3, 3, 2, 2])
+        out = mod.to(torch.bfloat16)(x.to(torch.bfloat16), [3, 3, 2, 2])
+        assert out.shape == (10, 16)
+        assert torch.allclose(out.float(), ref, atol=5e-2, rtol=5e-2)

@@ -124,6 +124,9 @@ class _GroupedMM(torch.autograd.Function):
 def _use_grouped_kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype or x.shape[0] == 0:
         return False
+    # the kernel needs 16-byte aligned strides: inner and output dims multiples of 16 bytes
+    if (x.shape[-1] * x.element_size()) % 16 or (w.shape[-1] * w.element_size()) % 16:
+        return False
     if x.is_cuda:
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
     return x.dtype == torch.bfloat16
