@@ -20,7 +20,7 @@ from moedist.train.metrics import read_metrics, tensorboard_available
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 SMALL = ["model.hidden_size=32", "model.ffn_size=48", "data.seq_len=32", "model.max_seq_len=32",
-         "train.micro_batch_size=2"]
+         "train.micro_batch_size=2", "train.plot=false"]
 
 
 @pytest.fixture(autouse=True)
@@ -33,8 +33,8 @@ def single_process_env(monkeypatch):
 
 def test_train_writes_metrics_config_summary_and_plot(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["train", TINY, f"train.output_dir={out}", "train.max_steps=4", "train.eval_every=2",
-               "train.plot=true", "train.warmup_steps=2", "train.lr=2e-3", "train.min_lr=2e-4", *SMALL])
+    rc = main(["train", TINY, *SMALL, f"train.output_dir={out}", "train.max_steps=4", "train.eval_every=2",
+               "train.plot=true", "train.warmup_steps=2", "train.lr=2e-3", "train.min_lr=2e-4"])
     assert rc == 0
     recs = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
@@ -101,6 +101,34 @@ def test_eval_reports_validation_loss_of_latest_checkpoint(tmp_path, capsys):
     assert main(["eval", TINY, f"train.output_dir={tmp_path / 'none'}", *SMALL]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no checkpoint found" in err[0] and not (tmp_path / "none").exists()
+
+
+def test_lora_moe_fine_tune_of_a_hugging_face_model_starts_at_it(tmp_path):
+    """model.from_hf + lora.mode=moe_lora: step 1's loss is the HF model's own loss on that batch."""
+    import torch
+    import torch.nn.functional as F_
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from moedist.config import load_config
+    from moedist.train.data import ByteLMData
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      rms_norm_eps=1e-5, tie_word_embeddings=False))
+    hf.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "ft"
+    over = [f"model.from_hf={tmp_path / 'hf'}", "lora.mode=moe_lora", "lora.rank=4", "moe.capacity_factor=null",
+            "data.seq_len=32", "train.micro_batch_size=2", "train.max_steps=2", f"train.output_dir={out}"]
+    assert main(["train", TINY, *over]) == 0
+    recs = read_metrics(out / "metrics.jsonl")
+    x, y = ByteLMData.from_config(load_config(TINY, over).data).train_batch(0, 2)
+    with torch.no_grad():
+        logits = hf(x).logits
+    want = F_.cross_entropy(logits.reshape(-1, 256).float(), y.reshape(-1)).item()
+    assert recs[0]["lm_loss"] == pytest.approx(want, rel=1e-5)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trainable_params"] < summary["total_params"] / 2  # adapters + routers only
 
 
 def test_tensorboard_option(tmp_path, capsys):

@@ -25,11 +25,18 @@ def main_train(cfg, args=None) -> int:
     """Entry of `moedist train` (registered in moedist.cli.COMMANDS); returns the exit code."""
     from moedist.distributed.launch_env import detect_launch_env
 
+    from moedist.config import ConfigError
+
     env = detect_launch_env(os.environ)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
     from moedist.train.trainer import preflight
 
-    preflight(cfg, env.world_size)  # ConfigError -> one line, exit 2, nothing written
+    try:
+        preflight(cfg, env.world_size)  # ConfigError -> one line, exit 2, nothing written
+    except ConfigError:
+        if env.rank != 0:
+            return 2  # every rank finds the same problem: rank 0 alone reports it
+        raise
 
     import torch.distributed as dist
 

@@ -131,6 +131,8 @@ class DeepSpeedRunner:
     def backward(self, loss: torch.Tensor) -> None:
         at_boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)
+        if self.zero3:
+            self.engine.module.last_output = None  # do not keep the logits alive until the next forward
         if at_boundary and self.clips_itself:
             # ZeRO-0 fp32: grads are reduced now; DeepSpeed's own clip would average
             # per-rank norms under EP, so clip by the true global norm here.

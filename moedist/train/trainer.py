@@ -33,6 +33,20 @@ from moedist.train.schedule import lr_from_config
 
 # ------------------------------------------------------------------ preflight
 
+def resolve_hf(cfg):
+    """With model.from_hf: the config with the checkpoint's architecture; ConfigError if unusable."""
+    if cfg.model.from_hf is None:
+        return cfg
+    from moedist.models.hf import apply_hf_config
+
+    try:
+        return apply_hf_config(cfg)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"model.from_hf={cfg.model.from_hf!r}: {' '.join(str(err).split())}") from None
+
+
 def preflight(cfg, world_size: int, cuda: Optional[bool] = None) -> None:
     """Checks that need the world size or the environment; raises `ConfigError` (nothing written yet)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
@@ -59,8 +73,9 @@ def preflight(cfg, world_size: int, cuda: Optional[bool] = None) -> None:
         need(problem is None, problem or "")
     need(not tr.tensorboard or tensorboard_available(),
          "train.tensorboard=true: the tensorboard package is not installed (pip install tensorboard)")
-    need(m.from_hf is None, "model.from_hf: importing Hugging Face models is not supported by `moedist train` "
-         "yet; use moedist convert")
+    if m.from_hf is not None:
+        cfg = resolve_hf(cfg)
+        m = cfg.model
     need(m.max_seq_len >= data.seq_len, f"data.seq_len={data.seq_len}: must be <= model.max_seq_len")
     need(m.vocab_size >= 256, f"model.vocab_size={m.vocab_size}: byte-level data needs >= 256")
     out = tr.output_dir
@@ -142,10 +157,11 @@ class Trainer:
                  console: bool = True, eval_data: Optional[dict] = None, save_checkpoints: bool = True):
         from moedist.models import build_model, moe_layers, parallelize
 
-        self.cfg = cfg
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         preflight(cfg, self.world)
+        cfg = resolve_hf(cfg)  # a Hugging Face checkpoint decides the architecture
+        self.cfg = cfg
         self.is_main = self.rank == 0
         self.write = write_outputs and self.is_main
         self.console = console
@@ -165,6 +181,10 @@ class Trainer:
 
             self.dims = ParallelDims(self.world, ep, self.rank).build()
         model = build_model(cfg)
+        if cfg.model.from_hf is not None:
+            from moedist.models.hf import load_hf_weights_into
+
+            load_hf_weights_into(model, cfg.model.from_hf)  # moe_lora: the dense FFNs become the frozen bases
         if model_init is not None:
             model_init(model)
         self.total_params = sum(p.numel() for p in model.parameters())
