@@ -143,9 +143,11 @@ def _deepspeed_view_class(cls: type) -> type:
                 raise RuntimeError(f"DeepSpeed group {self.expert_group_name} is missing; call "
                                    "moedist.train.deepspeed_setup.init_expert_groups first")
 
-        _VIEW_CLASSES[cls] = type(f"DeepSpeedView{cls.__name__}", (cls, MoE),
-                                  {"set_deepspeed_parallelism": set_deepspeed_parallelism,
-                                   "__module__": __name__})
+        name = f"DeepSpeedView{cls.__name__}"
+        view = type(name, (cls, MoE), {"set_deepspeed_parallelism": set_deepspeed_parallelism,
+                                       "__module__": __name__, "__qualname__": name})
+        globals()[name] = view  # importable by name, so a model holding it still pickles
+        _VIEW_CLASSES[cls] = view
     return _VIEW_CLASSES[cls]
 
 

@@ -48,10 +48,11 @@ class Progress:
         self._bar.update(self._task, completed=step, info=info)
         if step % self.log_every == 0 or step == self.total or "val_loss" in record:
             val = f"  val {_fmt(record['val_loss'])}" if "val_loss" in record else ""
+            moe = (f"  aux {_fmt(record['aux_loss'])}  drop {_fmt(record['dropped_frac'], '.3f')}"
+                   if record.get("expert_load") else "")  # a dense model has neither
             self.console.print(
-                f"step {step:>5}/{self.total}  loss {_fmt(record['loss'])}  aux {_fmt(record['aux_loss'])}  "
-                f"lr {_fmt(record['lr'], '.2e')}  gnorm {_fmt(record.get('grad_norm'), '.3f')}  "
-                f"drop {_fmt(record['dropped_frac'], '.3f')}  {_fmt(record['tokens_per_s'], ',.0f')} tok/s{val}")
+                f"step {step:>5}/{self.total}  loss {_fmt(record['loss'])}{moe}  lr {_fmt(record['lr'], '.2e')}  "
+                f"gnorm {_fmt(record.get('grad_norm'), '.3f')}  {_fmt(record['tokens_per_s'], ',.0f')} tok/s{val}")
 
     def close(self) -> None:
         if self._bar is not None:

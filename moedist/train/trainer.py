@@ -50,7 +50,7 @@ def resolve_hf(cfg):
 def preflight(cfg, world_size: int, cuda: Optional[bool] = None) -> None:
     """Checks that need the world size or the environment; raises `ConfigError` (nothing written yet)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    m, moe, par, tr, ds, data = cfg.model, cfg.moe, cfg.parallel, cfg.train, cfg.deepspeed, cfg.data
+    m, par, tr, ds, data = cfg.model, cfg.parallel, cfg.train, cfg.deepspeed, cfg.data
     validate_world_size(cfg, world_size)
 
     def need(ok: bool, message: str) -> None:
