@@ -57,10 +57,17 @@ def test_short_demo_runs_and_reuses_cached_base(tmp_path):
     assert "training a dense byte-level LM" in res.stdout
     s = _check_story(out, res.stdout, 4)
     assert s["gain_code"] > 0  # even 4 steps of adapters help on the new domain
-    # second run: same base config -> cached weights, no base training
-    res2, _ = _run(["demo", "--out", str(out), "--base-steps", "8", "--steps", "2"], timeout=300)
+    # second run: same base config -> cached weights, no base training; this time with a shared
+    # expert (it starts silent, so the conversion is still exact) that trains with the adapters
+    shared = tmp_path / "demo_shared.yaml"
+    shared.write_text((ROOT / "configs" / "demo.yaml").read_text()
+                      .replace("  top_k: 2\n", "  top_k: 2\n  num_shared_experts: 1\n")
+                      .replace("  train_router: true\n", "  train_router: true\n  train_shared_experts: true\n"))
+    res2, _ = _run(["demo", "--out", str(out), "--base-steps", "8", "--steps", "2", "--config", str(shared)],
+                   timeout=300)
     assert res2.returncode == 0, res2.stdout[-3000:] + res2.stderr[-3000:]
     assert "reusing the dense model cached" in res2.stdout and "training a dense" not in res2.stdout
+    assert "a shared expert (w_down = 0, trains)" in res2.stdout
     s2 = _check_story(out, res2.stdout, 2)
     assert s2["dense_base"] == s["dense_base"]
 

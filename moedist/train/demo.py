@@ -122,6 +122,8 @@ def load_dense_into_moe_lora(model, dense_state: dict) -> None:
     Same-named tensors (embeddings, attention, norms, head) are copied; layer i's dense
     FFN becomes the frozen base of its LoRA experts (`MoELoRAExperts.load_base`).
     Router and adapters keep their initialisation (B = 0: every expert equals the FFN).
+    A shared expert (moe.num_shared_experts) gets w_down = 0, so the converted model
+    still computes exactly the dense one; it trains with lora.train_shared_experts.
     """
     import torch
 
@@ -137,7 +139,10 @@ def load_dense_into_moe_lora(model, dense_state: dict) -> None:
             else:
                 raise KeyError(f"dense weight {name} has no place in the LoRA-MoE model")
         for i, w in ffn.items():
-            model.layers[i].mlp.experts.load_base(w.get("w_gate"), w["w_up"], w["w_down"])
+            mlp = model.layers[i].mlp
+            mlp.experts.load_base(w.get("w_gate"), w["w_up"], w["w_down"])
+            if mlp.shared_experts is not None:  # optional shared expert: silent until it trains
+                mlp.shared_experts.w_down.zero_()
     loaded = set(dense_state) - {n for n in dense_state if _FFN.fullmatch(n)}
     missing = [n for n, p in params.items() if n not in loaded and not p.requires_grad
                and ".experts.w_" not in n]
@@ -215,7 +220,8 @@ def worker(args) -> int:
         m, moe, lora = ft_cfg.model, ft_cfg.moe, ft_cfg.lora
         console.print(f"[bold]2. convert[/]: each of the {m.num_layers} FFNs -> frozen FFN + router over "
                       f"{moe.num_experts} LoRA experts (rank {lora.rank}, B = 0), top-{moe.top_k}"
-                      + (f", {moe.num_shared_experts} shared expert(s)" if moe.num_shared_experts else ""))
+                      + (f", + a shared expert (w_down = 0, "
+                         f"{'trains' if lora.train_shared_experts else 'frozen'})" if moe.num_shared_experts else ""))
         trainer = Trainer(ft_cfg, model_init=lambda model: load_dense_into_moe_lora(model, dense_state),
                           eval_data={"prose": prose})
         if not ft_cfg.train.eval_every:
