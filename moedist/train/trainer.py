@@ -222,12 +222,6 @@ class Trainer:
         return (f"{m.num_layers} layers, H {m.hidden_size}, {kind}, {cap}, lora {lora.mode}"
                 + (f" r{lora.rank}" if lora.mode != "none" else ""))
 
-    def _allreduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            t = t.to(self.device)
-            dist.all_reduce(t)
-        return t.cpu()
-
     def _barrier(self) -> None:
         if dist.is_initialized() and self.world > 1:
             dist.barrier()
@@ -266,11 +260,12 @@ class Trainer:
             spec = os.path.abspath(spec.rstrip("/"))
             ckpt_dir, tag = os.path.dirname(spec), os.path.basename(spec)
         state = self.runner.load(ckpt_dir, tag, self.rank)
-        want = (self.world, self.cfg.parallel.ep_size, self.runner.kind)
-        got = (state.get("world_size"), state.get("ep_size"), state.get("engine"))
+        want = (self.world, self.cfg.parallel.ep_size, self.runner.kind, self.cfg.deepspeed.zero_stage)
+        got = (state.get("world_size"), state.get("ep_size"), state.get("engine"), state.get("zero_stage"))
         if want != got:
-            raise ConfigError(f"train.resume={self.cfg.train.resume!r}: checkpoint layout (world, ep, engine) = "
-                              f"{got} differs from this run's {want}")
+            raise ConfigError(f"train.resume={self.cfg.train.resume!r}: checkpoint layout (world, ep, engine, "
+                              f"zero stage) = {got} differs from this run's {want}; this checkpoint format "
+                              "resumes on the same layout only")
         self.step, self.position = int(state["step"]), int(state["position"])
         return True
 
