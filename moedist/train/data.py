@@ -105,8 +105,11 @@ class ByteLMData:
         return self.val.shape[0]
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_train, generator=g)
+        cached = self.__dict__.get("_order")
+        if cached is None or cached[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self.__dict__["_order"] = cached = (epoch, torch.randperm(self.num_train, generator=g))
+        return cached[1]
 
     def train_indices(self, position: int, count: int) -> torch.Tensor:
         """Window ids of global positions [position, position + count) of the training stream."""

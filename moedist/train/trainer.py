@@ -217,9 +217,12 @@ class Trainer:
 
     def _model_text(self) -> str:
         m, moe, lora = self.cfg.model, self.cfg.moe, self.cfg.lora
-        kind = "dense" if m.moe_every == 0 else f"{moe.num_experts} experts top-{moe.top_k}"
-        cap = "dropless" if not moe.capacity_factor else f"capacity {moe.capacity_factor}"
-        return (f"{m.num_layers} layers, H {m.hidden_size}, {kind}, {cap}, lora {lora.mode}"
+        if m.moe_every == 0:
+            kind = "dense"
+        else:
+            cap = "dropless" if not moe.capacity_factor else f"capacity {moe.capacity_factor}"
+            kind = f"{moe.num_experts} experts top-{moe.top_k}, {cap}"
+        return (f"{m.num_layers} layers, H {m.hidden_size}, {kind}, lora {lora.mode}"
                 + (f" r{lora.rank}" if lora.mode != "none" else ""))
 
     def _barrier(self) -> None:
