@@ -28,6 +28,12 @@ def single_process_env(monkeypatch):
                 "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only contends on a shared 2-core machine
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_train_writes_metrics_config_summary_and_plot(tmp_path, capsys):
