@@ -68,6 +68,14 @@ def test_train_writes_metrics_config_summary_and_plot(tmp_path, capsys):
     width, height = struct.unpack(">II", png[16:24])
     assert width > 400 and height > 400
     assert (out / "checkpoints" / "step_000004").is_dir()
+    # the final weights, layout-independent (moedist.checkpoint format), load into a fresh model
+    from moedist.checkpoint import load_checkpoint
+    from moedist.config import config_from_dict
+    from moedist.models import build_model
+
+    manifest = json.loads((out / "final" / "manifest.json").read_text())
+    model = build_model(config_from_dict(manifest["config"]))
+    assert load_checkpoint(out / "final", model).step == 4
     text = capsys.readouterr().out
     assert "moedist run 'tiny'" in text and "expert load L1" in text and "val loss" in text
     assert text.count("step     4/4") == 1

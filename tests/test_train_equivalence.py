@@ -93,17 +93,24 @@ def reference_run(cfg_dict: dict, steps: int = STEPS) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(total / n_micro)
-    return {"loss": losses, "grad_norm": norms}
+    return {"loss": losses, "grad_norm": norms,
+            "weights": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
 # ------------------------------------------------------------------ workers
 
-def train_jobs(rank: int, world: int, jobs: list) -> list:
-    """Train each (label, cfg dict) in turn; return losses and grad norms (the same on every rank)."""
-    from moedist.config import config_from_dict
-    from moedist.train.trainer import Trainer
+def train_jobs(rank: int, world: int, jobs: list, export_dir: str | None = None) -> list:
+    """Train each (label, cfg dict) in turn; return losses and grad norms (the same on every rank).
 
+    With `export_dir`, each job's final weights are also exported (`moedist.train.export`) to
+    <export_dir>/<job index> and rank 0 reads them back into one full model (all experts).
+    """
+    from moedist.checkpoint import load_checkpoint
+    from moedist.config import config_from_dict
+    from moedist.models import build_model
     from moedist.moe import Router
+    from moedist.train.export import export_model
+    from moedist.train.trainer import Trainer
 
     results = []
     for label, cfg_dict in jobs:
@@ -115,10 +122,18 @@ def train_jobs(rank: int, world: int, jobs: list) -> list:
                 m.register_forward_hook(lambda mod, inp, out: dtypes.update(
                     {str(out.logits_TE.dtype), str(out.probs_TE.dtype), str(out.weight_TK.dtype)}))
         res = trainer.train()
+        weights = None
+        if export_dir is not None:
+            path = export_model(trainer, f"{export_dir}/{len(results)}")
+            if rank == 0:  # read back at EP=1: every expert by its global id
+                full = build_model(config_from_dict({**cfg_dict, "parallel": {"ep_size": 1},
+                                                     "deepspeed": {"enabled": False}}))
+                load_checkpoint(path, full)
+                weights = {n: p.detach().clone() for n, p in full.named_parameters()}
         results.append({"label": label, "loss": [r["loss"] for r in res.records],
                         "grad_norm": [r["grad_norm"] for r in res.records],
                         "dropped": [r["dropped_frac"] for r in res.records],
-                        "router_dtypes": sorted(dtypes),
+                        "router_dtypes": sorted(dtypes), "weights": weights,
                         "param_dtype": str(trainer.model.layers[0].self_attn.q_proj.weight.dtype)})
     return results
 
@@ -177,7 +192,7 @@ def bf16(cfg: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_proc():
+def two_proc(tmp_path_factory):
     """Every 2-process job of this file in one launch: {label: result}."""
     W = 2
     jobs = FP32_JOBS_2 + [
@@ -187,8 +202,9 @@ def two_proc():
         ("bf16 zero2 ep2", bf16(make_cfg(W, 2, "deepspeed", 2))),
         ("bf16 zero3 ep2", bf16(make_cfg(W, 2, "deepspeed", 3))),
     ]
-    results = run_workers(train_jobs, W, args=(jobs,), timeout=600)
-    assert results[0] == results[1]  # every rank reports the same global metrics
+    results = run_workers(train_jobs, W, args=(jobs, str(tmp_path_factory.mktemp("export"))), timeout=600)
+    for r0, r1 in zip(*results):  # every rank reports the same global metrics
+        assert {k: v for k, v in r0.items() if k != "weights"} == {k: v for k, v in r1.items() if k != "weights"}
     return {r["label"]: r for r in results[0]}
 
 
@@ -197,6 +213,24 @@ def test_two_processes_all_layouts_match_reference(references, two_proc):
     assert any(d > 0 for d in fp32[0]["dropped"]), "capacity dropped nothing: test proves less"
     assert all(r["param_dtype"] == "torch.float32" for r in fp32)
     _check(fp32, references)
+
+
+def test_exported_weights_match_reference_at_any_layout(references, two_proc):
+    """The final weights, exported layout-independently by every engine and read back at EP=1,
+    equal the single-process reference's after 5 AdamW steps (same updated weights)."""
+    for label, _ in FP32_JOBS_2:
+        got = two_proc[label]["weights"]
+        want = references["shared" if "shared" in label else "base"]["weights"]
+        assert got.keys() == want.keys()
+        for name, w in want.items():
+            err = (got[name] - w).abs().max().item()
+            assert err <= 1e-5 * max(1.0, w.abs().max().item()), f"{label}: {name} differs by {err:.2e}"
+    for label in ("bf16 zero2 ep2", "bf16 zero3 ep2"):  # the fp32 master weights, not the bf16 copies
+        got, want = two_proc[label]["weights"], references["base"]["weights"]
+        for name, w in want.items():
+            assert (got[name] - w).abs().mean().item() <= 1e-3 * max(1.0, w.abs().max().item()), (label, name)
+        q = got["layers.0.self_attn.q_proj.weight"]
+        assert (q != q.to(torch.bfloat16).float()).float().mean() > 0.5, label
 
 
 def test_bf16_tracks_fp32_with_router_in_fp32(references, two_proc):
@@ -219,7 +253,7 @@ def test_bf16_tracks_fp32_with_router_in_fp32(references, two_proc):
 
 
 @pytest.mark.slow
-def test_four_processes_all_layouts_match_reference(references):
+def test_four_processes_all_layouts_match_reference(references, tmp_path):
     W = 4
     jobs = [
         ("pytorch ep4", make_cfg(W, 4)),
@@ -234,6 +268,12 @@ def test_four_processes_all_layouts_match_reference(references):
         ("zero1 ep4 shared", make_cfg(W, 4, "deepspeed", 1, SHARED_DROPLESS)),
         ("zero3 ep2 shared", make_cfg(W, 2, "deepspeed", 3, SHARED_DROPLESS)),
     ]
-    results = run_workers(train_jobs, W, args=(jobs,), timeout=900)
-    assert all(r == results[0] for r in results)
+    results = run_workers(train_jobs, W, args=(jobs, str(tmp_path / "export")), timeout=900)
+    strip = [[{k: v for k, v in r.items() if k != "weights"} for r in rank] for rank in results]
+    assert all(r == strip[0] for r in strip)
     _check(results[0], references)
+    for r in results[0]:  # exported at EP 1/2/4, read back at EP 1: the reference's weights
+        want = references["shared" if "shared" in r["label"] else "base"]["weights"]
+        for name, w in want.items():
+            err = (r["weights"][name] - w).abs().max().item()
+            assert err <= 1e-5 * max(1.0, w.abs().max().item()), f"{r['label']}: {name} differs by {err:.2e}"

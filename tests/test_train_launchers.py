@@ -51,6 +51,7 @@ def test_launcher_runs_two_process_training(runs, script):
     assert all(r["tokens"] == 2 * 2 * 32 for r in recs)  # two ranks contributed to every step
     assert "2 rank(s), EP 2 x EDP 1, DeepSpeed ZeRO-2" in res.stdout
     assert res.stdout.count("moedist run 'tiny'") == 1  # rank 0 alone prints the summary
+    assert (out / "final" / "manifest.json").exists() and (out / "checkpoints" / "latest").exists()
 
 
 def test_launchers_give_identical_losses(runs):

@@ -88,7 +88,7 @@ def summary_table(summary: dict) -> Table:
     for l, shares in enumerate(summary.get("expert_load", [])):
         if shares:
             rows.append((f"expert load L{l}", f"{load_bar(shares)}  min {min(shares):.3f} max {max(shares):.3f}"))
-    for k in ("metrics", "plot", "checkpoint"):
+    for k in ("metrics", "plot", "checkpoint", "final"):
         if summary.get(k):
             rows.append((k, summary[k]))
     for k, v in rows:

@@ -338,8 +338,14 @@ class Trainer:
         finally:
             bar.close()
             writer.close()
+        final = None
+        if self.save_checkpoints and self.step == tr.max_steps:
+            from moedist.train.export import export_model
+
+            final = export_model(self, os.path.join(tr.output_dir, "final"))
         elapsed = time.perf_counter() - t_start
         summary = self._summary(records, elapsed, val)
+        summary["final"] = final
         if self.write:
             if tr.plot and records:
                 from moedist.train.plot import plot_run
