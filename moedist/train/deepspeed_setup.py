@@ -357,6 +357,46 @@ def optimizer_state_numel(engine) -> int:
     return total
 
 
+def _optimizer_flats(engine) -> list:
+    """The tensors DeepSpeed's torch optimizer keeps state for (flat fp32 partitions)."""
+    inner = inner_optimizer(engine)
+    flats = [p for group in inner.param_groups for p in group["params"]]
+    flats += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))  # ZeRO-3 swaps these in per step
+    return [p for p in flats if p is not None]
+
+
+def set_optimizer_step(engine, step: int) -> None:
+    """Set AdamW's step count (bias correction) on every state DeepSpeed's optimizer holds."""
+    inner = inner_optimizer(engine)
+    for p in _optimizer_flats(engine):
+        st = inner.state.get(p)
+        if st and "step" in st:
+            st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
+
+
+def materialize_optimizer_state(engine) -> None:
+    """Give the optimizer its AdamW state (zeros, step 0) before the first step, so that state
+    can be written into it (resume). Torch AdamW creates exactly these lazily at its first step;
+    ZeRO-1/2 then link them to each parameter's fragment (`_lazy_init_hp_params_optimizer_state`),
+    which `safe_get/set_full_optimizer_state` need; ZeRO-3 keys them by its flat fp32 sub-groups."""
+    opt = engine.optimizer
+    inner = inner_optimizer(engine)
+    if not isinstance(inner, torch.optim.AdamW):
+        return
+    for p in _optimizer_flats(engine):
+        st = inner.state[p]
+        if not st:
+            st["step"] = torch.tensor(0.0)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    link = getattr(opt, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        # ZeRO-1/2 link once, after the first step; at world > 1 the state can be re-keyed after
+        # that (the fragments then hold nothing), so link again against the current state.
+        opt._hp_optimizer_states_linked = False
+        link()
+
+
 def local_param_numel(p: torch.Tensor) -> int:
     """Elements of `p` this rank stores (its ZeRO-3 partition, or the whole tensor)."""
     ds_tensor = getattr(p, "ds_tensor", None)

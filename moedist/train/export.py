@@ -12,12 +12,7 @@ directly. A shadow copy of the (sharded) model receives them and is saved.
 """
 from __future__ import annotations
 
-import os
-import types
-
 import torch
-
-from moedist.config import config_to_dict
 
 
 def full_fp32_state(trainer) -> dict:
@@ -47,17 +42,6 @@ def full_fp32_state(trainer) -> dict:
 
 def export_model(trainer, path: str) -> str:
     """Write the current weights of `trainer`'s model to `path` (every rank calls it)."""
-    from moedist.checkpoint import save_checkpoint
-    from moedist.models import build_model, parallelize
+    from moedist.train import checkpointing
 
-    state = full_fp32_state(trainer)
-    shadow = build_model(trainer.cfg)
-    ep = trainer.cfg.parallel.ep_size
-    parallelize(shadow, types.SimpleNamespace(size=ep, rank=trainer.dims.ep_rank))  # this rank's expert shard
-    missing = set(dict(shadow.named_parameters())) - set(state)
-    if missing:
-        raise KeyError(f"export: no value for {sorted(missing)[:5]}")
-    shadow.load_state_dict(state, strict=False)
-    extra = {"position": trainer.position, "engine": trainer.runner.kind, "layout": trainer.layout}
-    return os.fspath(save_checkpoint(path, shadow, step=trainer.step, extra_state=extra,
-                                     config=config_to_dict(trainer.cfg), dims=trainer.dims))
+    return checkpointing.save(trainer, path, with_optimizer=False)

@@ -241,16 +241,31 @@ class Trainer:
         return out
 
     def save(self) -> str:
-        """Save a checkpoint of the current step (the one place that chooses the format)."""
+        """Save a checkpoint of the current step: the one place that chooses the format.
+
+        The layout-independent moedist format (`checkpointing`), except for DeepSpeed ZeRO-0
+        with bf16/fp16, whose optimizer state only DeepSpeed's own format holds.
+        """
+        from moedist.train import checkpointing
+
         tag = f"step_{self.step:06d}"
-        state = {"step": self.step, "position": self.position, "world_size": self.world,
-                 "ep_size": self.cfg.parallel.ep_size, "zero_stage": self.cfg.deepspeed.zero_stage,
-                 "engine": self.runner.kind}
-        self.last_checkpoint = self.runner.save(self.ckpt_dir, tag, state, self.rank)
+        if checkpointing.supported(self):
+            self.last_checkpoint = checkpointing.save(self, os.path.join(self.ckpt_dir, tag))
+        else:
+            state = {"step": self.step, "position": self.position, "world_size": self.world,
+                     "ep_size": self.cfg.parallel.ep_size, "zero_stage": self.cfg.deepspeed.zero_stage,
+                     "engine": self.runner.kind}
+            self.last_checkpoint = self.runner.save(self.ckpt_dir, tag, state, self.rank)
         return self.last_checkpoint
 
     def resume(self) -> bool:
-        """Load `train.resume` ('auto' = latest in output_dir, or a directory); True if resumed."""
+        """Load `train.resume` ('auto' = latest in output_dir, or a directory); True if resumed.
+
+        A moedist-format checkpoint resumes at any world size, EP size, ZeRO stage or engine;
+        a DeepSpeed-format one (ZeRO-0 with bf16/fp16) on its own layout only.
+        """
+        from moedist.train import checkpointing
+
         spec = self.cfg.train.resume
         if spec is None:
             return False
@@ -258,17 +273,18 @@ class Trainer:
             latest = os.path.join(self.ckpt_dir, "latest")
             if not os.path.exists(latest):
                 return False
-            ckpt_dir, tag = self.ckpt_dir, open(latest).read().strip()
+            path = os.path.join(self.ckpt_dir, open(latest).read().strip())
         else:
-            spec = os.path.abspath(spec.rstrip("/"))
-            ckpt_dir, tag = os.path.dirname(spec), os.path.basename(spec)
-        state = self.runner.load(ckpt_dir, tag, self.rank)
-        want = (self.world, self.cfg.parallel.ep_size, self.runner.kind, self.cfg.deepspeed.zero_stage)
-        got = (state.get("world_size"), state.get("ep_size"), state.get("engine"), state.get("zero_stage"))
-        if want != got:
-            raise ConfigError(f"train.resume={self.cfg.train.resume!r}: checkpoint layout (world, ep, engine, "
-                              f"zero stage) = {got} differs from this run's {want}; this checkpoint format "
-                              "resumes on the same layout only")
+            path = os.path.abspath(spec.rstrip("/"))
+        if checkpointing.is_moedist_checkpoint(path):
+            state = checkpointing.load(self, path)
+        else:
+            state = self.runner.load(os.path.dirname(path), os.path.basename(path), self.rank)
+            want = (self.world, self.cfg.parallel.ep_size, self.runner.kind, self.cfg.deepspeed.zero_stage)
+            got = (state.get("world_size"), state.get("ep_size"), state.get("engine"), state.get("zero_stage"))
+            if want != got:
+                raise ConfigError(f"train.resume={self.cfg.train.resume!r}: DeepSpeed-format checkpoint layout "
+                                  f"(world, ep, engine, zero stage) = {got} differs from this run's {want}")
         self.step, self.position = int(state["step"]), int(state["position"])
         return True
 
@@ -340,9 +356,9 @@ class Trainer:
             writer.close()
         final = None
         if self.save_checkpoints and self.step == tr.max_steps:
-            from moedist.train.export import export_model
+            from moedist.train import checkpointing
 
-            final = export_model(self, os.path.join(tr.output_dir, "final"))
+            final = checkpointing.save(self, os.path.join(tr.output_dir, "final"), with_optimizer=False)
         elapsed = time.perf_counter() - t_start
         summary = self._summary(records, elapsed, val)
         summary["final"] = final
