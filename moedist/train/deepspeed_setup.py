@@ -39,10 +39,15 @@ once (verified). The fp32 ZeRO-0 path averages per-rank norms (DeepSpeed issue
 #8475), so there DeepSpeed's clipping is switched off and the trainer clips
 with `moedist.distributed.clip_grad_norm_` between backward and step.
 
-Checkpoints: ``engine.save_checkpoint`` only writes expert files for layers
-whose keys follow DeepSpeed's native naming and crashes on ours, so
-`save_checkpoint` hides the MoE layers from it and writes each rank's expert
-tensors (and, at ZeRO-0, its optimizer state) into a per-rank file beside it.
+Checkpoints: the trainer writes the layout-independent moedist format
+(`moedist.train.checkpointing`); what it needs from DeepSpeed is here:
+`materialize_optimizer_state` (AdamW state before the first step, and a fresh
+link of ZeRO-1/2's per-parameter fragments to it) and `set_optimizer_step`.
+DeepSpeed's own format remains for ZeRO-0 with bf16/fp16: ``engine.save_checkpoint``
+only writes expert files for layers whose keys follow DeepSpeed's native naming
+and crashes on ours, so `save_checkpoint` hides the MoE layers from it and writes
+each rank's expert tensors (and, at ZeRO-0, its optimizer state) into a per-rank
+file beside it (same layout only).
 """
 from __future__ import annotations
 
