@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 from typing import List, Optional
 
 import torch
@@ -76,29 +75,6 @@ class PlainRunner:
     def eval_forward(self, x, y):
         return self.module(x, y)
 
-    def save(self, ckpt_dir: str, tag: str, client_state: dict, rank: int) -> str:
-        import torch.distributed as dist
-
-        folder = os.path.join(ckpt_dir, tag)
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"rank{rank:05d}.pt")
-        torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "client_state": client_state}, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        if dist.is_initialized():
-            dist.barrier()
-        if rank == 0:
-            with open(os.path.join(ckpt_dir, "latest"), "w") as fh:
-                fh.write(tag)
-        return folder
-
-    def load(self, ckpt_dir: str, tag: str, rank: int) -> dict:
-        state = torch.load(os.path.join(ckpt_dir, tag, f"rank{rank:05d}.pt"), map_location=self.device,
-                           weights_only=True)
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        return state["client_state"]
-
     def optimizer_state_numel(self) -> int:
         return sum(v.numel() for s in self.optimizer.state.values() for k, v in s.items()
                    if torch.is_tensor(v) and k != "step")
@@ -154,6 +130,7 @@ class DeepSpeedRunner:
         return self.forward(x, y)
 
     def save(self, ckpt_dir: str, tag: str, client_state: dict, rank: int) -> str:
+        """DeepSpeed's own checkpoint format (used only where the moedist format cannot hold the state)."""
         return dss.save_checkpoint(self.engine, ckpt_dir, tag, client_state, rank)
 
     def load(self, ckpt_dir: str, tag: str, rank: int) -> dict:

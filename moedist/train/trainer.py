@@ -279,6 +279,9 @@ class Trainer:
         if checkpointing.is_moedist_checkpoint(path):
             state = checkpointing.load(self, path)
         else:
+            if self.runner.kind != "deepspeed" or not os.path.isdir(path):
+                raise ConfigError(f"train.resume={self.cfg.train.resume!r}: {path} is not a moedist checkpoint "
+                                  "(no manifest.json)")
             state = self.runner.load(os.path.dirname(path), os.path.basename(path), self.rank)
             want = (self.world, self.cfg.parallel.ep_size, self.runner.kind, self.cfg.deepspeed.zero_stage)
             got = (state.get("world_size"), state.get("ep_size"), state.get("engine"), state.get("zero_stage"))
