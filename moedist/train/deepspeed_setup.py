@@ -31,8 +31,16 @@ How DeepSpeed is told which parameters are experts:
   (experts are called through `forward_tokens` and LoRA stacks through `delta`,
   which ZeRO-3's per-module hooks would not see), and its input is made to
   require grad (else its gradient reduction misfires under a frozen base).
+  The ZeRO-3 engine wraps a thin root (`Zero3Module`) that returns the loss
+  tensor: ZeRO-3 re-fetches parameters for backward through hooks on returned
+  tensors and cannot see inside our output dataclass.
 * Optimizer param groups: ``split_params_into_different_moe_groups_for_optimizer``
   puts expert parameters in groups with ``moe=True`` and ``name=<group_name>``.
+* ZeRO-1/2 need ``contiguous_gradients=True``: with it off, the fallback
+  reduction (``buffered_reduce_fallback``) all-reduces expert gradients over the
+  whole world, averaging different experts (found by the cross-layout test).
+* The CPU shared-memory all-reduce op is skipped (`quiet_deepspeed`): it is
+  JIT-compiled on first use (about a minute on 2 cores) and gloo does the work.
 
 Gradient clipping: ZeRO-1/2/3 compute the global norm with each expert counted
 once (verified). The fp32 ZeRO-0 path averages per-rank norms (DeepSpeed issue
@@ -118,6 +126,13 @@ def init_expert_groups(ep_size: int):
     from moedist.distributed.parallel_dims import ParallelDims
 
     quiet_deepspeed()
+    if not deepspeed_version_ok():
+        import warnings
+
+        import deepspeed
+
+        warnings.warn(f"DeepSpeed {deepspeed.__version__}: moedist's use of its internals was checked with "
+                      f"0.19.x (setup.py pins >=0.19,<0.20)")
     # The engine asserts LOCAL_RANK is set; every launcher sets it, a plain process does not.
     if "LOCAL_RANK" not in os.environ and dist.is_initialized() and dist.get_world_size() == 1:
         os.environ["LOCAL_RANK"] = "0"
