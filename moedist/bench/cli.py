@@ -38,6 +38,23 @@ def _add_shape_args(p: argparse.ArgumentParser, tokens: int) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
     p.add_argument("--json", metavar="PATH", help="write the results here")
+    _add_allocator_arg(p)
+
+
+def _add_allocator_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpu-allocator", choices=("default", "cached"), default="default",
+                   help="cached: glibc keeps freed memory (no mmap/page faults per step), like a GPU caching allocator")
+
+
+def _apply_allocator(args) -> Optional[str]:
+    """Apply --cpu-allocator; returns the name recorded in the JSON."""
+    choice = getattr(args, "cpu_allocator", "default")
+    if choice == "cached":
+        from moedist.bench.memory import use_cached_cpu_allocator
+
+        if not use_cached_cpu_allocator():
+            raise ValueError("--cpu-allocator=cached: glibc mallopt is not available on this system")
+    return choice
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--ep-size", type=int, default=1)
     tr.add_argument("--threads", type=int, default=0)
     tr.add_argument("--json", metavar="PATH")
+    _add_allocator_arg(tr)
     return parser
 
 
@@ -133,6 +151,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point for `moedist bench ...` (argv: the arguments after `bench`)."""
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     try:
+        allocator = _apply_allocator(args)
         if args.what == "layer":
             res = _layer(args)
         elif args.what == "ep":
@@ -146,6 +165,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         print(f"moedist bench {args.what}: {e}", file=sys.stderr)
         return 2
+    if res is not None:
+        res.setdefault("environment", {})["cpu_allocator"] = allocator
     if res is not None and getattr(args, "json", None):
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w", encoding="utf-8") as f:

@@ -401,6 +401,13 @@ def environment(device: torch.device) -> dict:
     env = dict(torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), device=str(device),
                date=datetime.date.today().isoformat())
+    env["env"] = {k: os.environ[k] for k in ("THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_",
+                                             "MALLOC_TRIM_THRESHOLD_", "DS_ACCELERATOR") if k in os.environ}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            env["cpu"] = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), None)
+    except OSError:
+        pass
     try:
         env["loadavg_1m"] = os.getloadavg()[0]
     except OSError:
