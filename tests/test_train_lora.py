@@ -48,6 +48,7 @@ CASES = [
     ("moe_lora zero3 ep1", lora_cfg("moe_lora", 1, "deepspeed", 3)),
     ("expert_lora zero1 ep2", lora_cfg("expert_lora", 2, "deepspeed", 1)),
     ("full zero2 ep1", lora_cfg("full", 1, "deepspeed", 2)),
+    ("full zero3 ep2", lora_cfg("full", 2, "deepspeed", 3)),
 ]
 
 
