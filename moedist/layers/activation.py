@@ -101,13 +101,7 @@ def draw_normal_weight(shape_io: Tuple[int, int], activation_type: MLPActivation
     Returns:
         A float32 CPU tensor of shape `[in, out]`.
     """
-    w_IO = torch.empty(shape_io, dtype=torch.float32, device="cpu")  # [in, out]
-    g = _generator(seed)
-    if uses_xavier(activation_type):
-        nn.init.xavier_normal_(w_IO.T, generator=g)
-    else:
-        nn.init.kaiming_normal_(w_IO.T, mode="fan_in", nonlinearity="relu", generator=g)
-    return w_IO
+    return _draw(shape_io, activation_type, seed, nn.init.xavier_normal_, nn.init.kaiming_normal_)
 
 
 def draw_uniform_weight(shape_io: Tuple[int, int], activation_type: MLPActivationType, seed: int) -> torch.Tensor:
@@ -125,10 +119,16 @@ def draw_uniform_weight(shape_io: Tuple[int, int], activation_type: MLPActivatio
     Returns:
         A float32 CPU tensor of shape `[in, out]`.
     """
+    return _draw(shape_io, activation_type, seed, nn.init.xavier_uniform_, nn.init.kaiming_uniform_)
+
+
+def _draw(shape_io, activation_type: MLPActivationType, seed: int, xavier, kaiming) -> torch.Tensor:
+    """Fill a new float32 CPU `[in, out]` tensor through its `[out, in]` view, so torch's
+    fan_in is the input dimension; one private generator per draw."""
     w_IO = torch.empty(shape_io, dtype=torch.float32, device="cpu")  # [in, out]
     g = _generator(seed)
     if uses_xavier(activation_type):
-        nn.init.xavier_uniform_(w_IO.T, generator=g)
+        xavier(w_IO.T, generator=g)
     else:
-        nn.init.kaiming_uniform_(w_IO.T, mode="fan_in", nonlinearity="relu", generator=g)
+        kaiming(w_IO.T, mode="fan_in", nonlinearity="relu", generator=g)
     return w_IO
