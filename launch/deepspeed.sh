@@ -13,14 +13,11 @@
 # Arguments go to the entry unchanged.
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-find_tool() { command -v "$1" 2>/dev/null || { [[ -x $ROOT/.venv/bin/$1 ]] && echo "$ROOT/.venv/bin/$1"; } || { echo "$1 not found on PATH or in $ROOT/.venv/bin" >&2; exit 127; }; }
-gpu_count() { nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true; }
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
 GPUS=$(gpu_count)
 if [[ ${GPUS:-0} == 0 ]]; then export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}; fi
-NPROC=${NPROC:-$GPUS}
-NPROC=${NPROC:-1}; [[ $NPROC == 0 ]] && NPROC=1
+NPROC=$(default_nproc)
 HOSTFILE=${HOSTFILE:-}
 MASTER_PORT=${MASTER_PORT:-29500}
 ARGS=(--num_gpus "$NPROC" --master_port "$MASTER_PORT")
@@ -31,8 +28,7 @@ if [[ -n $HOSTFILE ]]; then
 else
     ARGS+=(--master_addr "${MASTER_ADDR:-127.0.0.1}")
 fi
-ENTRY=${MOEDIST_ENTRY:--m moedist.cli}
-if [[ $ENTRY == "-m "* ]]; then ENTRY_ARGS=(--module "${ENTRY#-m }"); else ENTRY_ARGS=("$ENTRY"); fi
+entry_args --module
 read -r -a EXTRA <<< "${DEEPSPEED_ARGS:-}"
 
 DEEPSPEED=$(find_tool deepspeed)

@@ -13,12 +13,9 @@
 # Arguments go to the entry unchanged.
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-find_tool() { command -v "$1" 2>/dev/null || { [[ -x $ROOT/.venv/bin/$1 ]] && echo "$ROOT/.venv/bin/$1"; } || { echo "$1 not found on PATH or in $ROOT/.venv/bin" >&2; exit 127; }; }
-gpu_count() { nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true; }
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 
-NPROC=${NPROC:-$(gpu_count)}
-NPROC=${NPROC:-1}; [[ $NPROC == 0 ]] && NPROC=1
+NPROC=$(default_nproc)
 HOSTFILE=${HOSTFILE:-}
 HOST_ARGS=()
 if [[ -n $HOSTFILE ]]; then
@@ -28,8 +25,7 @@ fi
 export MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 export MASTER_PORT=${MASTER_PORT:-29500}
 PYTHON=${PYTHON:-$(find_tool python)}
-ENTRY=${MOEDIST_ENTRY:--m moedist.cli}
-if [[ $ENTRY == "-m "* ]]; then ENTRY_ARGS=(-m "${ENTRY#-m }"); else ENTRY_ARGS=("$ENTRY"); fi
+entry_args -m
 read -r -a EXTRA <<< "${MPIRUN_ARGS:-}"
 
 MPIRUN=$(find_tool mpirun)
