@@ -11,7 +11,7 @@ plain process. The data position and step travel in the manifest's extra state.
 Loading pushes the values into whatever holds them: module parameters (and, for
 ZeRO-3, their partitions, re-scattered from each partition group's first rank),
 DeepSpeed's fp32 master copies (`safe_set_full_fp32_param`) and its optimizer
-state (`moedist.checkpoint.set_deepspeed_optimizer_state`), or the torch
+state (`moedist.train.deepspeed_setup.set_full_optimizer_state`), or the torch
 optimizer's state for the PyTorch runner and fp32 ZeRO-0.
 
 DeepSpeed ZeRO-0 with bf16/fp16 keeps its optimizer state in a wrapper this path
@@ -46,15 +46,14 @@ def _torch_optimizer(trainer):
 
 def optimizer_state(trainer) -> dict:
     """{param name: {exp_avg, exp_avg_sq, step}} full tensors for this rank's parameters (collective)."""
-    from moedist.checkpoint import get_deepspeed_optimizer_state, get_torch_optimizer_state
+    from moedist.checkpoint import get_torch_optimizer_state
 
-    from moedist.train.deepspeed_setup import materialize_optimizer_state
+    from moedist.train.deepspeed_setup import get_full_optimizer_state
 
     opt = _torch_optimizer(trainer)
     if opt is not None:
         return get_torch_optimizer_state(trainer.runner.module, opt)
-    materialize_optimizer_state(trainer.runner.engine)  # links the state to each parameter's fragment
-    return get_deepspeed_optimizer_state(trainer.runner.module, trainer.runner.engine)
+    return get_full_optimizer_state(trainer.runner.module, trainer.runner.engine)
 
 
 def shadow_model(trainer):
@@ -92,7 +91,7 @@ def is_moedist_checkpoint(path: str) -> bool:
 @torch.no_grad()
 def load(trainer, path: str) -> dict:
     """Load a moedist checkpoint into the trainer's runner at its current layout; returns extra state."""
-    from moedist.checkpoint import load_checkpoint, set_deepspeed_optimizer_state, set_torch_optimizer_state
+    from moedist.checkpoint import load_checkpoint, set_torch_optimizer_state
 
     shadow = shadow_model(trainer)
     loaded = load_checkpoint(path, shadow, dims=trainer.dims)
@@ -119,17 +118,14 @@ def load(trainer, path: str) -> dict:
     if ds and opt is None:
         from deepspeed.utils import safe_set_full_fp32_param
 
-        from moedist.train.deepspeed_setup import materialize_optimizer_state, set_optimizer_step
+        from moedist.train.deepspeed_setup import materialize_optimizer_state, set_full_optimizer_state
 
         engine = trainer.runner.engine
         materialize_optimizer_state(engine)
         for name, p in params.items():
             if p.requires_grad:
                 safe_set_full_fp32_param(p, values[name].to(trainer.device))
-        set_deepspeed_optimizer_state(module, engine, loaded.optim_state)
-        steps = [int(st["step"]) for st in loaded.optim_state.values() if "step" in st]
-        if steps:
-            set_optimizer_step(engine, steps[0])
+        set_full_optimizer_state(module, engine, loaded.optim_state)
     elif opt is not None:
         set_torch_optimizer_state(module, opt, loaded.optim_state)
     return loaded.extra_state

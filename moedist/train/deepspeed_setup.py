@@ -417,6 +417,46 @@ def materialize_optimizer_state(engine) -> None:
         link()
 
 
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
+
+
+def get_full_optimizer_state(module: nn.Module, engine) -> Dict[str, Dict[str, torch.Tensor]]:
+    """{param name: {exp_avg, exp_avg_sq, step}} full tensors from a ZeRO 0-3 engine.
+
+    Collective (DeepSpeed's `safe_get_full_optimizer_state` gathers partitions):
+    every rank calls it for the same parameters in the same order.
+    """
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    materialize_optimizer_state(engine)  # links the state to each parameter's fragment
+    step = next((int(st["step"]) for st in inner_optimizer(engine).state.values() if "step" in st), 0)
+    out: Dict[str, Dict[str, torch.Tensor]] = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        st = {s: v.detach().float().cpu().clone() for s in ADAM_STATES
+              if (v := safe_get_full_optimizer_state(p, s)) is not None}
+        if st:
+            st["step"] = torch.tensor(float(step))
+            out[name] = st
+    return out
+
+
+def set_full_optimizer_state(module: nn.Module, engine, state: Dict[str, Dict[str, torch.Tensor]]) -> None:
+    """Write full per-parameter Adam state (as `get_full_optimizer_state` returns) into the engine."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    materialize_optimizer_state(engine)
+    for name, p in module.named_parameters():
+        if p.requires_grad and name in state:
+            for s in ADAM_STATES:
+                if s in state[name]:
+                    safe_set_full_optimizer_state(p, state[name][s].to(p.device), s)
+    steps = [int(st["step"]) for st in state.values() if "step" in st]
+    if steps:
+        set_optimizer_step(engine, steps[0])
+
+
 def local_param_numel(p: torch.Tensor) -> int:
     """Elements of `p` this rank stores (its ZeRO-3 partition, or the whole tensor)."""
     ds_tensor = getattr(p, "ds_tensor", None)
