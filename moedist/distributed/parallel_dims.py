@@ -20,6 +20,8 @@ torch.distributed would silently read as "the whole world".
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -223,9 +225,39 @@ def _deepspeed_expert_groups(ep_size: int, backend: str):
     import deepspeed.comm as ds_comm
     from deepspeed.utils import groups
 
+    quiet_deepspeed()
     if not ds_comm.is_initialized():
         # torch.distributed is up already: DeepSpeed only wraps the existing group.
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     groups._create_expert_and_data_parallel(ep_size)
     name = f"ep_size_{ep_size}"
     return groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name)
+
+
+def quiet_deepspeed() -> None:
+    """Before DeepSpeed's comm layer starts: skip its CPU shared-memory all-reduce op and
+    its INFO logs.
+
+    The op is JIT-compiled with ninja on first use (about a minute on 2 cores, and
+    again whenever another checkout's sources share ~/.cache/torch_extensions);
+    gloo does the same reductions. Probing op compatibility runs compilers too,
+    so the probe result is set rather than computed (it is read only for this op).
+    Set MOEDIST_DS_VERBOSE=1 to keep DeepSpeed's INFO logs.
+    """
+    import logging
+    import warnings
+
+    import deepspeed.ops as ops
+
+    # DeepSpeed calls the deprecated name once per ZeRO all-gather.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+    compat = ops.__dict__.get("__compatible_ops__")
+    if compat is None:
+        ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+    else:
+        compat["deepspeed_shm_comm"] = False
+    if os.environ.get("MOEDIST_DS_VERBOSE", "0") != "1":
+        from deepspeed.utils import logger
+
+        logger.setLevel(logging.WARNING)

@@ -67,6 +67,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from moedist.distributed.parallel_dims import quiet_deepspeed  # noqa: F401 (re-exported)
 from moedist.moe.experts import EXPERT_ATTR
 from moedist.moe.layer import MoELayer
 
@@ -83,35 +84,6 @@ def deepspeed_version_ok() -> bool:
 def group_name(ep_size: int) -> str:
     """DeepSpeed's key for an expert-parallel size in its group dictionaries."""
     return f"ep_size_{ep_size}"
-
-
-def quiet_deepspeed() -> None:
-    """Before DeepSpeed's comm layer starts: skip its CPU shared-memory all-reduce op and
-    its INFO logs.
-
-    The op is JIT-compiled with ninja on first use (about a minute on 2 cores, and
-    again whenever another checkout's sources share ~/.cache/torch_extensions);
-    gloo does the same reductions. Probing op compatibility runs compilers too,
-    so the probe result is set rather than computed (it is read only for this op).
-    Set MOEDIST_DS_VERBOSE=1 to keep DeepSpeed's INFO logs.
-    """
-    import logging
-    import warnings
-
-    import deepspeed.ops as ops
-
-    # DeepSpeed calls the deprecated name once per ZeRO all-gather.
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-
-    compat = ops.__dict__.get("__compatible_ops__")
-    if compat is None:
-        ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
-    else:
-        compat["deepspeed_shm_comm"] = False
-    if os.environ.get("MOEDIST_DS_VERBOSE", "0") != "1":
-        from deepspeed.utils import logger
-
-        logger.setLevel(logging.WARNING)
 
 
 def init_expert_groups(ep_size: int):
