@@ -36,7 +36,8 @@ def test_layer_json_schema_and_a2a_bytes(tmp_path):
     out = tmp_path / "layer.json"
     plot = tmp_path / "layer.png"
     rc = main(["layer", "--tokens", str(T), "--hidden", str(H), "--ffn", str(F), "--experts", str(E), "--iters", "2",
-               "--warmup", "1", "--capacity-factor", "1.0", "--json", str(out), "--plot", str(plot)])
+               "--warmup", "1", "--capacity-factor", "1.0", "--json", str(out), "--plot", str(plot),
+               "--profile", "moedist/capacity"])
     assert rc == 0
     res = json.loads(out.read_text())
     assert {"config", "results", "routing", "environment", "checks", "targets"} <= set(res)
@@ -51,6 +52,9 @@ def test_layer_json_schema_and_a2a_bytes(tmp_path):
         assert r["fwd_bwd_ms_p10"] <= r["fwd_bwd_ms"] <= r["fwd_bwd_ms_p90"]
         assert r["peak_mem_mb"] > 0 and r["act_mem_mb"] > 0
     assert plot.stat().st_size > 1000
+    prof = res["profiles"]["moedist/capacity"]
+    assert prof[-1]["op"] == "(other ops)" and abs(sum(p["share"] for p in prof) - 1.0) < 1e-6
+    assert any(p["op"] == "aten::mm" for p in prof)
 
     cfg = LayerBenchConfig(tokens=T, hidden=H, ffn=F, experts=E, capacity_factor=1.0)
     counts = _routing_counts(cfg)
@@ -169,3 +173,21 @@ def test_bench_train_tiny(tmp_path):
     # same weights, same first batch: the first losses agree closely (DeepSpeed's aux loss differs a little)
     a, b = (r["loss_first"] for r in res["results"])
     assert abs(a - b) < 0.05
+
+
+def test_cached_allocator_and_report(tmp_path):
+    """--cpu-allocator cached applies in a fresh process; `bench report` renders a JSON as markdown."""
+    import subprocess
+    import sys
+
+    code = "from moedist.bench.memory import use_cached_cpu_allocator as f; import sys; sys.exit(0 if f() else 1)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+    res = {"config": {}, "environment": {"date": "2026-11-23", "device": "cpu"}, "targets": [],
+           "results": [{"impl": "dense", "mode": "-", "fwd_ms": 1.0, "fwd_bwd_ms": 3.0, "fwd_bwd_ms_p10": 2.0,
+                        "fwd_bwd_ms_p90": 4.0, "a2a_bytes": 0, "tokens_per_s": 10.0, "ratios": {}}]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(res))
+    from moedist.bench.report import render
+
+    md = render(str(path))
+    assert "| dense | - | 1.0 | 3.0 (2–4) |" in md

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     lay.add_argument("--lora-rank", type=int, default=8)
     lay.add_argument("--min-capacity", type=int, default=4)
     lay.add_argument("--no-memory", action="store_true", help="skip the memory measurement step")
+    lay.add_argument("--profile", type=_str_list, default=[], metavar="IMPL/MODE,...",
+                     help="op-by-op profile of these cases (e.g. moedist/capacity,floor/capacity) into the JSON")
     lay.add_argument("--plot", metavar="PATH", help="PNG of the ratios (the sweep: cost curves)")
     lay.add_argument("--sweep", action="store_true", help="sweep tokens and experts")
     lay.add_argument("--sweep-tokens", type=_int_list, default=None, help="default 1024,2048,4096,8192,16384")
@@ -80,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--impls", type=_str_list, default=["moedist", "deepspeed"], help="moedist,deepspeed")
     ep.add_argument("--modes", type=_str_list, default=["capacity", "dropless"])
     ep.add_argument("--skew", type=float, default=0.0, help="target max/mean expert load")
+
+    rep = sub.add_parser("report", help="markdown tables of bench JSON files")
+    rep.add_argument("paths", nargs="+", metavar="JSON")
 
     tr = sub.add_parser("train", help="end-to-end tokens/s of the tiny model: moedist vs DeepSpeed native MoE")
     tr.add_argument("--config", default="configs/tiny.yaml", help="model/data config (YAML)")
@@ -123,7 +128,8 @@ def _layer(args) -> dict:
                            capacity_factor=args.capacity_factor, dtype=args.dtype, iters=args.iters, warmup=args.warmup,
                            impls=impls, modes=args.modes, skew=args.skew, lora_rank=args.lora_rank,
                            activation=args.activation, min_capacity=args.min_capacity, seed=args.seed,
-                           device=args.device, threads=args.threads, memory=not args.no_memory)
+                           device=args.device, threads=args.threads, memory=not args.no_memory,
+                           profile=tuple(args.profile))
     log = lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True)  # noqa: E731
     if args.sweep:
         res = run_layer_sweep(cfg, args.sweep_tokens or SWEEP_TOKENS, args.sweep_experts or SWEEP_EXPERTS, log=log)
@@ -140,6 +146,10 @@ def _layer(args) -> dict:
             print(f"target {'OK  ' if t['ok'] else 'MISS'} {t['target']}: {t['value']:.3f} (<= {t['limit']}){cpu}")
         for k, v in res["skipped"].items():
             print(f"skipped {k}: {v}")
+        for name, rows in res["profiles"].items():
+            print(f"profile {name} (self time per fwd+bwd step):")
+            for r in rows:
+                print(f"  {r['op'][:48]:<48} {r['self_ms']:8.1f} ms {100 * r['share']:5.1f}%  x{r['calls']}")
     if args.plot:
         from moedist.bench.plot import plot_layer, plot_sweep
 
@@ -154,6 +164,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         allocator = _apply_allocator(args)
         if args.what == "layer":
             res = _layer(args)
+        elif args.what == "report":
+            from moedist.bench.report import render
+
+            print("\n\n".join(render(p) for p in args.paths))
+            res = None
         elif args.what == "ep":
             from moedist.bench.ep import run_ep_from_args
 

@@ -81,6 +81,8 @@ class LayerBenchConfig:
     """torch.set_num_threads (0: leave as is)."""
     memory: bool = True
     """measure memory (one extra step per impl)."""
+    profile: Sequence[str] = ()
+    """impl/mode names (e.g. moedist/capacity) to profile op by op for 2 extra steps each."""
 
     def validate(self) -> None:
         for name in ("tokens", "hidden", "ffn", "experts", "topk", "iters", "lora_rank"):
@@ -469,6 +471,7 @@ def _run(cfg: LayerBenchConfig, device: torch.device, dtype: torch.dtype, log) -
     fwd_bwd = run_interleaved({c.name: (lambda c=c: c.backward(c.forward())) for c in cases}, cfg.iters, cfg.warmup,
                               device, before_each={c.name: c.clear for c in cases})
     synchronize(device)
+    profiles = {c.name: profile_case(c, device) for c in cases if c.name in cfg.profile}
     results = []
     gated = cfg.activation in GATED
     active_rows = cfg.tokens * cfg.topk
@@ -501,7 +504,29 @@ def _run(cfg: LayerBenchConfig, device: torch.device, dtype: torch.dtype, log) -
                             a2a_bytes="bytes of the dispatch all-to-all payload (one direction): moedist = kept pairs x H x "
                                       "element size, deepspeed/fairscale = E x C x H x element size",
                             memory=(next(iter(mem.values()))["mem_method"] if mem else None)),
-                results=results, targets=evaluate_targets(results, routing, cfg))
+                results=results, targets=evaluate_targets(results, routing, cfg), profiles=profiles)
+
+
+def profile_case(c: Case, device: torch.device, steps: int = 2, top: int = 14) -> List[dict]:
+    """Where one fwd+bwd step of a case spends its time: torch.profiler self time per op,
+    averaged over `steps` steps (the top `top` ops, plus the rest as one row)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            c.clear()
+            c.backward(c.forward())
+        synchronize(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    rows = [(e.key, getattr(e, key) / 1e3 / steps, e.count // steps) for e in prof.key_averages()]
+    rows = [r for r in rows if r[1] > 0]
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    out = [dict(op=k, self_ms=ms, calls=n, share=ms / total) for k, ms, n in rows[:top]]
+    rest = sum(r[1] for r in rows[top:])
+    out.append(dict(op="(other ops)", self_ms=rest, calls=sum(r[2] for r in rows[top:]), share=rest / total))
+    return out
 
 
 def _find(results, impl, mode=None):
