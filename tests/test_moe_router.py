@@ -182,3 +182,14 @@ def test_router_bad_arguments(kw, name):
     args.update(kw)
     with pytest.raises(ValueError, match=name):
         Router(**args)
+
+
+def test_top1_with_renormalize_warns_router_gets_no_task_gradient():
+    import warnings as _w
+    from moedist.moe import Router as _R
+    with pytest.warns(UserWarning, match="renormalize"):
+        _R(8, 4, 1, renormalize=True)
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        _R(8, 4, 1, renormalize=False)
+        _R(8, 4, 2, renormalize=True)

@@ -7,6 +7,7 @@ can be checked with `torch.autograd.gradcheck`).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -99,6 +100,9 @@ class Router(nn.Module):
             raise ValueError(f"score_func={score_func!r}: allowed {', '.join(SCORE_FUNCS)}")
         if not 0.0 <= jitter_eps < 1.0:
             raise ValueError(f"jitter_eps={jitter_eps}: must be in [0, 1)")
+        if top_k == 1 and renormalize:
+            warnings.warn("Router: top_k=1 with renormalize=True gives every token combine weight 1, so the router "
+                          "learns only from the auxiliary losses; Switch-style top-1 uses renormalize=False", stacklevel=2)
         self.num_experts, self.top_k = num_experts, top_k
         self.score_func, self.renormalize = score_func, renormalize
         self.noisy_gating, self.jitter_eps = noisy_gating, jitter_eps
