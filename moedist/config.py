@@ -18,7 +18,6 @@ import json
 import math
 import operator
 import os
-import re
 import tempfile
 import types
 import typing
@@ -27,12 +26,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad configuration; ``str(err)`` is one line naming the dotted key."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))
+from moedist.config_yaml import ConfigError, YamlDumper, dump_yaml, parse_yaml  # noqa: F401 (re-exported)
 
 
 def _opt(default, help, *, choices=None, ge=None, gt=None, le=None, lt=None):
@@ -212,7 +206,7 @@ class KeyInfo:
 
     @property
     def default_text(self) -> str:
-        text = yaml.dump(_plain(self.default), Dumper=_Dumper, default_flow_style=True, width=10**6)
+        text = yaml.dump(_plain(self.default), Dumper=YamlDumper, default_flow_style=True, width=10**6)
         return text.strip().removesuffix("...").strip()
 
 
@@ -337,92 +331,6 @@ def _check_bounds(key: str, value, md) -> None:
             raise ConfigError(f"{key}={_fmt(value)}: must be {sym} {md[op]}")
 
 
-# ------------------------------------------------------------------ YAML I/O
-
-_TAG = "tag:yaml.org,2002:"
-# YAML 1.2 core-schema scalars: PyYAML's default 1.1 rules would read `yes` as a bool,
-# `1e-3` as a string, `010` as octal 8 and `2024-01-01` as a date.
-_RESOLVERS = [
-    ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
-    ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", list("tTfF")),
-    ("int", r"^[-+]?[0-9]+$", list("-+0123456789")),
-    ("float", r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
-              r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", list("-+0123456789.")),
-    ("merge", r"^(?:<<)$", ["<"]),
-]
-
-
-def _install_resolvers(cls, keep_yaml_1_1: bool = False):
-    cls.yaml_implicit_resolvers = {k: list(v) for k, v in cls.yaml_implicit_resolvers.items()
-                                   if keep_yaml_1_1}
-    for tag, regex, first in _RESOLVERS:
-        cls.add_implicit_resolver(_TAG + tag, re.compile(regex), first)
-    return cls
-
-
-@_install_resolvers
-class _Loader(yaml.SafeLoader):
-    """yaml.SafeLoader with YAML 1.2 scalars (decimal ints only)."""
-
-
-_Loader.add_constructor(_TAG + "int", lambda loader, node: int(loader.construct_scalar(node)))
-_Loader.add_constructor(_TAG + "float", lambda loader, node: float(
-    loader.construct_scalar(node).lower().replace(".inf", "inf").replace(".nan", "nan")))
-
-
-@functools.partial(_install_resolvers, keep_yaml_1_1=True)
-class _Dumper(yaml.SafeDumper):
-    """Quotes every string that :class:`_Loader` or a YAML 1.1 reader would take for another type."""
-
-    def represent_list(self, data):        # short scalar lists inline: targets: [gate, up, down]
-        flat = all(not isinstance(x, (list, tuple, dict)) for x in data)
-        return self.represent_sequence(_TAG + "seq", data, flow_style=flat)
-
-
-_Dumper.add_representer(list, _Dumper.represent_list)
-
-
-def _parse_yaml(text: str, where: str, prefix: tuple[str, ...] = ()):
-    """One YAML document; errors are one line. ``prefix``: the override key the text is the value of."""
-    loader = _Loader(text)
-    try:
-        node = loader.get_single_node()
-        _check_duplicates(node, where, prefix, set(), show_line=not prefix)
-        return None if node is None else loader.construct_document(node)
-    except yaml.YAMLError as err:
-        mark, context = getattr(err, "problem_mark", None), getattr(err, "context", None)
-        pos = f":{mark.line + 1}:{mark.column + 1}" if mark is not None and not prefix else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError(f"{where}{pos}: invalid YAML: {problem}" + (f" ({context})" if context else "")) \
-            from None
-    finally:
-        loader.dispose()
-
-
-def _check_duplicates(node, where: str, path: tuple[str, ...], seen: set, show_line: bool) -> None:
-    """PyYAML keeps the last of two equal keys silently; a config must not."""
-    if node is None or id(node) in seen:       # aliases may revisit (or loop back to) a node
-        return
-    seen.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        names = set()
-        for key_node, value in node.value:
-            name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
-            if name in names:
-                line = f" line {key_node.start_mark.line + 1}" if show_line else ""
-                raise ConfigError(f"{'.'.join(path + (name,))}: duplicate key ({where}{line})")
-            names.add(name)
-            _check_duplicates(value, where, path + (name,), seen, show_line)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, value in enumerate(node.value):
-            _check_duplicates(value, where, path + (str(i),), seen, show_line)
-
-
-def dump_yaml(data) -> str:
-    """YAML text that :func:`load_config` (and any YAML reader) reads back to the same values."""
-    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
-
-
 # ------------------------------------------------------------ build and load
 
 def _set_dotted(raw: dict, item: str) -> None:
@@ -432,7 +340,7 @@ def _set_dotted(raw: dict, item: str) -> None:
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected key=value, e.g. moe.top_k=2")
     path = key.split(".")
-    value = _parse_yaml(text, f"{key}={text!r}", tuple(path))
+    value = parse_yaml(text, f"{key}={text!r}", tuple(path))
     schema = {info.key: info.annotation for info in config_schema()}
     if key not in _SECTIONS or key in schema:     # else a whole section: moe={top_k: 1}
         leaf = path[0] if path[0] in schema else ".".join(path[:2])
@@ -490,7 +398,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
                 text = fh.read()
         except OSError as err:
             raise ConfigError(f"config file {os.fspath(path)!r}: {err.strerror or err}") from None
-        raw = _parse_yaml(text, os.fspath(path))
+        raw = parse_yaml(text, os.fspath(path))
         raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {os.fspath(path)!r}: must be a mapping of sections, "
