@@ -48,7 +48,7 @@ class Layout:
     def from_dims(cls, dims) -> "Layout":
         if dims is None:
             return cls()
-        return cls(dims.rank, dims.world_size, dims.ep_rank, dims.ep_size, dims.rank // dims.ep_size)
+        return cls(dims.rank, dims.world_size, dims.ep_rank, dims.ep_size, dims.edp_rank)
 
 
 @dataclass

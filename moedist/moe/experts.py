@@ -121,6 +121,16 @@ class _LoRAMixin:
         self._drop_gen = torch.Generator().manual_seed(seed + 4099)
         self.targets = tuple(targets)
 
+    def _lora_stacks(self, H: int, F: int, dtype, device) -> nn.ModuleDict:
+        """One `_LoRAStack` per targeted projection (gate only when the activation is gated).
+
+        Needs self.num_local, self.first_expert, self.seed and self.w_gate set."""
+        dims = {"gate": (H, F), "up": (H, F), "down": (F, H)}
+        return nn.ModuleDict({t: _LoRAStack(self.num_local, *dims[t], self.lora_rank, self.seed, self.first_expert, i,
+                                            dtype=dtype, device=device)
+                              for i, t in enumerate(("gate", "up", "down"))
+                              if t in self.targets and (t != "gate" or self.w_gate is not None)})
+
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return lora_dropout(x, self.lora_dropout_rate, self.training, self._drop_gen)
 
@@ -141,10 +151,7 @@ class LoRAOnExperts(_LoRAMixin, GroupedExperts):
                  lora_dropout: float = 0.0, targets: Iterable[str] = ("gate", "up", "down"), freeze_base: bool = True, **kw):
         super().__init__(num_experts, hidden_size, ffn_size, **kw)
         self._init_lora(lora_rank, lora_alpha, lora_dropout, targets, self.seed)
-        dims = {"gate": (hidden_size, ffn_size), "up": (hidden_size, ffn_size), "down": (ffn_size, hidden_size)}
-        pkw = dict(dtype=self.w_up.dtype, device=self.w_up.device)
-        self.lora = nn.ModuleDict({t: _LoRAStack(self.num_local, *dims[t], lora_rank, self.seed, self.first_expert, i, **pkw)
-                                   for i, t in enumerate(("gate", "up", "down")) if t in self.targets and (t != "gate" or self.w_gate is not None)})
+        self.lora = self._lora_stacks(hidden_size, ffn_size, self.w_up.dtype, self.w_up.device)
         if freeze_base:
             for p in (self.w_gate, self.w_up, self.w_down):
                 if p is not None:
@@ -191,9 +198,7 @@ class MoELoRAExperts(_LoRAMixin, nn.Module):
         self.w_gate = nn.Parameter((torch.randn(H, F, generator=g) * init_std).to(**kw), requires_grad=False) if activation in GATED else None
         self.w_up = nn.Parameter((torch.randn(H, F, generator=g) * init_std).to(**kw), requires_grad=False)
         self.w_down = nn.Parameter((torch.randn(F, H, generator=g) * init_std).to(**kw), requires_grad=False)
-        dims = {"gate": (H, F), "up": (H, F), "down": (F, H)}
-        self.lora = nn.ModuleDict({t: _LoRAStack(self.num_local, *dims[t], lora_rank, seed, first_expert, i, **kw)
-                                   for i, t in enumerate(("gate", "up", "down")) if t in self.targets and (t != "gate" or self.w_gate is not None)})
+        self.lora = self._lora_stacks(H, F, dtype, device)
 
     @torch.no_grad()
     def load_base(self, w_gate: Optional[torch.Tensor], w_up: torch.Tensor, w_down: torch.Tensor) -> None:
