@@ -38,6 +38,8 @@ def _opt(default, help, *, choices=None, ge=None, gt=None, le=None, lt=None):
 
 
 LORA_TARGETS = ("gate", "up", "down")
+SOURCE_FORMATS = ("text", "jsonl", "prompt_completion", "chat", "parquet")
+SOURCE_KEYS = ("name", "path", "format", "weight", "text_field")
 
 
 @dataclass
@@ -148,6 +150,19 @@ class DataConfig:
     seq_len: int = _opt(64, "Tokens per training sequence (<= model.max_seq_len).", ge=2)
     val_fraction: float = _opt(0.1, "Share of the data held out for validation, in (0, 1).", gt=0, lt=1)
     seed: int = _opt(0, "Seed for the train/validation split and shuffling.", ge=0)
+    tokenizer: str | None = _opt(None, "Tokenizer: a local Hugging Face tokenizer directory, or 'bytes' (raw "
+                                       "UTF-8 bytes, vocabulary 256); null = the model.from_hf directory when it "
+                                       "holds a tokenizer, else bytes.")
+    sources: list[dict[str, Any]] = _opt([], "Named training sources; when given they replace data.source/"
+                                              "data.path. Each is a mapping {name, path, format, weight, "
+                                              "text_field}: path = a file or a directory of files; format = "
+                                              + "|".join(SOURCE_FORMATS) + "; weight = share of training "
+                                              "sequences (default 1); text_field = the JSON/parquet field "
+                                              "holding the document (default 'text').")
+    pack: bool = _opt(True, "Pack documents into data.seq_len windows (attention and positions restart at "
+                            "each document); false = one document per sequence, truncated and padded.")
+    cache_dir: str = _opt("~/.cache/moedist", "Where tokenized data is cached as memory-mapped shards "
+                                             "(keyed by a hash of the files, the tokenizer and the data settings).")
 
 
 @dataclass
@@ -279,7 +294,7 @@ def _type_name(tp) -> str:
 
 _MUST = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
          "list[str]": "a list of strings", "list[int]": "a list of integers", "[float, float]": "a list of 2 numbers", "mapping": "a mapping",
-         "null": "null"}
+         "list[mapping]": "a list of mappings", "null": "null"}
 
 
 def _coerce(key: str, value, tp, must: str | None = None):
@@ -501,12 +516,44 @@ def validate(cfg: MoedistConfig) -> None:
     need(data.source != "file" or os.path.isfile(data.path),
          f"data.path={_fmt(data.path)}: no such file (data.source='file')")
     need(data.seq_len <= m.max_seq_len, f"data.seq_len={data.seq_len}: must be <= model.max_seq_len ({m.max_seq_len})")
+    _validate_sources(data.sources)
     # DeepSpeed
     need(not (ds.bf16 and ds.fp16), "deepspeed.fp16=true: cannot be combined with deepspeed.bf16=true")
     try:
         json.dumps(ds.extra, allow_nan=False)
     except (TypeError, ValueError):
         raise ConfigError(f"deepspeed.extra={_fmt(ds.extra)}: must be JSON-serializable") from None
+
+
+def _validate_sources(sources: list) -> None:
+    """data.sources: each a mapping with known keys, a unique name, an allowed format and a positive weight."""
+    names = set()
+    for i, src in enumerate(sources):
+        key = f"data.sources[{i}]"
+        for k in src:
+            if k not in SOURCE_KEYS:
+                raise ConfigError(f"{key}.{k}: unknown key (allowed: {', '.join(SOURCE_KEYS)})")
+        for k in ("name", "path", "format"):
+            if k not in src:
+                raise ConfigError(f"{key}.{k}: missing (each source needs name, path and format)")
+        for k in ("name", "path", "format", "text_field"):
+            if k in src and (not isinstance(src[k], str) or not src[k].strip()):
+                raise ConfigError(f"{key}.{k}={_fmt(src[k])}: must be a non-empty string")
+        name = src["name"]
+        if not all(c.isalnum() or c in "_-." for c in name):
+            raise ConfigError(f"{key}.name={_fmt(name)}: only letters, digits, '_', '-' and '.' are allowed "
+                              "(it names the metric val_loss_<name>)")
+        if name in names:
+            raise ConfigError(f"{key}.name={_fmt(name)}: duplicate source name")
+        names.add(name)
+        if src["format"] not in SOURCE_FORMATS:
+            raise ConfigError(f"{key}.format={_fmt(src['format'])}: must be one of {'|'.join(SOURCE_FORMATS)}")
+        w = src.get("weight", 1.0)
+        if type(w) not in (int, float) or not math.isfinite(w) or w <= 0:
+            raise ConfigError(f"{key}.weight={_fmt(w)}: must be a finite number > 0")
+        path = os.path.expanduser(src["path"])
+        if not os.path.exists(path):
+            raise ConfigError(f"{key}.path={_fmt(src['path'])}: no such file or directory")
 
 
 def validate_world_size(cfg: MoedistConfig, world_size: int) -> None:
