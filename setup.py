@@ -19,12 +19,15 @@ setup(
         "rich>=13",
         "matplotlib>=3.7",
         "numpy",
+        # tokenizers and chat templates of real models; parquet sources
+        "transformers>=4.45,<5.23",
+        "tokenizers",
+        "pyarrow",
     ],
     extras_require={
         "dev": [
             "pytest>=8",
             "pytest-timeout",
-            "transformers>=4.45,<5.23",
             "peft",
             "fairscale",
             "hypothesis",

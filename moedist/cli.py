@@ -50,6 +50,10 @@ COMMANDS: dict[str, Command] = {
     "merge": Command("moedist.checkpoint.cli:main_merge", "merge LoRA adapters into the base weights", False),
     "extract": Command("moedist.checkpoint.cli:main_extract", "write an adapter-only checkpoint "
                        "from a full one (PEFT export: moedist convert peft)", False),
+    "generate": Command("moedist.models.generate_cli:main", "generate text from a moedist run/checkpoint or a "
+                        "Hugging Face directory", False),
+    "data": Command("moedist.data.prepare_cli:main", "moedist data prepare CONFIG: tokenize and cache the "
+                    "data sources", False),
     "demo": Command("moedist.train.demo:main", "run the 2-process LoRA-MoE fine-tuning demo", False),
     "doctor": Command("moedist.cli:doctor", "print versions, CUDA availability and CPU count", False),
 }
