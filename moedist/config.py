@@ -114,6 +114,8 @@ class LoRAConfig:
 class ParallelConfig:
     ep_size: int = _opt(1, "Expert-parallel size: ranks that split each layer's experts; must divide "
                            "moe.num_experts and the world size.", ge=1)
+    timeout_s: float = _opt(600.0, "Collective timeout in seconds: a rank that dies or stalls makes the "
+                                   "others exit non-zero within it.", gt=0)
 
 
 @dataclass
