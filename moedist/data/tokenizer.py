@@ -3,6 +3,8 @@
     tok = resolve_tokenizer(cfg.data.tokenizer, cfg.model.from_hf)   # config default rules
     tok = load_tokenizer("path/to/hf_dir")  |  load_tokenizer("bytes")
     ids = tok.encode("text")                # no special tokens
+    ids_per_text = tok.encode_batch(texts)  # the same, many texts at once (fast for HF)
+    ids, offsets = tok.encode_with_offsets(text)   # offsets[i] = (start, end) characters of ids[i]
     tok.save(run_dir)                       # HF files, or moedist_tokenizer.json for bytes
     tok = tokenizer_from_dir(ckpt_dir)      # what `save` wrote (None when nothing was saved)
 
@@ -15,12 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Dict, List, Optional, Protocol, Sequence, runtime_checkable
+import re
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 from moedist.config_yaml import ConfigError
 
 BYTES = "bytes"
 BYTES_FILE = "moedist_tokenizer.json"  # marks a saved byte-level tokenizer
+_GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")  # HF's marker of assistant text in a chat template
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -34,6 +38,10 @@ class Tokenizer(Protocol):
     pad_id: int                  # padding id (never counted in the loss)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> List[int]: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]: ...
+
+    def encode_with_offsets(self, text: str) -> Tuple[List[int], List[Tuple[int, int]]]: ...
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
@@ -56,6 +64,17 @@ class ByteTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> List[int]:
         return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        return [list(t.encode("utf-8")) for t in texts]
+
+    def encode_with_offsets(self, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
+        ids, offsets = [], []
+        for i, ch in enumerate(text):          # every byte of character i spans characters [i, i+1)
+            b = ch.encode("utf-8")
+            ids.extend(b)
+            offsets.extend([(i, i + 1)] * len(b))
+        return ids, offsets
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
@@ -97,6 +116,15 @@ class HFTokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> List[int]:
         return list(self.tok(text, add_special_tokens=add_special_tokens)["input_ids"])
 
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        if not texts:
+            return []
+        return [list(ids) for ids in self.tok(list(texts), add_special_tokens=False)["input_ids"]]
+
+    def encode_with_offsets(self, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [(int(a), int(b)) for a, b in enc["offset_mapping"]]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
@@ -119,6 +147,17 @@ class HFTokenizer:
         if not self.has_chat_template():
             raise ConfigError(f"data.tokenizer={self.path!r}: has no chat_template (needed by the chat format)")
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def has_generation_markers(self) -> bool:
+        """Whether the chat template marks assistant text with ``{% generation %}`` blocks."""
+        template = self.tok.chat_template if self.has_chat_template() else ""
+        return isinstance(template, str) and _GENERATION.search(template) is not None
+
+    def chat_with_assistant_mask(self, messages: List[Dict[str, Any]]) -> Tuple[List[int], List[int]]:
+        """(ids, mask) of a conversation from HF's ``{% generation %}`` markers (mask 1 = assistant text)."""
+        enc = self.tok.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                           return_assistant_tokens_mask=True)
+        return list(enc["input_ids"]), [int(m) for m in enc["assistant_masks"]]
 
 
 def has_hf_tokenizer(path: Optional[str]) -> bool:
