@@ -1,5 +1,9 @@
 """Launcher detection (pure, one env per launcher) and init_distributed in real processes."""
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +12,8 @@ import torch.distributed as dist
 from moedist.distributed import DistEnv, detect_launch_env, expand_nodelist, init_distributed
 from moedist.distributed.launch_env import _tasks_on_node
 from tests._dist import free_port, run_workers
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # What each launcher really sets (torchrun and deepspeed copied from their launch code,
 # Open MPI / MPICH / SLURM from their documentation), for rank 3 of 8 on two nodes.
@@ -94,15 +100,51 @@ def test_slurm_master_from_resolver_env_or_parser():
     ({"RANK": "0"}, "WORLD_SIZE"),
     ({"WORLD_SIZE": "2"}, "RANK"),
     ({"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"}, "LOCAL_RANK=2"),
-    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "3"}, "local world size 3"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "3"}, "LOCAL_WORLD_SIZE=3"),
+    # issue 12: LOCAL_WORLD_SIZE=0 was a ZeroDivisionError (rank % 0) before the range check
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "0"}, "LOCAL_WORLD_SIZE=0"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "-2"}, "LOCAL_WORLD_SIZE=-2"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "two"}, "LOCAL_WORLD_SIZE='two'"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1.5"}, "LOCAL_WORLD_SIZE='1.5'"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_SIZE": "0", "CROSS_RANK": "0"}, "LOCAL_SIZE=0"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "-1"}, "LOCAL_RANK=-1"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "x"}, "LOCAL_RANK='x'"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "1"}, "LOCAL_RANK=1"),
+    ({"RANK": "5", "WORLD_SIZE": "4"}, "RANK=5"),
+    ({"RANK": "0", "WORLD_SIZE": "-3"}, "WORLD_SIZE=-3"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "0"}, "MASTER_PORT=0"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "http"}, "MASTER_PORT='http'"),
+    ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_SIZE": "0"},
+     "OMPI_COMM_WORLD_LOCAL_SIZE=0"),
+    ({"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALNRANKS": "0"}, "MPI_LOCALNRANKS=0"),
+    ({**SLURM, "SLURM_STEP_TASKS_PER_NODE": "0(x2)"}, "SLURM_STEP_TASKS_PER_NODE=0"),
+    ({**SLURM, "SLURM_STEP_TASKS_PER_NODE": "4"}, "SLURM_STEP_TASKS_PER_NODE='4' gives no task count "
+                                                   "for SLURM_NODEID=1"),
+    ({**SLURM, "SLURM_NODEID": "one"}, "SLURM_NODEID='one'"),
+    ({**SLURM, "SLURM_JOB_ID": "abc"}, "SLURM_JOB_ID='abc'"),
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "70000"}, "MASTER_PORT=70000"),
     ({"OMPI_COMM_WORLD_RANK": "4", "OMPI_COMM_WORLD_SIZE": "4"}, "OMPI_COMM_WORLD_RANK=4"),
     ({"PMI_RANK": "0"}, "PMI_SIZE"),
     ({"SLURM_PROCID": "3", "SLURM_NTASKS": "2"}, "SLURM_PROCID=3"),
 ])
 def test_inconsistent_env_names_the_variable(environ, names):
-    with pytest.raises(ValueError, match=names.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(names)) as info:
         detect_launch_env(environ)
+    assert "\n" not in str(info.value)  # one line
+
+
+def test_bad_launcher_env_is_one_line_from_the_cli(tmp_path):
+    """`moedist train` under a broken launcher env: exit 2, one line naming the variable, no traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI_", "SLURM_"))}
+    env.update(RANK="1", WORLD_SIZE="2", LOCAL_WORLD_SIZE="0")
+    res = subprocess.run([sys.executable, "-m", "moedist", "train", str(ROOT / "configs/tiny.yaml"),
+                          f"train.output_dir={tmp_path / 'out'}"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "moedist: error: launcher environment: LOCAL_WORLD_SIZE=0 (processes on this node) must be in 1..2 "
+        "(WORLD_SIZE=2)"]
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("nodelist, hosts", [

@@ -23,6 +23,7 @@ group to DeepSpeed without special cases.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -30,7 +31,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, List, Mapping, Optional
+from typing import Callable, Iterator, List, Mapping, Optional
 
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = 29500
@@ -218,11 +219,18 @@ def detect_launch_env(environ: Mapping[str, str],
     if "SLURM_PROCID" in environ:
         names = ("SLURM_PROCID", "SLURM_NTASKS")
         rank, world = _int_var(environ, names[0]), _int_var(environ, names[1])
-        local_size = None
+        local_size, spec_var = None, None
         if "SLURM_STEP_TASKS_PER_NODE" in environ or "SLURM_TASKS_PER_NODE" in environ:
-            spec = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ["SLURM_TASKS_PER_NODE"]
-            local_size = _tasks_on_node(spec, _int_var(environ, "SLURM_NODEID", 0))
-        env = _local(environ, "slurm", rank, world, names, "SLURM_LOCALID", None, local_size)
+            spec_var = "SLURM_STEP_TASKS_PER_NODE" if environ.get("SLURM_STEP_TASKS_PER_NODE") \
+                else "SLURM_TASKS_PER_NODE"
+            spec = environ[spec_var]
+            node_id = _int_var(environ, "SLURM_NODEID", 0)
+            local_size = _tasks_on_node(spec, node_id)
+            if local_size is None:
+                raise ValueError(f"{spec_var}={spec!r} gives no task count for SLURM_NODEID={node_id}; "
+                                 "expected e.g. '2(x3),1'")
+        env = _local(environ, "slurm", rank, world, names, "SLURM_LOCALID", None, local_size,
+                     local_size_source=spec_var)
         addr = environ.get("MASTER_ADDR")
         if not addr:
             nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
@@ -240,7 +248,8 @@ def detect_launch_env(environ: Mapping[str, str],
 
 
 def _local(environ: Mapping[str, str], launcher: str, rank: int, world: int, names: tuple,
-           local_rank_var: str, local_size_var: Optional[str], local_size: Optional[int] = None) -> DistEnv:
+           local_rank_var: str, local_size_var: Optional[str], local_size: Optional[int] = None,
+           local_size_source: Optional[str] = None) -> DistEnv:
     """Validate rank/world and fill in the node-local pair.
 
     Without a local-size variable the job is assumed to be on one node
@@ -251,14 +260,16 @@ def _local(environ: Mapping[str, str], launcher: str, rank: int, world: int, nam
         raise ValueError(f"{names[1]}={world} must be >= 1")
     if not 0 <= rank < world:
         raise ValueError(f"{names[0]}={rank} must be in 0..{world - 1} ({names[1]}={world})")
+    source = local_size_source or "local world size"
     if local_size_var is not None and local_size_var in environ:
-        local_size = _int_var(environ, local_size_var)
+        local_size, source = _int_var(environ, local_size_var), local_size_var
     if local_size is None:
         local_size = world
-    local_rank = _int_var(environ, local_rank_var, rank % local_size)
+    # Checked before it divides anything: LOCAL_WORLD_SIZE=0 used to be a ZeroDivisionError.
     if not 1 <= local_size <= world:
-        raise ValueError(f"local world size {local_size} (from {local_size_var or 'SLURM_*TASKS_PER_NODE'}) "
-                         f"must be in 1..{world} ({names[1]}={world})")
+        raise ValueError(f"{source}={local_size} (processes on this node) must be in 1..{world} "
+                         f"({names[1]}={world})")
+    local_rank = _int_var(environ, local_rank_var, rank % local_size)
     if not 0 <= local_rank < local_size:
         raise ValueError(f"{local_rank_var}={local_rank} must be in 0..{local_size - 1} "
                          f"(local world size {local_size})")
@@ -345,6 +356,61 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -
         dist.init_process_group(backend, init_method=f"tcp://{_url_host(env.master_addr)}:{env.master_port}",
                                 rank=env.rank, world_size=env.world_size, timeout=timeout)
     return dataclasses.replace(env, backend=dist.get_backend())
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed because another rank stalled or died; `str()` is one line
+    naming this rank, the rank(s) it waited for and the timeout."""
+
+
+# What gloo and NCCL say (the text is all they give; they never name the peer's rank).
+_TIMEOUT_MARKERS = ("timed out", "timeout")
+_PEER_LOST_MARKERS = ("connection closed by peer", "connection reset by peer", "broken pipe",
+                      "connection refused", "communicator was aborted", "remote process exited")
+
+
+def describe_collective_failure(message: str, env: DistEnv, timeout_s: float) -> Optional[str]:
+    """One line naming who waited for whom, or None if `message` is not a peer failure.
+
+    gloo's own text is e.g. `Timed out waiting 5000ms for recv operation to complete` or
+    `Connection closed by peer [127.0.0.1]:7808`: no rank. In a world of two the peer is
+    known; in larger worlds we say how many ranks it could have been.
+    """
+    text = message.lower()
+    if env.world_size == 2:
+        peer = f"rank {1 - env.rank}"
+    else:
+        peer = f"another rank (one of the other {env.world_size - 1})"
+    first_line = (message.strip().splitlines() or [""])[0]
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", first_line)  # drop gloo's "[/path/pair.cc:553]" prefix
+    if any(m in text for m in _PEER_LOST_MARKERS):
+        return (f"rank {env.rank}: {peer} died or left during a collective (backend: {detail}); "
+                "check that rank's log")
+    if any(m in text for m in _TIMEOUT_MARKERS):
+        return (f"rank {env.rank}: collective timed out after {timeout_s:g}s waiting for {peer} "
+                f"(parallel.timeout_s={timeout_s:g}; backend: {detail}); that rank stalled or died")
+    return None
+
+
+@contextlib.contextmanager
+def collective_errors(env: DistEnv, timeout_s: float) -> Iterator[None]:
+    """Re-raise a collective that failed on a stalled or dead peer as a `CollectiveError`.
+
+    The backend's exception (a RuntimeError subclass) says neither our rank nor whose data
+    it waited for; the job's logs then show one line per surviving rank that does.
+
+        with collective_errors(env, cfg.parallel.timeout_s):
+            Trainer(cfg).train()
+    """
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as err:
+        message = describe_collective_failure(str(err), env, timeout_s)
+        if message is None:
+            raise
+        raise CollectiveError(message) from err
 
 
 def _url_host(addr: str) -> str:

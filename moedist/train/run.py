@@ -27,7 +27,10 @@ def main_train(cfg, args=None) -> int:
 
     from moedist.config import ConfigError
 
-    env = detect_launch_env(os.environ)
+    try:
+        env = detect_launch_env(os.environ)
+    except ValueError as err:  # a bad launcher variable: one line naming it, exit 2
+        raise ConfigError(f"launcher environment: {err}") from None
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
     from moedist.train.trainer import preflight
 
@@ -41,12 +44,14 @@ def main_train(cfg, args=None) -> int:
     import torch.distributed as dist
 
     from moedist.distributed import init_distributed
+    from moedist.distributed.launch_env import collective_errors
     from moedist.train.trainer import Trainer
 
-    env = init_distributed()
+    env = init_distributed(timeout_s=cfg.parallel.timeout_s)
     _threads(env.local_world_size)
     try:
-        Trainer(cfg).train()
+        with collective_errors(env, cfg.parallel.timeout_s):  # a stalled/dead peer: one line naming it
+            Trainer(cfg).train()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
