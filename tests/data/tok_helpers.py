@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
@@ -68,4 +69,12 @@ def make_tokenizer_dir(path, chat_template: Optional[str] = QWEN_STYLE, vocab_si
         tok.chat_template = chat_template
     os.makedirs(path, exist_ok=True)
     tok.save_pretrained(str(path))
+    return str(path)
+
+
+def write_jsonl(path, rows) -> str:
+    """Write dicts (or raw strings, written as they are) one per line; returns the path as a string."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
     return str(path)
