@@ -4,7 +4,8 @@ On 2 processes, for each ZeRO stage 0-3 at EP=2: resume on the same layout, and 
 (EP=1 under the next ZeRO stage, and the plain PyTorch runner): the trainer's checkpoints are in
 the layout-independent moedist format (experts by global id, AdamW state included). Experts differ
 per rank, so a checkpoint that kept only rank 0's experts or optimizer state would diverge.
-DeepSpeed's own format (still used for ZeRO-0 with bf16) resumes on its own layout.
+ZeRO-0 with bf16 (DeepSpeed's BF16_Optimizer) uses the same moedist format; nothing is ever
+saved or loaded in DeepSpeed's pickle format.
 """
 from __future__ import annotations
 
@@ -53,5 +54,7 @@ def test_checkpoints_resume_exactly_at_any_layout(tmp_path):
             for a, b in zip(losses, full[2:]):
                 assert abs(a - b) <= 1e-5 * abs(b), f"{case} resumed ({how}): {losses} vs uninterrupted {full[2:]}"
     assert (tmp_path / "zero2" / "checkpoints" / "step_000002" / "manifest.json").exists()  # moedist format
-    assert not (tmp_path / "bf16" / "checkpoints" / "step_000002" / "manifest.json").exists()  # DeepSpeed's
+    bf16_ckpt = tmp_path / "bf16" / "checkpoints" / "step_000002"
+    assert (bf16_ckpt / "manifest.json").exists()  # the moedist format at ZeRO-0 bf16 too
+    assert not [f for f in bf16_ckpt.rglob("*") if f.suffix in (".pt", ".bin")]  # no pickles anywhere
     assert (tmp_path / "zero2" / "checkpoints" / "latest").read_text().strip() == "step_000004"

@@ -117,7 +117,7 @@ def test_config_mapping_of_each_architecture(hf_dirs):
 
 
 def test_sharded_and_fused_checkpoints(hf_dirs, tmp_path):
-    """A sharded safetensors checkpoint (index.json), and a weights_only .bin with the fused expert layout."""
+    """A sharded safetensors checkpoint (index.json), the fused in-memory expert layout, and a refused .bin."""
     from moedist.models import from_hf
 
     hf, _ = hf_dirs["qwen3_moe"]
@@ -127,11 +127,20 @@ def test_sharded_and_fused_checkpoints(hf_dirs, tmp_path):
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     model, _ = from_hf(str(tmp_path / "sharded"))
     torch.testing.assert_close(our_logits(model, ids), ref, atol=1e-4, rtol=0)
+    from safetensors.torch import save_file
+
+    (tmp_path / "fused").mkdir()
+    (tmp_path / "fused" / "config.json").write_text((tmp_path / "sharded" / "config.json").read_text())
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()},  # in-memory names: experts.gate_up_proj
+              str(tmp_path / "fused" / "model.safetensors"))
+    model, _ = from_hf(str(tmp_path / "fused"))
+    torch.testing.assert_close(our_logits(model, ids), ref, atol=1e-4, rtol=0)
+    # pickled weights are refused before anything is opened (moedist never unpickles)
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "config.json").write_text((tmp_path / "sharded" / "config.json").read_text())
-    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")   # in-memory names: experts.gate_up_proj
-    model, _ = from_hf(str(tmp_path / "bin"))
-    torch.testing.assert_close(our_logits(model, ids), ref, atol=1e-4, rtol=0)
+    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pytorch_model.bin.*never unpickles"):
+        from_hf(str(tmp_path / "bin"))
 
 
 def test_trainer_path_config_then_build_then_load(hf_dirs):

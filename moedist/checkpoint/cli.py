@@ -283,7 +283,17 @@ def _merge_parser() -> argparse.ArgumentParser:
 
 def main_merge(argv: Optional[List[str]] = None) -> int:
     """Entry point of `moedist merge` (argv without the subcommand name). Returns the exit code."""
-    return _run("moedist merge", _merge_parser(), argv, lambda a: merge(a.adapter, a.base, a.out, a.format))
+    return _run("moedist merge", _merge_parser(), argv, lambda a: merge(*_no_pickles(a.adapter, a.base), a.out, a.format))
+
+
+def _no_pickles(adapter: str, base: Optional[str]) -> Tuple[str, Optional[str]]:
+    """Refuse either input before anything in them is read (both, whatever the order of checks after)."""
+    from moedist.checkpoint.safety import refuse_pickles
+
+    for label, path in (("ADAPTER_CKPT", adapter), ("--base", base)):
+        if path is not None and os.path.exists(path):
+            refuse_pickles(path, label)
+    return adapter, base
 
 
 def _base_arg(path: Optional[str], stored_from_hf: Optional[str]) -> Tuple[str, Path]:

@@ -177,8 +177,15 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 
 def resolve_checkpoint(path) -> Optional[Path]:
-    """A checkpoint dir itself, or a run dir's `latest` one; None if there is none."""
+    """A checkpoint dir itself, or a run dir's `latest` one; None if there is none.
+
+    Raises ConfigError (a ValueError) when the directory holds pickle files: nothing is opened then.
+    """
+    from moedist.checkpoint.safety import refuse_pickles
+
     p = Path(path)
+    if p.exists():
+        refuse_pickles(os.fspath(p), "checkpoint")
     if (p / "manifest.json").exists():
         return p
     latest = p / "latest"

@@ -5,9 +5,9 @@
     # trainer: cfg = apply_hf_config(cfg); model = build_model(cfg); parallelize(...);
     #          load_hf_weights_into(model, cfg.model.from_hf)
 
-Weights are read with `safetensors` (lazily, tensor by tensor, so an expert-
-parallel rank reads only its own experts) or, for ``pytorch_model*.bin``,
-``torch.load(weights_only=True)``; nothing is unpickled. Both expert layouts
+Weights are read with `safetensors` only (lazily, tensor by tensor, so an expert-
+parallel rank reads only its own experts); a directory holding pickles
+(``pytorch_model*.bin``, ``*.pt``) is refused before anything in it is opened. Both expert layouts
 are understood: one tensor per expert (what ``save_pretrained`` writes:
 ``block_sparse_moe.experts.3.w1`` / ``mlp.experts.3.gate_proj``) and the
 fused in-memory layout of transformers 5 (``mlp.experts.gate_up_proj``
@@ -52,6 +52,9 @@ class HFTensors:
         self.names: Set[str] = set(names)
 
     def _open_dir(self, path: str) -> None:
+        from moedist.checkpoint.safety import refuse_pickles
+
+        refuse_pickles(path, "Hugging Face directory")  # never open a directory that holds pickles
         files = sorted(os.listdir(path)) if os.path.isdir(path) else []
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
@@ -66,13 +69,7 @@ class HFTensors:
                 with safe_open(os.path.join(path, f), framework="pt") as h:
                     self._files.update({k: os.path.join(path, f) for k in h.keys()})
             return
-        bins = [f for f in files if f.startswith("pytorch_model") and f.endswith(".bin")]
-        if bins:  # weights_only: plain tensors only, never arbitrary pickled objects
-            self._dict = {}
-            for f in bins:
-                self._dict.update(torch.load(os.path.join(path, f), map_location="cpu", weights_only=True, mmap=True))
-            return
-        raise ValueError(f"{path!r}: no model.safetensors (or pytorch_model.bin) weights found")
+        raise ValueError(f"{path!r}: no model.safetensors weights found (moedist reads safetensors only)")
 
     def __contains__(self, name: str) -> bool:
         return name in self.names

@@ -14,9 +14,9 @@ DeepSpeed's fp32 master copies (`safe_set_full_fp32_param`) and its optimizer
 state (`moedist.train.deepspeed_setup.set_full_optimizer_state`), or the torch
 optimizer's state for the PyTorch runner and fp32 ZeRO-0.
 
-DeepSpeed ZeRO-0 with bf16/fp16 keeps its optimizer state in a wrapper this path
-cannot read; there `supported()` is False and the trainer uses DeepSpeed's own
-format (same layout only, `deepspeed_setup.save_checkpoint`).
+Every engine, ZeRO stage and precision uses this one format; nothing here (or
+anywhere in moedist) unpickles. DeepSpeed ZeRO-0 with bf16 keeps fp32 masters
+and Adam state in its BF16_Optimizer, linked per parameter like ZeRO-1/2.
 """
 from __future__ import annotations
 
@@ -29,17 +29,13 @@ import torch
 from moedist.config import config_to_dict
 
 
-def supported(trainer) -> bool:
-    cfg = trainer.cfg
-    return not (cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 0 and (cfg.deepspeed.bf16 or cfg.deepspeed.fp16))
-
-
 def _torch_optimizer(trainer):
     """The torch optimizer whose state is keyed by the module's own parameters, or None."""
     r = trainer.runner
     if r.kind == "pytorch":
         return r.optimizer
-    if trainer.cfg.deepspeed.zero_stage == 0:
+    ds = trainer.cfg.deepspeed
+    if ds.zero_stage == 0 and not (ds.bf16 or ds.fp16):
         return r.engine.optimizer  # fp32 ZeRO-0: the client AdamW itself
     return None
 
@@ -88,6 +84,18 @@ def is_moedist_checkpoint(path: str) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
+def check_resumable(path: str, key: str = "train.resume") -> None:
+    """ConfigError unless `path` is a moedist checkpoint free of pickles (nothing is opened before)."""
+    from moedist.checkpoint.safety import refuse_pickles
+    from moedist.config import ConfigError
+
+    if not os.path.isdir(path):
+        raise ConfigError(f"{key}={path!r}: no such checkpoint directory")
+    refuse_pickles(path, key)
+    if not is_moedist_checkpoint(path):
+        raise ConfigError(f"{key}={path!r}: not a moedist checkpoint (no manifest.json)")
+
+
 @torch.no_grad()
 def load(trainer, path: str) -> dict:
     """Load a moedist checkpoint into the trainer's runner at its current layout; returns extra state."""
@@ -116,15 +124,14 @@ def load(trainer, path: str) -> dict:
             b.copy_(src.to(device=b.device, dtype=b.dtype))
     opt = _torch_optimizer(trainer)
     if ds and opt is None:
-        from deepspeed.utils import safe_set_full_fp32_param
-
-        from moedist.train.deepspeed_setup import materialize_optimizer_state, set_full_optimizer_state
+        from moedist.train.deepspeed_setup import (materialize_optimizer_state, set_full_fp32_param,
+                                                    set_full_optimizer_state)
 
         engine = trainer.runner.engine
         materialize_optimizer_state(engine)
         for name, p in params.items():
             if p.requires_grad:
-                safe_set_full_fp32_param(p, values[name].to(trainer.device))
+                set_full_fp32_param(engine, p, values[name].to(trainer.device))
         set_full_optimizer_state(module, engine, loaded.optim_state)
     elif opt is not None:
         set_torch_optimizer_state(module, opt, loaded.optim_state)

@@ -51,11 +51,10 @@ Checkpoints: the trainer writes the layout-independent moedist format
 (`moedist.train.checkpointing`); what it needs from DeepSpeed is here:
 `materialize_optimizer_state` (AdamW state before the first step, and a fresh
 link of ZeRO-1/2's per-parameter fragments to it) and `set_optimizer_step`.
-DeepSpeed's own format remains for ZeRO-0 with bf16/fp16: ``engine.save_checkpoint``
-only writes expert files for layers whose keys follow DeepSpeed's native naming
-and crashes on ours, so `save_checkpoint` hides the MoE layers from it and writes
-each rank's expert tensors (and, at ZeRO-0, its optimizer state) into a per-rank
-file beside it (same layout only).
+Every stage and precision saves in that format (ZeRO-0 bf16 included: its
+BF16_Optimizer links fp32 masters and Adam state to each parameter like ZeRO-1/2).
+DeepSpeed's own `engine.save_checkpoint`/`load_checkpoint` are never called: their
+files are pickles, and loading them could run code planted in a checkpoint.
 """
 from __future__ import annotations
 
@@ -392,14 +391,69 @@ def materialize_optimizer_state(engine) -> None:
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
 
+def _unfused_masters(engine) -> Optional[Dict[int, torch.Tensor]]:
+    """ZeRO-0 with bf16/fp16 and a torch optimizer: {id(model parameter): its fp32 master}, else None.
+
+    DeepSpeed's FP16_UnfusedOptimizer keeps one fp32 copy per parameter (`fp32_groups`, in
+    the order of `fp16_groups`) and the torch optimizer's state is keyed by those copies;
+    DeepSpeed's `safe_get_full_*` helpers do not know this wrapper (they return None).
+    """
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    opt = engine.optimizer
+    if not isinstance(opt, FP16_UnfusedOptimizer):
+        return None
+    return {id(lp): hp for lg, hg in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lg, hg)}
+
+
+def get_full_fp32_param(engine, p: torch.Tensor) -> Optional[torch.Tensor]:
+    """The full fp32 master value of trainable `p` (collective under ZeRO-3), or None if it has none."""
+    masters = _unfused_masters(engine)
+    if masters is not None:
+        return masters.get(id(p))
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return safe_get_full_fp32_param(p)
+
+
+def set_full_fp32_param(engine, p: torch.Tensor, value: torch.Tensor) -> None:
+    """Write the full fp32 master value of trainable `p` (the module parameter is the caller's)."""
+    masters = _unfused_masters(engine)
+    if masters is not None:
+        if id(p) in masters:
+            masters[id(p)].copy_(value.to(masters[id(p)].device))
+        return
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    safe_set_full_fp32_param(p, value)
+
+
+def _get_state(engine, p: torch.Tensor, key: str) -> Optional[torch.Tensor]:
+    masters = _unfused_masters(engine)
+    if masters is None:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        return safe_get_full_optimizer_state(p, key)
+    hp = masters.get(id(p))
+    return None if hp is None else inner_optimizer(engine).state.get(hp, {}).get(key)
+
+
+def _set_state(engine, p: torch.Tensor, value: torch.Tensor, key: str) -> None:
+    masters = _unfused_masters(engine)
+    if masters is None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        safe_set_full_optimizer_state(p, value, key)
+    elif id(p) in masters:
+        inner_optimizer(engine).state[masters[id(p)]][key].copy_(value)
+
+
 def get_full_optimizer_state(module: nn.Module, engine) -> Dict[str, Dict[str, torch.Tensor]]:
     """{param name: {exp_avg, exp_avg_sq, step}} full tensors from a ZeRO 0-3 engine.
 
     Collective (DeepSpeed's `safe_get_full_optimizer_state` gathers partitions):
     every rank calls it for the same parameters in the same order.
     """
-    from deepspeed.utils import safe_get_full_optimizer_state
-
     materialize_optimizer_state(engine)  # links the state to each parameter's fragment
     step = next((int(st["step"]) for st in inner_optimizer(engine).state.values() if "step" in st), 0)
     out: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -407,7 +461,7 @@ def get_full_optimizer_state(module: nn.Module, engine) -> Dict[str, Dict[str, t
         if not p.requires_grad:
             continue
         st = {s: v.detach().float().cpu().clone() for s in ADAM_STATES
-              if (v := safe_get_full_optimizer_state(p, s)) is not None}
+              if (v := _get_state(engine, p, s)) is not None}
         if st:
             st["step"] = torch.tensor(float(step))
             out[name] = st
@@ -416,14 +470,12 @@ def get_full_optimizer_state(module: nn.Module, engine) -> Dict[str, Dict[str, t
 
 def set_full_optimizer_state(module: nn.Module, engine, state: Dict[str, Dict[str, torch.Tensor]]) -> None:
     """Write full per-parameter Adam state (as `get_full_optimizer_state` returns) into the engine."""
-    from deepspeed.utils import safe_set_full_optimizer_state
-
     materialize_optimizer_state(engine)
     for name, p in module.named_parameters():
         if p.requires_grad and name in state:
             for s in ADAM_STATES:
                 if s in state[name]:
-                    safe_set_full_optimizer_state(p, state[name][s].to(p.device), s)
+                    _set_state(engine, p, state[name][s].to(p.device), s)
     steps = [int(st["step"]) for st in state.values() if "step" in st]
     if steps:
         set_optimizer_step(engine, steps[0])
@@ -446,55 +498,3 @@ def gathered(params, modifier_rank=None, enabled: bool = True):
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
         yield
-
-
-# ------------------------------------------------------------------ checkpoints
-
-@contextlib.contextmanager
-def _moe_hidden(engine):
-    saved = engine.has_moe_layers
-    engine.has_moe_layers = False
-    try:
-        yield
-    finally:
-        engine.has_moe_layers = saved
-
-
-def _rank_file(ckpt_dir: str, tag: str, rank: int) -> str:
-    return os.path.join(ckpt_dir, tag, f"moedist_rank{rank:05d}.pt")
-
-
-def save_checkpoint(engine, ckpt_dir: str, tag: str, client_state: dict, rank: int) -> str:
-    """DeepSpeed's own checkpoint plus each rank's expert tensors; returns the tag folder.
-
-    Collective: every rank calls it.
-    """
-    import torch.distributed as dist
-
-    with _moe_hidden(engine):
-        engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
-    experts = {n: p for n, p in engine.module.named_parameters() if getattr(p, EXPERT_ATTR, False)}
-    own: Dict[str, Any] = {}
-    if engine.zero_optimization_stage() < 3:
-        own["experts"] = {n: p.detach().cpu().clone() for n, p in experts.items()}
-    if engine.zero_optimization_stage() == 0 and engine.optimizer is not None:
-        own["optimizer"] = engine.optimizer.state_dict()
-    tmp = _rank_file(ckpt_dir, tag, rank) + ".tmp"
-    torch.save(own, tmp)
-    os.replace(tmp, _rank_file(ckpt_dir, tag, rank))
-    dist.barrier()
-    return os.path.join(ckpt_dir, tag)
-
-
-def load_checkpoint(engine, ckpt_dir: str, tag: str, rank: int) -> dict:
-    """Undo `save_checkpoint` on the same layout; returns the client state."""
-    with _moe_hidden(engine):
-        _, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
-    own = torch.load(_rank_file(ckpt_dir, tag, rank), map_location="cpu", weights_only=True)
-    params = dict(engine.module.named_parameters())
-    with torch.no_grad():
-        for n, t in own.get("experts", {}).items():
-            params[n].copy_(t)
-    if "optimizer" in own:
-        engine.optimizer.load_state_dict(own["optimizer"])
-    return client_state or {}

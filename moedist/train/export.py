@@ -6,7 +6,7 @@ by global expert id, with the resolved config in the manifest, so `moedist extra
 at any expert-parallel size, whatever engine trained it.
 
 Values are the optimizer's full fp32 weights: under DeepSpeed ZeRO-1/2/3 (and bf16)
-the fp32 master copy (`safe_get_full_fp32_param`), under ZeRO-3 frozen parameters
+the fp32 master copy (`deepspeed_setup.get_full_fp32_param`), under ZeRO-3 frozen parameters
 are gathered from their partitions; the PyTorch runner and fp32 ZeRO-0 hold them
 directly. A shadow copy of the (sharded) model receives them and is saved.
 """
@@ -23,9 +23,9 @@ def full_fp32_state(trainer) -> dict:
         for name, p in module.named_parameters():
             value = None
             if trainer.runner.kind == "deepspeed" and p.requires_grad:
-                from deepspeed.utils import safe_get_full_fp32_param
+                from moedist.train.deepspeed_setup import get_full_fp32_param
 
-                value = safe_get_full_fp32_param(p)
+                value = get_full_fp32_param(trainer.runner.engine, p)
             if value is None and hasattr(p, "ds_id"):  # a frozen ZeRO-3 partition
                 from moedist.train.deepspeed_setup import gathered
 

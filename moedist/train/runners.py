@@ -129,13 +129,6 @@ class DeepSpeedRunner:
     def eval_forward(self, x, y):
         return self.forward(x, y)
 
-    def save(self, ckpt_dir: str, tag: str, client_state: dict, rank: int) -> str:
-        """DeepSpeed's own checkpoint format (used only where the moedist format cannot hold the state)."""
-        return dss.save_checkpoint(self.engine, ckpt_dir, tag, client_state, rank)
-
-    def load(self, ckpt_dir: str, tag: str, rank: int) -> dict:
-        return dss.load_checkpoint(self.engine, ckpt_dir, tag, rank)
-
     def optimizer_state_numel(self) -> int:
         return dss.optimizer_state_numel(self.engine)
 

@@ -52,6 +52,10 @@ def preflight(cfg, world_size: int, cuda: Optional[bool] = None) -> None:
     cuda = torch.cuda.is_available() if cuda is None else cuda
     m, par, tr, ds, data = cfg.model, cfg.parallel, cfg.train, cfg.deepspeed, cfg.data
     validate_world_size(cfg, world_size)
+    if m.from_hf is not None:  # before any file in it is read
+        from moedist.checkpoint.safety import refuse_pickles
+
+        refuse_pickles(m.from_hf, "model.from_hf")
 
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -62,6 +66,9 @@ def preflight(cfg, world_size: int, cuda: Optional[bool] = None) -> None:
     need(ds.enabled or not (ds.bf16 or ds.fp16),
          f"deepspeed.{'bf16' if ds.bf16 else 'fp16'}=true: needs deepspeed.enabled=true")
     need(not ds.fp16 or cuda, "deepspeed.fp16=true: needs a CUDA GPU (fp16 is not supported on CPU)")
+    need(not (ds.fp16 and ds.zero_stage == 0),
+         "deepspeed.fp16=true: needs deepspeed.zero_stage >= 1 (ZeRO-0's FP16_Optimizer keeps its fp32 masters "
+         "where moedist's pickle-free checkpoints cannot read them); use zero_stage=1 or bf16")
     need(m.dtype == "float32",
          f"model.dtype={m.dtype!r}: the trainer keeps fp32 master weights; use deepspeed.bf16/fp16 for "
          "mixed precision")
@@ -86,7 +93,9 @@ def preflight(cfg, world_size: int, cuda: Optional[bool] = None) -> None:
         probe = os.path.dirname(probe)
     need(os.path.isdir(probe) and os.access(probe, os.W_OK), f"train.output_dir={out!r}: {probe} is not writable")
     if tr.resume not in (None, "auto"):
-        need(os.path.isdir(tr.resume), f"train.resume={tr.resume!r}: no such checkpoint directory")
+        from moedist.train.checkpointing import check_resumable
+
+        check_resumable(os.path.abspath(tr.resume.rstrip("/")))
     try:
         d = ByteLMData.from_config(data)
     except (OSError, ValueError) as err:
@@ -241,53 +250,34 @@ class Trainer:
         return out
 
     def save(self) -> str:
-        """Save a checkpoint of the current step: the one place that chooses the format.
-
-        The layout-independent moedist format (`checkpointing`), except for DeepSpeed ZeRO-0
-        with bf16/fp16, whose optimizer state only DeepSpeed's own format holds.
-        """
+        """Save a checkpoint of the current step (collective) in the layout-independent moedist format."""
         from moedist.train import checkpointing
 
         tag = f"step_{self.step:06d}"
-        if checkpointing.supported(self):
-            self.last_checkpoint = checkpointing.save(self, os.path.join(self.ckpt_dir, tag))
-        else:
-            state = {"step": self.step, "position": self.position, "world_size": self.world,
-                     "ep_size": self.cfg.parallel.ep_size, "zero_stage": self.cfg.deepspeed.zero_stage,
-                     "engine": self.runner.kind}
-            self.last_checkpoint = self.runner.save(self.ckpt_dir, tag, state, self.rank)
+        self.last_checkpoint = checkpointing.save(self, os.path.join(self.ckpt_dir, tag))
         return self.last_checkpoint
 
-    def resume(self) -> bool:
-        """Load `train.resume` ('auto' = latest in output_dir, or a directory); True if resumed.
-
-        A moedist-format checkpoint resumes at any world size, EP size, ZeRO stage or engine;
-        a DeepSpeed-format one (ZeRO-0 with bf16/fp16) on its own layout only.
-        """
-        from moedist.train import checkpointing
-
+    def resume_path(self) -> Optional[str]:
+        """The checkpoint `train.resume` names ('auto' = latest in output_dir), or None."""
         spec = self.cfg.train.resume
         if spec is None:
-            return False
+            return None
         if spec == "auto":
             latest = os.path.join(self.ckpt_dir, "latest")
             if not os.path.exists(latest):
-                return False
-            path = os.path.join(self.ckpt_dir, open(latest).read().strip())
-        else:
-            path = os.path.abspath(spec.rstrip("/"))
-        if checkpointing.is_moedist_checkpoint(path):
-            state = checkpointing.load(self, path)
-        else:
-            if self.runner.kind != "deepspeed" or not os.path.isdir(path):
-                raise ConfigError(f"train.resume={self.cfg.train.resume!r}: {path} is not a moedist checkpoint "
-                                  "(no manifest.json)")
-            state = self.runner.load(os.path.dirname(path), os.path.basename(path), self.rank)
-            want = (self.world, self.cfg.parallel.ep_size, self.runner.kind, self.cfg.deepspeed.zero_stage)
-            got = (state.get("world_size"), state.get("ep_size"), state.get("engine"), state.get("zero_stage"))
-            if want != got:
-                raise ConfigError(f"train.resume={self.cfg.train.resume!r}: DeepSpeed-format checkpoint layout "
-                                  f"(world, ep, engine, zero stage) = {got} differs from this run's {want}")
+                return None
+            return os.path.join(self.ckpt_dir, open(latest).read().strip())
+        return os.path.abspath(spec.rstrip("/"))
+
+    def resume(self) -> bool:
+        """Load `train.resume`; True if resumed. Any world size, EP size, ZeRO stage or engine."""
+        from moedist.train import checkpointing
+
+        path = self.resume_path()
+        if path is None:
+            return False
+        checkpointing.check_resumable(path)
+        state = checkpointing.load(self, path)
         self.step, self.position = int(state["step"]), int(state["position"])
         return True
 
