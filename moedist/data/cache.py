@@ -171,7 +171,7 @@ def _progress(enabled: bool):
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), transient=False)
+                    console=Console(stderr=True), transient=True)   # erased: errors and the summary stay alone
 
 
 def build_caches(sources: Sequence[Mapping[str, Any]], tok: Tokenizer, cache_dir: str,

@@ -141,9 +141,9 @@ def _json_lines(path: str, where: str) -> Iterator[Tuple[int, dict]]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as err:
-                raise ConfigError(f"{where} line {n}: malformed JSON ({err.msg} at column {err.colno})") from None
+                raise ConfigError(f"{where} line {n}: malformed JSON ({err.msg}: column {err.colno})") from None
             if not isinstance(obj, dict):
                 raise ConfigError(f"{where} line {n}: expected a JSON object, got {_json_type(obj)}")
             yield n, obj
