@@ -119,10 +119,11 @@ class HFTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
         if not texts:
             return []
-        return [list(ids) for ids in self.tok(list(texts), add_special_tokens=False)["input_ids"]]
+        # verbose=False: documents longer than model_max_length are fine here (they are packed or cut later)
+        return [list(ids) for ids in self.tok(list(texts), add_special_tokens=False, verbose=False)["input_ids"]]
 
     def encode_with_offsets(self, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
-        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         return list(enc["input_ids"]), [(int(a), int(b)) for a, b in enc["offset_mapping"]]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
