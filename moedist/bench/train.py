@@ -125,12 +125,11 @@ def run_train_bench(config: Optional[str], overrides: List[str], steps: int, war
         losses = {k: [] for k in runners}
         lr = cfg.train.lr
         for i in range(warmup + steps):
-            x, y = data.train_batch((i * world + rank) * M, M)
-            x, y = x.to(device), y.to(device)
+            batch = data.train_micro((i * world + rank) * M, M).to(device)
             for name, r in runners.items():
                 synchronize(device)
                 t0 = time.perf_counter()
-                out = r.forward(x, y)
+                out = r.forward(batch)
                 r.backward(out.loss)
                 r.step(lr)
                 synchronize(device)

@@ -27,9 +27,11 @@ import os
 import sysconfig
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
+
+from moedist.data.batch import Batch
 
 STDLIB_MAX_BYTES = 2_000_000
 BLOCK = 8  # windows per train/val split block
@@ -126,6 +128,14 @@ class ByteLMData:
         """(input [count, S], labels [count, S]) for global positions [position, position + count)."""
         w = self.train.index_select(0, self.train_indices(position, count))  # [count, S+1]
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+    def train_micro(self, position: int, count: int) -> Batch:
+        """`train_batch` as a `Batch` (the trainer's form; one document per row, all tokens count)."""
+        return Batch(*self.train_batch(position, count))
+
+    def val_micro(self, name: Optional[str], index: int, count: int) -> Batch:
+        """`val_batch` as a `Batch`; one source, so `name` is ignored."""
+        return Batch(*self.val_batch(index, count))
 
     def val_batch(self, index: int, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Validation micro-batch `index` (fixed, wraps around the validation windows)."""

@@ -194,7 +194,7 @@ def _input_requires_grad(module, args):
 
 
 class Zero3Module(nn.Module):
-    """What a ZeRO-3 engine wraps: `forward(input_ids, labels)` returns the loss tensor.
+    """What a ZeRO-3 engine wraps: `forward(input_ids, labels, position_ids, segment_ids)` returns the loss.
 
     ZeRO-3 fetches a module's partitioned parameters again for backward through
     hooks on the tensors the module returns; it cannot see tensors inside our
@@ -209,8 +209,8 @@ class Zero3Module(nn.Module):
         self.model = model
         self.last_output = None
 
-    def forward(self, input_ids, labels):
-        out = self.model(input_ids, labels)
+    def forward(self, input_ids, labels, position_ids=None, segment_ids=None):
+        out = self.model(input_ids, labels, position_ids, segment_ids)
         self.last_output = out
         return out.loss
 

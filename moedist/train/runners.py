@@ -7,9 +7,11 @@
 * `DeepSpeedRunner`: a DeepSpeed engine (ZeRO 0/1/2/3, bf16/fp16); every
   DeepSpeed internal it needs lives in `moedist.train.deepspeed_setup`.
 
-Both take the loss of one micro-batch (mean over its tokens) and average over
-`grad_accum` micro-batches and all ranks, so one step is the gradient of the
-mean loss over the global batch.
+Both take a `moedist.data.Batch` (input ids, labels, and for packed documents
+position and segment ids) and the loss of one micro-batch, and average over
+`grad_accum` micro-batches and all ranks; the trainer scales each micro-batch's
+LM loss so that one step is the gradient of the token-weighted mean over the
+global batch.
 """
 from __future__ import annotations
 
@@ -51,8 +53,8 @@ class PlainRunner:
         self.optimizer = build_optimizer([g for g in groups if g["params"]], cfg.train)
         self._accum = 0
 
-    def forward(self, x, y):
-        return self.module(x, y)
+    def forward(self, batch):
+        return self.module(batch.input_ids, batch.labels, batch.position_ids, batch.segment_ids)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.cfg.train.grad_accum).backward()
@@ -72,8 +74,8 @@ class PlainRunner:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
-    def eval_forward(self, x, y):
-        return self.module(x, y)
+    def eval_forward(self, batch):
+        return self.forward(batch)
 
     def optimizer_state_numel(self) -> int:
         return sum(v.numel() for s in self.optimizer.state.values() for k, v in s.items()
@@ -97,8 +99,8 @@ class DeepSpeedRunner:
         self.clips_itself = dss.clips_itself(cfg)
         self._norm: Optional[float] = None
 
-    def forward(self, x, y):
-        out = self.engine(x, y)
+    def forward(self, batch):
+        out = self.engine(batch.input_ids, batch.labels, batch.position_ids, batch.segment_ids)
         if not self.zero3:
             return out
         # Backward must start from the tensor the engine returned (it carries ZeRO-3's hooks).
@@ -126,8 +128,8 @@ class DeepSpeedRunner:
             return self._norm
         return dss.global_grad_norm(self.engine)
 
-    def eval_forward(self, x, y):
-        return self.forward(x, y)
+    def eval_forward(self, batch):
+        return self.forward(batch)
 
     def optimizer_state_numel(self) -> int:
         return dss.optimizer_state_numel(self.engine)

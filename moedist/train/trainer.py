@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from moedist.config import ConfigError, save_config, validate_world_size
+from moedist.data.batch import Batch
 from moedist.train.data import ByteLMData, micro_batch_position
 from moedist.train.metrics import MetricsWriter, StepStats, tensorboard_available
 from moedist.train.progress import Progress, summary_table
@@ -84,7 +85,8 @@ def preflight(cfg, world_size: int, cuda: Optional[bool] = None) -> None:
         cfg = resolve_hf(cfg)
         m = cfg.model
     need(m.max_seq_len >= data.seq_len, f"data.seq_len={data.seq_len}: must be <= model.max_seq_len")
-    need(m.vocab_size >= 256, f"model.vocab_size={m.vocab_size}: byte-level data needs >= 256")
+    if not data.sources:
+        need(m.vocab_size >= 256, f"model.vocab_size={m.vocab_size}: byte-level data needs >= 256")
     out = tr.output_dir
     need(not os.path.exists(out) or os.path.isdir(out), f"train.output_dir={out!r}: exists and is not a directory")
     parent = os.path.dirname(os.path.abspath(out))
@@ -96,14 +98,41 @@ def preflight(cfg, world_size: int, cuda: Optional[bool] = None) -> None:
         from moedist.train.checkpointing import check_resumable
 
         check_resumable(os.path.abspath(tr.resume.rstrip("/")))
-    try:
-        d = ByteLMData.from_config(data)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"data.source={data.source!r}: {err}") from None
+    d = load_data(cfg)
+    if data.sources:
+        tok = d.tokenizer
+        need(tok.vocab_size <= m.vocab_size,
+             f"data.tokenizer: its vocabulary has {tok.vocab_size} tokens but the model embeds only "
+             f"model.vocab_size={m.vocab_size}; use the model's own tokenizer (or a larger model.vocab_size)")
+    what = "data.sources" if data.sources else f"data.source={data.source!r}"
     step_seqs = world_size * tr.micro_batch_size * tr.grad_accum
     need(d.num_train >= step_seqs,
          f"train.micro_batch_size={tr.micro_batch_size}: a global batch of {step_seqs} sequences is larger than "
-         f"the {d.num_train} training sequences of data.source={data.source!r}")
+         f"the {d.num_train} training sequences of {what}")
+
+
+def load_data(cfg, progress: bool = False):
+    """The run's data: named `data.sources` (tokenized, cached `TokenData`) or a byte-level `ByteLMData`.
+
+    Raises ConfigError (one line naming the file, line and problem) for unreadable data.
+    """
+    if cfg.data.sources:
+        from moedist.data.dataset import build_data
+
+        return build_data(cfg, progress=progress)
+    try:
+        return ByteLMData.from_config(cfg.data)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data.source={cfg.data.source!r}: {err}") from None
+
+
+def run_tokenizer(cfg, data):
+    """The tokenizer a run's ids come from (saved with its checkpoints and exports)."""
+    if cfg.data.sources:
+        return data.tokenizer
+    from moedist.data.tokenizer import ByteTokenizer
+
+    return ByteTokenizer()  # the byte-level sources feed raw bytes whatever model.from_hf says
 
 
 # ------------------------------------------------------------------ results
@@ -118,12 +147,13 @@ class TrainResult:
 
 
 @torch.no_grad()
-def evaluate_lm(forward: Callable, module: torch.nn.Module, data: ByteLMData, batches: int, micro_batch_size: int,
-                device: torch.device) -> float:
-    """Mean LM loss of `forward(x, y)` over `batches` validation micro-batches on every rank.
+def evaluate_lm(forward: Callable, module: torch.nn.Module, batch_fn: Callable[[int, int], Batch], batches: int,
+                micro_batch_size: int, device: torch.device) -> tuple:
+    """(summed cross-entropy, counted tokens) of `forward` over `batches` validation micro-batches per rank.
 
-    Rank r takes validation micro-batches r, r + W, r + 2W, ...; collective when a
-    process group exists (every rank must call it: EP layers all-to-all).
+    `batch_fn(index, count)` gives validation micro-batch `index`; rank r takes r, r + W,
+    r + 2W, ...; collective when a process group exists (every rank must call it: EP
+    layers all-to-all). The mean loss is sum / tokens: token-weighted, masks honoured.
     """
     from moedist.train.runners import eval_mode
 
@@ -132,14 +162,17 @@ def evaluate_lm(forward: Callable, module: torch.nn.Module, data: ByteLMData, ba
     total = torch.zeros(2, dtype=torch.float64)
     with eval_mode(module):
         for b in range(batches):
-            x, y = data.val_batch(b * world + rank, micro_batch_size)
-            out = forward(x.to(device), y.to(device))
-            total += torch.tensor([float(out.lm_loss), 1.0], dtype=torch.float64)
+            out = forward(batch_fn(b * world + rank, micro_batch_size).to(device))
+            total += torch.tensor([float(out.lm_loss_sum), float(out.num_loss_tokens)], dtype=torch.float64)
     if world > 1:
         buf = total.to(device)
         dist.all_reduce(buf)
         total = buf.cpu()
-    return float(total[0] / total[1])
+    return float(total[0]), float(total[1])
+
+
+def _mean(sum_count: tuple) -> float:
+    return sum_count[0] / max(1.0, sum_count[1])
 
 
 def _device() -> torch.device:
@@ -176,7 +209,8 @@ class Trainer:
         self.console = console
         self.save_checkpoints = save_checkpoints
         self.device = _device()
-        self.data = ByteLMData.from_config(cfg.data)
+        self.data = load_data(cfg)
+        self.tokenizer = run_tokenizer(cfg, self.data)
         self.eval_data = dict(eval_data or {})
         torch.manual_seed(cfg.train.seed)
         ds = cfg.deepspeed.enabled
@@ -238,16 +272,43 @@ class Trainer:
         if dist.is_initialized() and self.world > 1:
             dist.barrier()
 
-    def evaluate(self, data: Optional[ByteLMData] = None, batches: Optional[int] = None) -> float:
-        """Mean LM loss (no aux) over `batches` validation micro-batches per rank (collective)."""
-        return evaluate_lm(self.runner.eval_forward, self.model, data or self.data,
-                           batches or self.cfg.train.eval_batches, self.cfg.train.micro_batch_size, self.device)
+    def _eval(self, batch_fn: Callable[[int, int], Batch], batches: Optional[int] = None) -> tuple:
+        return evaluate_lm(self.runner.eval_forward, self.model, batch_fn, batches or self.cfg.train.eval_batches,
+                           self.cfg.train.micro_batch_size, self.device)
 
-    def evaluate_all(self) -> dict:
-        out = {"val_loss": self.evaluate()}
+    def evaluate(self, data: Optional[ByteLMData] = None, batches: Optional[int] = None) -> float:
+        """Mean LM loss (no aux, token-weighted) over `batches` validation micro-batches per rank (collective).
+
+        data: a byte-level `ByteLMData` (default: the run's own data; with data.sources the
+        token-weighted mean over every source's validation split).
+        """
+        if data is None and self.cfg.data.sources:
+            return self.evaluate_all(batches)["val_loss"]
+        d = data or self.data
+        return _mean(self._eval(lambda i, n: d.val_micro(None, i, n), batches))
+
+    def evaluate_all(self, batches: Optional[int] = None) -> dict:
+        """{"val_loss": ..., "val_loss_<source>": ...} (collective).
+
+        With data.sources: one value per source and val_loss = their token-weighted mean;
+        plus any extra `eval_data` sets given to the trainer.
+        """
+        out = {}
+        if self.cfg.data.sources:
+            per = {name: self._eval(lambda i, n, name=name: self.data.val_micro(name, i, n), batches)
+                   for name in self.data.names}
+            out["val_loss"] = _mean((sum(v[0] for v in per.values()), sum(v[1] for v in per.values())))
+            out.update({f"val_loss_{name}": _mean(v) for name, v in per.items()})
+        else:
+            out["val_loss"] = self.evaluate(batches=batches)
         for name, d in self.eval_data.items():
-            out[f"val_loss_{name}"] = self.evaluate(d)
+            out[f"val_loss_{name}"] = self.evaluate(d, batches)
         return out
+
+    def save_tokenizer(self, folder: str) -> None:
+        """Write the run's tokenizer beside a checkpoint or export (rank 0), so the folder is self-contained."""
+        if self.is_main and os.path.isdir(folder):
+            self.tokenizer.save(folder)
 
     def save(self) -> str:
         """Save a checkpoint of the current step (collective) in the layout-independent moedist format."""
@@ -255,6 +316,7 @@ class Trainer:
 
         tag = f"step_{self.step:06d}"
         self.last_checkpoint = checkpointing.save(self, os.path.join(self.ckpt_dir, tag))
+        self.save_tokenizer(self.last_checkpoint)
         return self.last_checkpoint
 
     def resume_path(self) -> Optional[str]:
@@ -292,12 +354,15 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.train()
         norm = None
-        for a in range(A):
-            pos = micro_batch_position(self.position, self.rank, a, A, M)
-            x, y = self.data.train_batch(pos, M)
-            out = self.runner.forward(x.to(self.device), y.to(self.device))
-            self.runner.backward(out.loss)
-            stats.add(out, x.numel())
+        micro = [self.data.train_micro(micro_batch_position(self.position, self.rank, a, A, M), M) for a in range(A)]
+        scales = self._loss_scales(micro)
+        for batch, scale in zip(micro, scales):
+            out = self.runner.forward(batch.to(self.device))
+            # token-weighted mean over the global batch: this micro-batch's share of the counted tokens.
+            # Added to out.loss (not rebuilt) so backward still starts from the tensor a ZeRO-3 engine returned.
+            loss = out.loss if scale == 1.0 else out.loss + out.lm_loss * (scale - 1.0)
+            self.runner.backward(loss)
+            stats.add(out, batch.input_ids.numel())
             got = self.runner.step(lr)
             norm = got if got is not None else norm
         self.position += self.world * A * M
@@ -309,12 +374,31 @@ class Trainer:
                "tokens_per_s": rec["tokens"] / dt if dt > 0 else None, "step_time_s": dt, **rec}
         return rec
 
+    def _loss_scales(self, micro: List[Batch]) -> List[float]:
+        """Per micro-batch factor on its mean LM loss so that the step's gradient is that of the mean over
+        every counted token of the global batch (runners average over ranks and micro-batches).
+
+        n_m * world * grad_accum / N_global; exactly 1.0 when every micro-batch counts as many tokens
+        (byte-level data), which leaves those runs bit-identical. Collective (one small all-reduce).
+        """
+        counts = [b.num_loss_tokens for b in micro]
+        total = torch.tensor([float(sum(counts))], dtype=torch.float64)
+        if dist.is_initialized() and self.world > 1:
+            buf = total.to(self.device)
+            dist.all_reduce(buf)
+            total = buf.cpu()
+        n_global = float(total[0])
+        if n_global == 0:
+            return [0.0 if n == 0 else 1.0 for n in counts]
+        return [n * self.world * len(micro) / n_global for n in counts]
+
     def train(self) -> TrainResult:
         cfg, tr = self.cfg, self.cfg.train
         resumed = self.resume()
         if self.write:
             os.makedirs(tr.output_dir, exist_ok=True)
             save_config(cfg, os.path.join(tr.output_dir, "config.yaml"))
+            self.save_tokenizer(tr.output_dir)
         writer = MetricsWriter(tr.output_dir, self.write, tr.tensorboard, resume_step=self.step if resumed else 0)
         bar = Progress(tr.max_steps, self.is_main and self.console, tr.log_every, start=self.step, title=cfg.name)
         if resumed:
@@ -352,6 +436,7 @@ class Trainer:
             from moedist.train import checkpointing
 
             final = checkpointing.save(self, os.path.join(tr.output_dir, "final"), with_optimizer=False)
+            self.save_tokenizer(final)
         elapsed = time.perf_counter() - t_start
         summary = self._summary(records, elapsed, val)
         summary["final"] = final
@@ -361,7 +446,8 @@ class Trainer:
 
                 summary["plot"] = plot_run(writer.path, os.path.join(tr.output_dir, "plot.png"), cfg.name,
                                            records, initial=self.initial_val,
-                                           val_label=f"val loss ({cfg.data.source})")
+                                           val_label="val loss (" + (", ".join(self.data.names) if cfg.data.sources
+                                                                     else cfg.data.source) + ")")
             with open(os.path.join(tr.output_dir, "summary.json"), "w") as fh:
                 json.dump(summary, fh, indent=1)
         if self.is_main and self.console:
