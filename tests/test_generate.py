@@ -237,6 +237,7 @@ def test_errors_are_one_line_exit_2(hf_dirs, tmp_path, capsys):
         ([d, "--prompt", "x", "--top-p", "1.5"], ["top_p=1.5"]),
         ([d], ["--prompt"]),
         ([d, "--prompt", "x", "--max-new-tokens", "many"], ["--max-new-tokens"]),
+        ([d, "--prompt", "x", "--device", "bogus"], ["--device"]),
     ]
     for args, needles in cases:
         rc, out, err = run_cli(capsys, *args)

@@ -162,6 +162,21 @@ def prompt_ids(tok, prompt: str, chat: bool) -> List[int]:
     return tok.encode(prompt, add_special_tokens=True)
 
 
+def pick_device(name: Optional[str]):
+    """--device as a torch.device (default: cuda when available, else cpu)."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device={name!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device={name!r}: CUDA is not available here")
+    return device
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of `moedist generate` (argv without the subcommand name). Returns the exit code."""
     try:
@@ -175,6 +190,7 @@ def _run(args) -> int:
     from moedist.models.generate import check_sampling, generate, new_token_room
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_p)
+    device = pick_device(args.device)
     src = resolve_source(args.path)
     tok = load_tokenizer_for(src)
     ids = prompt_ids(tok, args.prompt, args.chat)
@@ -189,9 +205,6 @@ def _run(args) -> int:
     if args.max_new_tokens > room:
         print(f"{PROG}: warning: the prompt has {len(ids)} tokens and model.max_seq_len={model.max_seq_len}: "
               f"at most {room} new tokens", file=sys.stderr)
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     new = generate(model.to(device), ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, eos_ids=eos_ids_for(src, tok), seed=args.seed)
     sys.stdout.write(tok.decode(new, skip_special_tokens=True) + "\n")
