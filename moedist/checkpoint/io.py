@@ -177,7 +177,8 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 
 def resolve_checkpoint(path) -> Optional[Path]:
-    """A checkpoint dir itself, or a run dir's `latest` one; None if there is none.
+    """A checkpoint dir itself, or a run dir's: its `final/`, else the checkpoint its `latest` file
+    (beside it or under `checkpoints/`) names; None if there is none.
 
     Raises ConfigError (a ValueError) when the directory holds pickle files: nothing is opened then.
     """
@@ -188,11 +189,14 @@ def resolve_checkpoint(path) -> Optional[Path]:
         refuse_pickles(os.fspath(p), "checkpoint")
     if (p / "manifest.json").exists():
         return p
-    latest = p / "latest"
-    if latest.exists():
-        cand = p / latest.read_text().strip()
-        if (cand / "manifest.json").exists():
-            return cand
+    if (p / "final" / "manifest.json").exists():
+        return p / "final"
+    for folder in (p, p / "checkpoints"):
+        latest = folder / "latest"
+        if latest.is_file():
+            cand = folder / latest.read_text().strip()
+            if (cand / "manifest.json").exists():
+                return cand
     return None
 
 

@@ -84,6 +84,17 @@ def _load_source(src: str, overrides: List[str]):
                      "'latest') nor a Hugging Face directory (config.json)")
 
 
+def _copy_tokenizer(src: str, out: str) -> None:
+    """Save the tokenizer of SRC (its checkpoint, else the run or HF directory itself) into OUT, if any."""
+    from moedist.checkpoint import resolve_checkpoint
+    from moedist.data.tokenizer import tokenizer_from_dir
+
+    ckpt = resolve_checkpoint(src)
+    tok = (tokenizer_from_dir(os.fspath(ckpt)) if ckpt is not None else None) or tokenizer_from_dir(src)
+    if tok is not None and os.path.isdir(out):
+        tok.save(out)
+
+
 def _sections(overrides: List[str]) -> Dict[str, dict]:
     """key=value items (YAML values) -> {section: {key: value}} for from_hf."""
     import yaml
@@ -149,12 +160,14 @@ def _run(args) -> int:
     if args.action == "from-hf":
         model, cfg = from_hf(args.src, **_sections(args.overrides))
         save_model_checkpoint(model, cfg, args.out, source=args.src)
+        _copy_tokenizer(args.src, args.out)
         print(f"wrote moedist model ({cfg.model.hf_model_type}, {sum(p.numel() for p in model.parameters())} "
               f"parameters) to {args.out}")
         return 0
     model, cfg = _load_source(args.src, args.overrides)
     if args.action == "to-hf":
         config = to_hf(model, args.out, cfg, merge_lora=not args.no_merge)
+        _copy_tokenizer(args.src, args.out)
         print(f"wrote {config['model_type']} model to {args.out}")
     elif args.action == "upcycle":
         kw = dict(lora_rank=args.lora_rank, moe_every=args.moe_every)
