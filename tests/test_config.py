@@ -26,11 +26,11 @@ REQUIRED_KEYS = {
            "aux_loss_type aux_loss_coef z_loss_coef score_func renormalize noisy_gating jitter_eps "
            "expert_bias expert_ffn_size activation",
     "lora": "rank alpha dropout mode targets train_router train_shared_experts",
-    "parallel": "ep_size",
+    "parallel": "ep_size timeout_s",
     "train": "max_steps lr min_lr warmup_steps lr_schedule weight_decay adam_betas grad_clip seed output_dir "
              "micro_batch_size grad_accum save_every log_every eval_every eval_batches resume tensorboard "
              "plot optimizer",
-    "data": "source path seq_len val_fraction seed",
+    "data": "source path seq_len val_fraction seed tokenizer sources pack cache_dir",
     "deepspeed": "enabled zero_stage bf16 fp16 extra",
 }
 
