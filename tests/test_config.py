@@ -201,7 +201,7 @@ def test_error_messages(overrides, message):
 
 
 def test_unknown_key_without_close_match_lists_allowed():
-    with pytest.raises(ConfigError, match=r"^parallel\.zzz: unknown key \(allowed in parallel: ep_size\)$"):
+    with pytest.raises(ConfigError, match=r"^parallel\.zzz: unknown key \(allowed in parallel: ep_size, timeout_s\)$"):
         load_config(None, ["parallel.zzz=1"])
     with pytest.raises(ConfigError, match=r"^qqq: unknown key \(allowed: name, model, moe, "):
         load_config(None, ["qqq=1"])
