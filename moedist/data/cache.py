@@ -23,6 +23,7 @@ left behind.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -196,14 +197,22 @@ def build_caches(sources: Sequence[Mapping[str, Any]], tok: Tokenizer, cache_dir
     built: Dict[int, str] = {}
     made = _first_missing(root)              # the top directory we create (None: root exists)
     bar = _progress(progress and bool(todo))
+    lock = None
     try:
         if todo:
             os.makedirs(root, exist_ok=True)
-        if bar is not None:
+            # One builder at a time (the ranks of a job, or two jobs sharing a cache): the others wait,
+            # then find the shards done. The lock is on the directory itself: no lock file to leave behind.
+            lock = os.open(root, os.O_RDONLY)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            todo = [i for i in todo if not os.path.isfile(os.path.join(root, keys[i], "meta.json"))]
+        if bar is not None and todo:
             bar.start()
         for i in todo:
             built[i] = tempfile.mkdtemp(prefix=f".tmp-{keys[i]}-", dir=root)
             _build_one(sources[i], tok, i, built[i], bar)
+        for i, tmp in built.items():
+            _commit(tmp, os.path.join(root, keys[i]))
     except BaseException:
         for tmp in built.values():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -211,10 +220,10 @@ def build_caches(sources: Sequence[Mapping[str, Any]], tok: Tokenizer, cache_dir
             _remove_empty(root, made)
         raise
     finally:
-        if bar is not None:
+        if bar is not None and bar.live.is_started:
             bar.stop()
-    for i, tmp in built.items():
-        _commit(tmp, os.path.join(root, keys[i]))
+        if lock is not None:
+            os.close(lock)  # releases the flock
     return [open_cache(os.path.join(root, key)) for key in keys]
 
 

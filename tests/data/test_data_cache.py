@@ -108,3 +108,30 @@ def test_a_finished_cache_of_another_rank_wins(tmp_path, tok):
     (mine / "meta.json").write_text("{}")
     cache_mod._commit(str(mine), str(final))
     assert not mine.exists() and json.loads((final / "meta.json").read_text())["documents"] == 30
+
+
+def test_concurrent_builders_tokenize_once(tmp_path):
+    """Two processes (e.g. the ranks of a job) preparing the same cache at once: one tokenizes, the other
+    waits on the cache directory's lock and opens the finished shards; no temp dirs are left."""
+    import subprocess
+    import sys
+
+    rows = [{"text": f"document {i} " + "words and more words " * 200} for i in range(400)]
+    src = {"name": "big", "path": write_jsonl(tmp_path / "big.jsonl", rows), "format": "jsonl"}
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(json.dumps({"data": {"cache_dir": str(tmp_path / "cache"), "seq_len": 16, "sources": [src]}}))
+    code = ("import sys, moedist.data.cache as c\n"
+            "orig = c._build_one\n"
+            "def counted(*a, **k):\n"
+            "    print('TOKENIZED', flush=True)\n"
+            "    return orig(*a, **k)\n"
+            "c._build_one = counted\n"
+            "from moedist.data.prepare_cli import main\n"
+            "sys.exit(main(['prepare', sys.argv[1]]))\n")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum(o.count("TOKENIZED") for o, _ in outs) == 1, outs
+    assert len(os.listdir(tmp_path / "cache")) == 1  # one key dir, no .tmp-* leftovers
