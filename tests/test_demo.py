@@ -94,3 +94,17 @@ def test_make_demo_story_under_five_minutes(tmp_path):
     assert s["forgetting_prose"] > -0.05              # reported honestly (frozen base: moderate)
     print(f"demo: {seconds:.0f} s, code {s['before']['code']:.3f} -> {s['after']['code']:.3f}, "
           f"prose {s['before']['prose']:.3f} -> {s['after']['prose']:.3f}, {s['tokens_per_s']:,.0f} tok/s")
+
+
+@pytest.mark.slow
+def test_demo_hf_journey(tmp_path):
+    """`moedist demo --hf`: toy Qwen3-MoE + tokenizer, JSONL data, data prepare, EP=2 ZeRO-2 LoRA fine-tune,
+    generate, convert to-hf; transformers loads the export and greedy-generates what moedist generated."""
+    out = tmp_path / "hf_demo"
+    res, _ = _run(["demo", "--hf", "--out", str(out), "--steps", "6"], timeout=900)
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
+    assert "transformers greedy text equals moedist generate" in res.stdout
+    recs = read_metrics(str(out / "run" / "metrics.jsonl"))
+    assert [r["step"] for r in recs] == list(range(1, 7))
+    assert {"val_loss", "val_loss_sft", "val_loss_chat"} <= set(recs[-1])
+    assert (out / "run" / "final" / "tokenizer.json").is_file() and (out / "export" / "config.json").is_file()

@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="run on GPUs (one per process, nccl) instead of CPU")
     p.add_argument("--base-config", default=str(CONFIGS / "demo_base.yaml"))
     p.add_argument("--config", default=str(CONFIGS / "demo.yaml"))
+    p.add_argument("--hf", action="store_true", help="the Hugging Face journey instead: a Qwen3-MoE with its own "
+                   "tokenizer, JSONL data, LoRA fine-tune at EP=2 under ZeRO-2, generate, export "
+                   "(see moedist demo --hf --help)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -79,7 +82,12 @@ def _configs(args):
 
 
 def main(argv=None) -> int:
-    """Entry of `moedist demo` (registered in moedist.cli.COMMANDS)."""
+    """Entry of `moedist demo` (registered in moedist.cli.COMMANDS); `--hf`: the Hugging Face journey."""
+    argv = list(sys.argv[2:] if argv is None else argv)
+    if "--hf" in argv:
+        from moedist.train.demo_hf import main as main_hf
+
+        return main_hf([a for a in argv if a != "--hf"])
     args = _parser().parse_args(argv)
     if args.worker:
         return worker(args)
