@@ -1,4 +1,4 @@
-# make demo  -- create .venv if missing, then run the 2-process LoRA-MoE fine-tune demo
+# make demo  -- create .venv if missing, then run the 2-process LoRA-MoE fine-tune demos (byte-level, then HF)
 # make test  -- create .venv if missing, install missing system packages (.ci/system-deps:
 #               slurm-wlm, munge; as root with apt-get, else one line says what to install),
 #               then run the default suite and the slow suite (MOEDIST_SLOW=0 skips the latter)
@@ -21,6 +21,7 @@ $(STAMP): setup.py
 
 demo: $(STAMP)
 	$(VENV)/bin/moedist demo
+	$(VENV)/bin/moedist demo --hf
 
 # System packages some tests start for real (a local SLURM cluster); .ci/run uses this too.
 system-deps:
