@@ -52,7 +52,7 @@ def _write_sources(folder: Path) -> dict:
     return {"pc": pc, "chat": chat}
 
 
-def _config(tmp: Path, hf: Path, sources: list, **train) -> Path:
+def _config(tmp: Path, hf: Path, sources: list, file: str = "cfg.yaml", **train) -> Path:
     import yaml
 
     cfg = {
@@ -66,7 +66,7 @@ def _config(tmp: Path, hf: Path, sources: list, **train) -> Path:
                   "eval_batches": 1, "output_dir": str(tmp / "run"), **train},
         "data": {"seq_len": 48, "pack": False, "cache_dir": str(tmp / "cache"), "sources": sources},
     }
-    path = tmp / "cfg.yaml"
+    path = tmp / file
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -150,3 +150,31 @@ def test_mixture_reports_val_loss_per_source(finetuned, tmp_path):
     rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     lo, hi = sorted((rec["val_loss_pc"], rec["val_loss_chat"]))
     assert lo <= rec["val_loss"] <= hi
+
+
+def test_bad_data_and_mismatched_tokenizer_stop_with_one_line(finetuned, tmp_path):
+    """Through `moedist train`: exit 2, one line naming the file/line (or the vocabularies), nothing written."""
+    from moedist.data.bpe import train_bpe_tokenizer
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n')
+    big_tok = train_bpe_tokenizer(tmp_path / "big_tok", vocab_size=900)  # the model embeds ~600 ids
+    src = _write_sources(tmp_path)
+    cases = [
+        (_config(tmp_path, finetuned["hf"], [{"name": "b", "path": str(bad), "format": "prompt_completion"}],
+                 file="c1.yaml"),
+         [], ["bad.jsonl", "line 2", "JSON"]),
+        (_config(tmp_path, finetuned["hf"], [{"name": "pc", "path": str(src["pc"]), "format": "prompt_completion"}],
+                 file="c2.yaml"),
+         [f"data.tokenizer={big_tok}"], ["data.tokenizer", "model.vocab_size"]),
+        (_config(tmp_path, finetuned["hf"], [{"name": "c", "path": str(src["pc"]), "format": "chat"}],
+                 file="c3.yaml"),
+         [], ["pc.jsonl", "line 1", "messages"]),
+    ]
+    for cfg, over, words in cases:
+        res = _moedist("train", cfg, "parallel.ep_size=1", "deepspeed.enabled=false", "deepspeed.zero_stage=0",
+                       f"data.cache_dir={tmp_path / 'cache_bad'}", *over, cwd=tmp_path)
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip() and "WARNING" not in ln]
+        assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert all(w in lines[0] for w in words), (words, lines[0])
+        assert not (tmp_path / "run").exists() and not (tmp_path / "cache_bad").exists()
