@@ -136,11 +136,18 @@ class TrainConfig:
     log_every: int = _opt(10, "Log metrics every N steps.", ge=1)
     eval_every: int = _opt(0, "Evaluate on the validation split every N steps; 0 = off.", ge=0)
     eval_batches: int = _opt(4, "Micro-batches per evaluation.", ge=1)
-    resume: str | None = _opt(None, "Where to resume: null = start fresh; 'auto' = latest checkpoint in "
-                                    "output_dir if any; or a checkpoint directory.")
+    resume: str | None = _opt(None, "Where to resume: null = start fresh; 'auto' = newest checkpoint in "
+                                    "output_dir that verifies (SHA-256; corrupt ones are skipped with a warning), "
+                                    "or start fresh if there is none; or a checkpoint directory.")
     tensorboard: bool = _opt(False, "Write TensorBoard event files to output_dir.")
     plot: bool = _opt(False, "Save loss/throughput plots (PNG) to output_dir at the end.")
     optimizer: str = _opt("adamw", "Optimizer.", choices=("adamw", "sgd"))
+    keep_last: int = _opt(3, "Step checkpoints kept under output_dir/checkpoints (older ones are deleted after "
+                             "each save; final/ and the one 'latest' names are never deleted); 0 = keep all.", ge=0)
+    nonfinite: str = _opt("stop", "A NaN/Inf loss or gradient: 'stop' = exit with one line naming the step and the "
+                                  "first non-finite parameter gradient (or the loss); 'skip' = drop that step on every "
+                                  "rank (no optimizer update) and count it in metrics (skipped_steps); PyTorch runner "
+                                  "only.", choices=("stop", "skip"))
 
 
 @dataclass
@@ -519,6 +526,9 @@ def validate(cfg: MoedistConfig) -> None:
          f"data.path={_fmt(data.path)}: no such file (data.source='file')")
     need(data.seq_len <= m.max_seq_len, f"data.seq_len={data.seq_len}: must be <= model.max_seq_len ({m.max_seq_len})")
     _validate_sources(data.sources)
+    need(data.tokenizer in (None, "bytes") or bool(data.sources),
+         f"data.tokenizer={_fmt(data.tokenizer)}: only used with data.sources (data.source={_fmt(data.source)} "
+         "is byte-level); list your files under data.sources")
     # DeepSpeed
     need(not (ds.bf16 and ds.fp16), "deepspeed.fp16=true: cannot be combined with deepspeed.bf16=true")
     try:

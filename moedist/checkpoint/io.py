@@ -5,12 +5,21 @@ Directory `step_000123/`:
     model-dense.safetensors    non-expert tensors (written by global rank 0)
     model-experts-epK.safetensors   experts held by EP rank K (written by its first replica)
     optim-*.safetensors        optimizer state, same split, keys "<state>::<tensor key>"
-    rng-rankR.safetensors      each rank's RNG state (restored only at the same world size)
+    rng-rankR.safetensors      each rank's RNG states: global torch RNG and, from the trainer, every
+                               private generator (`moedist.train.rng`); restored only at the same layout
 
 A checkpoint saved at EP=4 loads at EP=2 or 1 (or 1 -> 4): each rank reads only
 the global expert keys it now holds. Writes go to a temporary directory renamed
 into place after every file is complete and hashed; `latest` is replaced
-atomically. Nothing is ever unpickled.
+atomically, after that rename, so a process killed at any moment of a save leaves
+the previous checkpoint (and `latest` naming it) intact. Nothing is ever unpickled.
+
+A checkpoint that fails verification (missing file, SHA-256 mismatch, unreadable
+manifest) raises `CorruptCheckpoint`, a `ConfigError`: one line naming the file.
+
+Test-only hook: `MOEDIST_TEST_SAVE_PAUSE=<dir name>` makes the save of that checkpoint
+print a line and sleep for a minute after every file is written and before the rename
+(tests/reliability/test_checkpoint_integrity.py kills the process there).
 """
 from __future__ import annotations
 
@@ -29,9 +38,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moedist.checkpoint.keys import global_keys_for, param_slots, split_to_global
+from moedist.config_yaml import ConfigError
 
 FORMAT = "moedist-checkpoint-v1"
 OPT_SEP = "::"
+
+
+class CorruptCheckpoint(ConfigError):
+    """A checkpoint whose files do not match its manifest; one line naming the bad file."""
 
 
 @dataclass
@@ -59,6 +73,7 @@ class LoadedCheckpoint:
     config: Optional[dict] = None
     rng_restored: bool = False
     manifest: dict = field(default_factory=dict)
+    rng_state: Dict[str, torch.Tensor] = field(default_factory=dict)  # this rank's, when the layout matches
 
 
 def _barrier() -> None:
@@ -116,14 +131,26 @@ def _rng_tensors() -> dict:
     return out
 
 
+def _test_pause(final: Path) -> None:
+    """Test-only: MOEDIST_TEST_SAVE_PAUSE=<checkpoint dir name> sleeps here (files written, not renamed)."""
+    if os.environ.get("MOEDIST_TEST_SAVE_PAUSE") == final.name:
+        import sys
+        import time
+
+        print(f"moedist: test hook: pausing in the save of {final.name}", file=sys.stderr, flush=True)
+        time.sleep(60)
+
+
 def save_checkpoint(ckpt_dir, model: nn.Module, *, step: int, optim_state=None, extra_state: Optional[dict] = None,
-                    config: Optional[dict] = None, adapter_only: bool = False, dims=None) -> Path:
+                    config: Optional[dict] = None, adapter_only: bool = False, dims=None,
+                    rng_state: Optional[Dict[str, torch.Tensor]] = None) -> Path:
     """Write a checkpoint of `model` (and optimizer state) to `ckpt_dir`, atomically.
 
     Every rank calls this. optim_state: {param name: {state name: full tensor}}
     for this rank's parameters (see moedist.checkpoint.optim_state).
     extra_state: JSON-able dict (LR schedule, data position, ...).
     adapter_only: save only trainable parameters (LoRA adapters, router).
+    rng_state: this rank's RNG states (`moedist.train.rng.rng_states`); default: the global torch RNG.
     """
     lay = Layout.from_dims(dims)
     final = Path(ckpt_dir)
@@ -142,7 +169,8 @@ def save_checkpoint(ckpt_dir, model: nn.Module, *, step: int, optim_state=None, 
         save_file(experts, str(tmp / f"model-experts-ep{lay.ep_rank}.safetensors"))
         if opt_experts:
             save_file(opt_experts, str(tmp / f"optim-experts-ep{lay.ep_rank}.safetensors"))
-    save_file(_rng_tensors(), str(tmp / f"rng-rank{lay.rank}.safetensors"))
+    rng = {k: v.contiguous() for k, v in (rng_state if rng_state is not None else _rng_tensors()).items()}
+    save_file(rng, str(tmp / f"rng-rank{lay.rank}.safetensors"))
     _barrier()
     if lay.rank == 0:
         files, index = {}, {}
@@ -156,6 +184,7 @@ def save_checkpoint(ckpt_dir, model: nn.Module, *, step: int, optim_state=None, 
                         layout=dict(world_size=lay.world_size, ep_size=lay.ep_size),
                         extra_state=extra_state or {}, files=files, index=index)
         _write_json_atomic(tmp / "manifest.json", manifest)
+        _test_pause(final)
         if final.exists():
             old = final.parent / f".old-{final.name}"
             shutil.rmtree(old, ignore_errors=True)
@@ -201,21 +230,32 @@ def resolve_checkpoint(path) -> Optional[Path]:
 
 
 def read_manifest(ckpt_dir) -> dict:
-    m = json.loads((Path(ckpt_dir) / "manifest.json").read_text())
-    if m.get("format") != FORMAT:
-        raise ValueError(f"{ckpt_dir}: not a moedist checkpoint (format={m.get('format')!r})")
+    """The parsed manifest.json; `CorruptCheckpoint` (one line) when it is missing or unreadable."""
+    path = Path(ckpt_dir) / "manifest.json"
+    try:
+        m = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CorruptCheckpoint(f"{path}: missing, not a complete moedist checkpoint") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CorruptCheckpoint(f"{path}: unreadable ({err}), checkpoint is corrupt") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        got = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise CorruptCheckpoint(f"{path}: not a moedist checkpoint manifest (format={got!r})")
+    if not isinstance(m.get("files"), dict) or not isinstance(m.get("index"), dict):
+        raise CorruptCheckpoint(f"{path}: has no file list, checkpoint is corrupt")
     return m
 
 
 def verify_checkpoint(ckpt_dir) -> None:
-    """Raise ValueError naming the first file whose SHA-256 does not match the manifest."""
+    """Raise `CorruptCheckpoint` (a ConfigError, one line) naming the first file that is missing or
+    whose SHA-256 does not match the manifest."""
     m = read_manifest(ckpt_dir)
     for name, digest in m["files"].items():
         f = Path(ckpt_dir) / name
-        if not f.exists():
-            raise ValueError(f"{f}: missing (listed in manifest.json)")
+        if not f.is_file():
+            raise CorruptCheckpoint(f"{f}: missing (listed in manifest.json), checkpoint is corrupt")
         if _sha256(f) != digest:
-            raise ValueError(f"{f}: SHA-256 mismatch, checkpoint is corrupt")
+            raise CorruptCheckpoint(f"{f}: SHA-256 mismatch, checkpoint is corrupt")
 
 
 class _Reader:
@@ -274,11 +314,14 @@ def load_checkpoint(ckpt_dir, model: nn.Module, *, dims=None, strict: bool = Tru
             if b is not None and rd.has(key):
                 b.copy_(rd.get(key).to(b.dtype))
     rng_ok = False
+    rng: Dict[str, torch.Tensor] = {}
     rng_file = ckpt_dir / f"rng-rank{lay.rank}.safetensors"
-    if m["layout"]["world_size"] == lay.world_size and rng_file.exists():
+    same_layout = m["layout"]["world_size"] == lay.world_size and m["layout"].get("ep_size", 1) == lay.ep_size
+    if same_layout and rng_file.exists():
         with safe_open(str(rng_file), "pt") as sf:
-            torch.set_rng_state(sf.get_tensor("torch_cpu"))
-            if torch.cuda.is_available() and "torch_cuda" in sf.keys():
-                torch.cuda.set_rng_state(sf.get_tensor("torch_cuda"))
+            rng = {k: sf.get_tensor(k) for k in sf.keys()}
+        torch.set_rng_state(rng["torch_cpu"])
+        if torch.cuda.is_available() and "torch_cuda" in rng:
+            torch.cuda.set_rng_state(rng["torch_cuda"])
         rng_ok = True
-    return LoadedCheckpoint(m["step"], optim, m.get("extra_state", {}), m.get("config"), rng_ok, m)
+    return LoadedCheckpoint(m["step"], optim, m.get("extra_state", {}), m.get("config"), rng_ok, m, rng)

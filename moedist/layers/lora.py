@@ -85,6 +85,14 @@ class SeededDropout(nn.Module):
         """Restart the mask sequence from `seed` (on every device)."""
         self._generators = {}
 
+    def named_generators(self) -> Dict[str, torch.Generator]:
+        """Per-device mask streams by device (`moedist.train.rng.OwnsGenerators`); the CPU one and the
+        current CUDA device's are created here so that a fresh module can be restored."""
+        self._generator(torch.device("cpu"))
+        if torch.cuda.is_available():
+            self._generator(torch.device("cuda", torch.cuda.current_device()))
+        return {f"dropout_{key.replace(':', '_')}": g for key, g in self._generators.items()}
+
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
         g = self._generators.get(key)

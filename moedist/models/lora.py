@@ -32,6 +32,10 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype))  # [out, r]
         self._gen = torch.Generator().manual_seed(seed + 4099)
 
+    def named_generators(self) -> dict:
+        """The private LoRA-dropout stream (`moedist.train.rng.OwnsGenerators`)."""
+        return {"dropout": self._gen}
+
     @property
     def weight(self) -> torch.Tensor:
         return self.base.weight
@@ -73,6 +77,10 @@ class LoRAFFN(nn.Module):
             setattr(self, f"lora_A_{t}", nn.Parameter(((torch.rand(d_in, rank, generator=g) * 2 - 1) * bound).to(w.dtype)))
             setattr(self, f"lora_B_{t}", nn.Parameter(torch.zeros(rank, d_out, dtype=w.dtype)))
         self._gen = torch.Generator().manual_seed(seed + 4099)
+
+    def named_generators(self) -> dict:
+        """The private LoRA-dropout stream (`moedist.train.rng.OwnsGenerators`)."""
+        return {"dropout": self._gen}
 
     def _proj(self, t: str, x: torch.Tensor) -> torch.Tensor:
         y = x @ getattr(self, f"w_{t}")

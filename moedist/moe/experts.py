@@ -131,6 +131,10 @@ class _LoRAMixin:
                               for i, t in enumerate(("gate", "up", "down"))
                               if t in self.targets and (t != "gate" or self.w_gate is not None)})
 
+    def named_generators(self) -> dict:
+        """The private LoRA-dropout stream (`moedist.train.rng.OwnsGenerators`)."""
+        return {"dropout": self._drop_gen}
+
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return lora_dropout(x, self.lora_dropout_rate, self.training, self._drop_gen)
 

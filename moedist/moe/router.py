@@ -121,6 +121,10 @@ class Router(nn.Module):
             if self.noise_weight is not None:
                 self.noise_weight.zero_()
 
+    def named_generators(self) -> dict:
+        """The private stream of router noise and jitter (`moedist.train.rng.OwnsGenerators`)."""
+        return {"noise": self._noise_gen}
+
     def _randn_like(self, t: torch.Tensor) -> torch.Tensor:
         return torch.randn(t.shape, generator=self._noise_gen).to(t.device)
 

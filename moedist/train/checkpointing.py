@@ -17,12 +17,22 @@ optimizer's state for the PyTorch runner and fp32 ZeRO-0.
 Every engine, ZeRO stage and precision uses this one format; nothing here (or
 anywhere in moedist) unpickles. DeepSpeed ZeRO-0 with bf16 keeps fp32 masters
 and Adam state in its BF16_Optimizer, linked per parameter like ZeRO-1/2.
+
+Each rank's random streams (`moedist.train.rng`: global RNG, router noise/jitter,
+LoRA dropout) travel in `rng-rank<R>.safetensors` and are restored when the world
+and EP sizes match, so a resumed run continues bit-identically.
+
+    rotate(ckpt_dir, keep_last)          # rank 0: drop old step_* (never the one `latest` names)
+    pick_auto_resume(ckpt_dir, warn)     # newest checkpoint that verifies, with a warning per bad one
 """
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import types
 from pathlib import Path
+from typing import Callable, List, Optional
 
 import torch
 
@@ -64,7 +74,8 @@ def shadow_model(trainer):
 def _extra(trainer) -> dict:
     c = trainer.cfg
     return {"step": trainer.step, "position": trainer.position, "world_size": trainer.world,
-            "ep_size": c.parallel.ep_size, "engine": trainer.runner.kind, "zero_stage": c.deepspeed.zero_stage}
+            "ep_size": c.parallel.ep_size, "engine": trainer.runner.kind, "zero_stage": c.deepspeed.zero_stage,
+            "skipped_steps": trainer.skipped_steps}
 
 
 def save(trainer, path: str, with_optimizer: bool = True) -> str:
@@ -76,8 +87,86 @@ def save(trainer, path: str, with_optimizer: bool = True) -> str:
     optim = optimizer_state(trainer) if with_optimizer else None
     shadow = shadow_model(trainer)
     shadow.load_state_dict(state, strict=True)
+    from moedist.train.rng import rng_states
+
     return os.fspath(save_checkpoint(path, shadow, step=trainer.step, optim_state=optim, extra_state=_extra(trainer),
-                                     config=config_to_dict(trainer.cfg), dims=trainer.dims))
+                                     config=config_to_dict(trainer.cfg), dims=trainer.dims,
+                                     rng_state=rng_states(trainer.runner.module)))
+
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_checkpoints(ckpt_dir: str) -> List[str]:
+    """The `step_*` checkpoint directories under `ckpt_dir`, newest (highest step) first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(ckpt_dir)
+             if (m := _STEP_DIR.match(name)) and os.path.isdir(os.path.join(ckpt_dir, name))]
+    return [os.path.join(ckpt_dir, name) for _, name in sorted(found, reverse=True)]
+
+
+def latest_named(ckpt_dir: str) -> Optional[str]:
+    """The checkpoint `ckpt_dir/latest` names (path), or None."""
+    try:
+        name = Path(ckpt_dir, "latest").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return os.path.join(ckpt_dir, name) if name and "/" not in name and name not in (".", "..") else None
+
+
+def rotate(ckpt_dir: str, keep_last: int) -> List[str]:
+    """Delete all but the newest `keep_last` step checkpoints (0 = keep all); returns what was deleted.
+
+    Never deletes the one `latest` names, nor anything outside `step_*` (e.g. the run's `final/`).
+    Also clears `.tmp-*`/`.old-*` leftovers of saves that were killed. Rank 0 only, after a save.
+    """
+    removed = []
+    keep = {latest_named(ckpt_dir)}
+    for i, path in enumerate(step_checkpoints(ckpt_dir)):
+        if keep_last and i >= keep_last and path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if os.path.isdir(ckpt_dir):
+        for name in os.listdir(ckpt_dir):
+            if name.startswith((".tmp-step_", ".old-step_")):
+                shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+    return removed
+
+
+def pick_auto_resume(ckpt_dir: str, warn: Callable[[str], None]) -> Optional[str]:
+    """For train.resume=auto: the newest checkpoint that verifies (SHA-256), else None if there is none.
+
+    Candidates: the one `latest` names, then every `step_*` newest first. Each one that fails
+    verification is reported through `warn` (naming the bad file) and skipped. Raises
+    ConfigError (one line) when checkpoints exist but none verifies.
+    """
+    from moedist.checkpoint.io import CorruptCheckpoint, verify_checkpoint
+    from moedist.checkpoint.safety import refuse_pickles
+    from moedist.config import ConfigError
+
+    candidates = []
+    for path in [latest_named(ckpt_dir)] + step_checkpoints(ckpt_dir):
+        if path is not None and path not in candidates and os.path.isdir(path):
+            candidates.append(path)
+    if not candidates:
+        return None
+    bad = []
+    for path in candidates:
+        try:
+            refuse_pickles(path, "train.resume=auto")
+            verify_checkpoint(path)
+        except CorruptCheckpoint as err:
+            bad.append(str(err))
+            continue
+        except ConfigError as err:  # a planted pickle: never a fallback target
+            bad.append(str(err))
+            continue
+        for problem in bad:
+            warn(f"train.resume=auto: skipping a corrupt checkpoint: {problem}; resuming from {path}")
+        return path
+    raise ConfigError(f"train.resume=auto: no loadable checkpoint in {ckpt_dir} ({len(bad)} corrupt; newest: "
+                      f"{bad[0]}); delete it or start fresh with train.resume=null")
 
 
 def is_moedist_checkpoint(path: str) -> bool:
@@ -94,15 +183,21 @@ def check_resumable(path: str, key: str = "train.resume") -> None:
     refuse_pickles(path, key)
     if not is_moedist_checkpoint(path):
         raise ConfigError(f"{key}={path!r}: not a moedist checkpoint (no manifest.json)")
+    from moedist.checkpoint.io import CorruptCheckpoint, read_manifest
+
+    try:
+        read_manifest(path)  # an unreadable manifest: one line (files are verified when loaded)
+    except CorruptCheckpoint as err:
+        raise ConfigError(f"{key}={path!r}: {err}") from None
 
 
 @torch.no_grad()
-def load(trainer, path: str) -> dict:
+def load(trainer, path: str, verify: bool = True) -> dict:
     """Load a moedist checkpoint into the trainer's runner at its current layout; returns extra state."""
     from moedist.checkpoint import load_checkpoint, set_torch_optimizer_state
 
     shadow = shadow_model(trainer)
-    loaded = load_checkpoint(path, shadow, dims=trainer.dims)
+    loaded = load_checkpoint(path, shadow, dims=trainer.dims, verify=verify)
     values = dict(shadow.named_parameters())
     module = trainer.runner.module
     params = dict(module.named_parameters())
@@ -135,4 +230,14 @@ def load(trainer, path: str) -> dict:
         set_full_optimizer_state(module, engine, loaded.optim_state)
     elif opt is not None:
         set_torch_optimizer_state(module, opt, loaded.optim_state)
+    if loaded.rng_state:  # same world and EP size: continue every random stream exactly
+        from moedist.train.rng import set_rng_states
+
+        try:
+            set_rng_states(module, loaded.rng_state)
+        except ValueError as err:
+            import sys
+
+            if trainer.is_main:
+                print(f"moedist: warning: {path}: {err}; random streams restart from their seeds", file=sys.stderr)
     return loaded.extra_state

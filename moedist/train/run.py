@@ -51,7 +51,11 @@ def main_train(cfg, args=None) -> int:
     _threads(env.local_world_size)
     try:
         with collective_errors(env, cfg.parallel.timeout_s):  # a stalled/dead peer: one line naming it
-            Trainer(cfg).train()
+            Trainer(cfg).train()  # SIGTERM/SIGUSR1: saves and returns normally (exit 0)
+    except ConfigError:
+        if env.rank != 0:
+            return 2  # corrupt checkpoint, config mismatch, non-finite stop: every rank raises, rank 0 reports
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

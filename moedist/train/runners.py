@@ -12,13 +12,19 @@ position and segment ids) and the loss of one micro-batch, and average over
 `grad_accum` micro-batches and all ranks; the trainer scales each micro-batch's
 LM loss so that one step is the gradient of the token-weighted mean over the
 global batch.
+
+`step(lr, guard)` calls `guard(norm, bad)` once per optimizer step, after the gradients
+are reduced and before the optimizer runs: the PyTorch runner passes the global
+gradient norm (before clipping) and the name of this rank's first parameter whose
+reduced gradient is non-finite (or None); DeepSpeed passes (None, None). A False
+return skips that update (the guard is collective and agrees over ranks).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import math
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn as nn
@@ -37,6 +43,17 @@ def build_optimizer(param_groups: List[dict], train_cfg) -> torch.optim.Optimize
 
 def _max_norm(clip: float) -> float:
     return clip if clip > 0 else math.inf  # inf: measure the norm, never scale
+
+
+def first_nonfinite_grad(module: nn.Module) -> Optional[str]:
+    """Name of the first parameter (module order) whose gradient holds a NaN/Inf on this rank, or None."""
+    named = [(n, p.grad) for n, p in module.named_parameters() if p.requires_grad and p.grad is not None]
+    if not named:
+        return None
+    ok = torch.stack([torch.isfinite(g).all() for _, g in named]).cpu()  # one sync for all parameters
+    if bool(ok.all()):
+        return None
+    return named[int((~ok).nonzero()[0])][0]
 
 
 class PlainRunner:
@@ -60,14 +77,18 @@ class PlainRunner:
         (loss / self.cfg.train.grad_accum).backward()
         self._accum += 1
 
-    def step(self, lr: float) -> Optional[float]:
+    def step(self, lr: float, guard: Optional[Callable[[Optional[float], Optional[str]], bool]] = None) -> Optional[float]:
         """Called after every micro-batch; steps at the accumulation boundary and returns the grad norm."""
         if self._accum < self.cfg.train.grad_accum:
             return None
         self._accum = 0
         sync_gradients(self.module, self.dims)
         trainable = [p for p in self.module.parameters() if p.requires_grad]
+        bad = first_nonfinite_grad(self.module) if guard is not None else None  # before clipping spreads it
         norm = clip_grad_norm_(trainable, _max_norm(self.cfg.train.grad_clip), self.dims)
+        if guard is not None and not guard(float(norm), bad):
+            self.optimizer.zero_grad(set_to_none=True)
+            return float(norm)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.step()
@@ -117,8 +138,10 @@ class DeepSpeedRunner:
             trainable = [p for p in self.module.parameters() if p.requires_grad and p.grad is not None]
             self._norm = float(clip_grad_norm_(trainable, _max_norm(self.cfg.train.grad_clip), self.dims))
 
-    def step(self, lr: float) -> Optional[float]:
+    def step(self, lr: float, guard: Optional[Callable[[Optional[float], Optional[str]], bool]] = None) -> Optional[float]:
         boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary and guard is not None and not guard(None, None):
+            raise RuntimeError("DeepSpeedRunner cannot skip a step (train.nonfinite=skip is refused up front)")
         if boundary:
             dss.set_lr(self.engine, lr)
         self.engine.step()

@@ -11,12 +11,25 @@ micro-batch size see the same micro-batches and the same losses.
 `preflight(cfg, world_size)` holds every check that needs more than the config
 (world size, installed packages, data size): it runs before anything is
 written, and raises `ConfigError` (one line, exit 2 from the CLI).
+
+Failure behaviour (README "Failure behaviour"): every rank checks at start that all
+ranks resolved the same config and model (`consistency.check_same_config`); before
+each optimizer step the ranks agree (one MAX all-reduce) on a pending SIGTERM/SIGUSR1
+(`signals.PreemptionSignals`: finish the step, save, exit 0) and on a non-finite loss
+or gradient (`train.nonfinite`: stop with one line, or skip the update everywhere).
+`train.resume=auto` takes the newest checkpoint that verifies; `train.keep_last`
+rotates old ones. Every random stream is saved per rank (`train.rng`).
+
+Test-only hook (read in `_nan_hook`): MOEDIST_TEST_NAN_STEP=N makes the loss of step N
+NaN; MOEDIST_TEST_NAN_STEP=N:PARAM instead fills PARAM's gradient with NaN after the
+last backward of step N; MOEDIST_TEST_NAN_RANK=R limits either to rank R.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
@@ -30,6 +43,7 @@ from moedist.train.data import ByteLMData, micro_batch_position
 from moedist.train.metrics import MetricsWriter, StepStats, tensorboard_available
 from moedist.train.progress import Progress, summary_table
 from moedist.train.schedule import lr_from_config
+from moedist.train.signals import PreemptionSignals
 
 
 # ------------------------------------------------------------------ preflight
@@ -74,6 +88,8 @@ def preflight(cfg, world_size: int, cuda: Optional[bool] = None) -> None:
          f"model.dtype={m.dtype!r}: the trainer keeps fp32 master weights; use deepspeed.bf16/fp16 for "
          "mixed precision")
     need(ds.enabled or not ds.extra, "deepspeed.extra: set but deepspeed.enabled=false")
+    need(not (ds.enabled and tr.nonfinite == "skip"),
+         "train.nonfinite='skip': supported by the PyTorch runner only (deepspeed.enabled=true); use 'stop'")
     if ds.enabled:
         from moedist.train.deepspeed_setup import check_extra
 
@@ -98,12 +114,15 @@ def preflight(cfg, world_size: int, cuda: Optional[bool] = None) -> None:
         from moedist.train.checkpointing import check_resumable
 
         check_resumable(os.path.abspath(tr.resume.rstrip("/")))
-    d = load_data(cfg)
-    if data.sources:
-        tok = d.tokenizer
+    tok = None
+    if data.sources:  # the tokenizer is checked before anything is tokenized into the cache
+        from moedist.data.tokenizer import resolve_tokenizer
+
+        tok = resolve_tokenizer(data.tokenizer, m.from_hf)
         need(tok.vocab_size <= m.vocab_size,
              f"data.tokenizer: its vocabulary has {tok.vocab_size} tokens but the model embeds only "
              f"model.vocab_size={m.vocab_size}; use the model's own tokenizer (or a larger model.vocab_size)")
+    d = load_data(cfg, tokenizer=tok)
     what = "data.sources" if data.sources else f"data.source={data.source!r}"
     step_seqs = world_size * tr.micro_batch_size * tr.grad_accum
     need(d.num_train >= step_seqs,
@@ -111,7 +130,7 @@ def preflight(cfg, world_size: int, cuda: Optional[bool] = None) -> None:
          f"the {d.num_train} training sequences of {what}")
 
 
-def load_data(cfg, progress: bool = False):
+def load_data(cfg, progress: bool = False, tokenizer=None):
     """The run's data: named `data.sources` (tokenized, cached `TokenData`) or a byte-level `ByteLMData`.
 
     Raises ConfigError (one line naming the file, line and problem) for unreadable data.
@@ -119,7 +138,7 @@ def load_data(cfg, progress: bool = False):
     if cfg.data.sources:
         from moedist.data.dataset import build_data
 
-        return build_data(cfg, progress=progress)
+        return build_data(cfg, tokenizer=tokenizer, progress=progress)
     try:
         return ByteLMData.from_config(cfg.data)
     except (OSError, ValueError) as err:
@@ -169,6 +188,20 @@ def evaluate_lm(forward: Callable, module: torch.nn.Module, batch_fn: Callable[[
         dist.all_reduce(buf)
         total = buf.cpu()
     return float(total[0]), float(total[1])
+
+
+class NonFiniteError(ConfigError):
+    """train.nonfinite=stop: one line naming the step and the first non-finite gradient (or the loss)."""
+
+
+def _nan_hook(rank: int):
+    """Test-only (see module docstring): (step, param name or None) to poison on this rank, or None."""
+    spec = os.environ.get("MOEDIST_TEST_NAN_STEP")
+    only = os.environ.get("MOEDIST_TEST_NAN_RANK")
+    if not spec or (only is not None and int(only) != rank):
+        return None
+    step, _, param = spec.partition(":")
+    return int(step), (param or None)
 
 
 def _mean(sum_count: tuple) -> float:
@@ -224,6 +257,9 @@ class Trainer:
 
             self.dims = ParallelDims(self.world, ep, self.rank).build()
         model = build_model(cfg)
+        from moedist.train.consistency import check_same_config
+
+        check_same_config(cfg, model, self.device)  # before the first collective that could hang on a mismatch
         if cfg.model.from_hf is not None:
             from moedist.models.hf import load_hf_weights_into
 
@@ -247,6 +283,13 @@ class Trainer:
         self.position = 0
         self.ckpt_dir = os.path.join(cfg.train.output_dir, "checkpoints")
         self.last_checkpoint: Optional[str] = None
+        self.skipped_steps = 0  # train.nonfinite=skip: steps whose update was dropped
+        self.preempted = False  # every rank agreed to stop after this step (SIGTERM/SIGUSR1)
+        self.resumed_from: Optional[str] = None
+        self._signals = PreemptionSignals(enabled=False)
+        self._loss_finite = True
+        self._skipped_now = False
+        self._nan = _nan_hook(self.rank)
 
     # ---------------------------------------------------------------- pieces
 
@@ -317,30 +360,46 @@ class Trainer:
         tag = f"step_{self.step:06d}"
         self.last_checkpoint = checkpointing.save(self, os.path.join(self.ckpt_dir, tag))
         self.save_tokenizer(self.last_checkpoint)
+        if self.is_main:  # after the save: `latest` already names the new one, which rotation never deletes
+            checkpointing.rotate(self.ckpt_dir, self.cfg.train.keep_last)
         return self.last_checkpoint
+
+    def _warn(self, message: str) -> None:
+        if self.is_main:
+            import sys
+
+            print(f"moedist: warning: {message}", file=sys.stderr, flush=True)
 
     def resume_path(self) -> Optional[str]:
         """The checkpoint `train.resume` names ('auto' = latest in output_dir), or None."""
         spec = self.cfg.train.resume
         if spec is None:
             return None
-        if spec == "auto":
-            latest = os.path.join(self.ckpt_dir, "latest")
-            if not os.path.exists(latest):
-                return None
-            return os.path.join(self.ckpt_dir, open(latest).read().strip())
+        if spec == "auto":  # the newest checkpoint that verifies; a warning names each corrupt one skipped
+            from moedist.train import checkpointing
+
+            return checkpointing.pick_auto_resume(self.ckpt_dir, self._warn)
         return os.path.abspath(spec.rstrip("/"))
 
     def resume(self) -> bool:
         """Load `train.resume`; True if resumed. Any world size, EP size, ZeRO stage or engine."""
         from moedist.train import checkpointing
 
-        path = self.resume_path()
+        from moedist.checkpoint.io import CorruptCheckpoint, verify_checkpoint
+
+        path = self.resume_path()  # resume=auto: verified already
         if path is None:
             return False
-        checkpointing.check_resumable(path)
-        state = checkpointing.load(self, path)
+        if self.cfg.train.resume != "auto":
+            checkpointing.check_resumable(path)
+            try:
+                verify_checkpoint(path)
+            except CorruptCheckpoint as err:
+                raise ConfigError(f"train.resume={path!r}: {err}") from None
+        state = checkpointing.load(self, path, verify=False)
         self.step, self.position = int(state["step"]), int(state["position"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.resumed_from = path
         return True
 
     # ---------------------------------------------------------------- the loop
@@ -356,23 +415,68 @@ class Trainer:
         norm = None
         micro = [self.data.train_micro(micro_batch_position(self.position, self.rank, a, A, M), M) for a in range(A)]
         scales = self._loss_scales(micro)
-        for batch, scale in zip(micro, scales):
+        poison = self._nan if self._nan is not None and self._nan[0] == self.step + 1 else None
+        self._loss_finite, self._skipped_now = True, False
+        for a, (batch, scale) in enumerate(zip(micro, scales)):
             out = self.runner.forward(batch.to(self.device))
             # token-weighted mean over the global batch: this micro-batch's share of the counted tokens.
             # Added to out.loss (not rebuilt) so backward still starts from the tensor a ZeRO-3 engine returned.
             loss = out.loss if scale == 1.0 else out.loss + out.lm_loss * (scale - 1.0)
+            if poison is not None and poison[1] is None:
+                loss = loss * float("nan")  # test hook
+            self._loss_finite = self._loss_finite and bool(torch.isfinite(loss.detach()))
             self.runner.backward(loss)
+            if poison is not None and poison[1] is not None and a == A - 1:
+                p = dict(self.model.named_parameters())[poison[1]]  # test hook: KeyError = a typo in the test
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
             stats.add(out, batch.input_ids.numel())
-            got = self.runner.step(lr)
+            got = self.runner.step(lr, guard=self._guard)
             norm = got if got is not None else norm
+        if norm is not None and not math.isfinite(norm) and not self._skipped_now:  # DeepSpeed: seen after the step
+            self._guard(norm, None)
         self.position += self.world * A * M
         self.step += 1
         rec = stats.reduce(self.device if self.device.type == "cuda" else None)
         dt = time.perf_counter() - t0
         rec = {"step": self.step, "loss": rec.pop("loss"), "lm_loss": rec.pop("lm_loss"),
                "aux_loss": rec.pop("aux_loss"), "lr": lr, "grad_norm": norm,
-               "tokens_per_s": rec["tokens"] / dt if dt > 0 else None, "step_time_s": dt, **rec}
+               "tokens_per_s": rec["tokens"] / dt if dt > 0 else None, "step_time_s": dt, **rec,
+               "skipped": self._skipped_now, "skipped_steps": self.skipped_steps}
         return rec
+
+    def _guard(self, norm: Optional[float], bad: Optional[str]) -> bool:
+        """Before the optimizer step, on every rank: agree on preemption and non-finite values (collective).
+
+        Returns False to skip the update (train.nonfinite=skip); raises NonFiniteError for 'stop'.
+        """
+        from moedist.train.consistency import agree_flags
+
+        grad_bad = bad is not None or (norm is not None and not math.isfinite(norm))
+        preempt, loss_bad, grad_bad = agree_flags([self._signals.requested, not self._loss_finite, grad_bad],
+                                                  self.device)
+        self.preempted = self.preempted or preempt
+        if not (loss_bad or grad_bad):
+            return True
+        if self.cfg.train.nonfinite == "skip":
+            self.skipped_steps += 1
+            self._skipped_now = True
+            if self.is_main:
+                print(f"moedist: warning: step {self.step + 1}: non-finite "
+                      f"{'loss' if loss_bad else 'gradient' + (f' of {bad}' if bad else '')}: update skipped "
+                      f"on every rank (train.nonfinite=skip; {self.skipped_steps} skipped so far)",
+                      file=sys.stderr, flush=True)
+            return False
+        if loss_bad:
+            what = "the loss is non-finite (NaN/Inf)"
+        elif bad is not None:
+            what = f"the gradient of {bad} is non-finite (NaN/Inf; the first such parameter)"
+        elif norm is not None and self.runner.kind == "pytorch":
+            what = "a parameter gradient on another rank is non-finite (NaN/Inf)"
+        else:
+            what = f"the gradient norm is {norm} (DeepSpeed does not say which parameter)"
+        raise NonFiniteError(f"train.nonfinite=stop: step {self.step + 1}: {what}; nothing was saved for this "
+                             "step (set train.nonfinite=skip to drop such steps)")
 
     def _loss_scales(self, micro: List[Batch]) -> List[float]:
         """Per micro-batch factor on its mean LM loss so that the step's gradient is that of the mean over
@@ -402,7 +506,7 @@ class Trainer:
         writer = MetricsWriter(tr.output_dir, self.write, tr.tensorboard, resume_step=self.step if resumed else 0)
         bar = Progress(tr.max_steps, self.is_main and self.console, tr.log_every, start=self.step, title=cfg.name)
         if resumed:
-            bar.print(f"resumed at step {self.step} from {tr.resume}")
+            bar.print(f"resumed at step {self.step} from {self.resumed_from}")
         bar.print(f"[bold]{cfg.name}[/]: {self._model_text()}; {self.layout}; "
                   f"{self.trainable_params:,}/{self.total_params:,} parameters train")
         t_start = time.perf_counter()
@@ -413,22 +517,30 @@ class Trainer:
             bar.print("before training: " + "  ".join(f"{k} {v:.4f}" for k, v in self.initial_val.items()))
         records = list(writer.records)  # the same on every rank: each record is all-reduced
         try:
-            while self.step < tr.max_steps:
-                rec = self.train_step()
-                if tr.eval_every and self.step % tr.eval_every == 0 and self.step < tr.max_steps:
-                    rec.update(self.evaluate_all())
-                if self.step == tr.max_steps:
-                    val = self.evaluate_all()
-                    rec.update(val)
-                if not math.isfinite(rec["loss"]):
-                    raise FloatingPointError(f"loss is {rec['loss']} at step {self.step}")
-                records.append(rec)
-                writer.write(rec)
-                bar.update(rec)
-                if (tr.save_every and self.step % tr.save_every == 0) or self.step == tr.max_steps:
-                    if self.save_checkpoints:
-                        self.save()
+            with PreemptionSignals() as self._signals:
+                while self.step < tr.max_steps:
+                    rec = self.train_step()
+                    if tr.eval_every and self.step % tr.eval_every == 0 and self.step < tr.max_steps:
+                        rec.update(self.evaluate_all())
+                    if self.step == tr.max_steps:
+                        val = self.evaluate_all()
+                        rec.update(val)
+                    records.append(rec)
+                    writer.write(rec)
+                    bar.update(rec)
+                    saved = False
+                    if (tr.save_every and self.step % tr.save_every == 0) or self.step == tr.max_steps:
+                        if self.save_checkpoints:
+                            self.save()
+                            saved = True
+                    if self.preempted and self.step < tr.max_steps:  # every rank agreed in _guard
+                        if self.save_checkpoints and not saved:
+                            self.save()
+                        bar.print(f"preempted ({self._signals.signal_name or 'signal on another rank'}): "
+                                  f"saved {self.last_checkpoint} at step {self.step}; resume with train.resume=auto")
+                        break
         finally:
+            self._signals = PreemptionSignals(enabled=False)
             bar.close()
             writer.close()
         final = None
@@ -440,6 +552,8 @@ class Trainer:
         elapsed = time.perf_counter() - t_start
         summary = self._summary(records, elapsed, val)
         summary["final"] = final
+        summary["preempted"] = self.preempted and self.step < tr.max_steps
+        summary["skipped_steps"] = self.skipped_steps
         if self.write:
             if tr.plot and records:
                 from moedist.train.plot import plot_run
