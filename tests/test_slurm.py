@@ -132,12 +132,14 @@ def test_requeued_sbatch_job_resumes_to_the_same_final_weights(slurm, sbatch_run
     done = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
     assert _job_state(slurm, job) == "RUNNING" and len(done) < STEPS, "job finished before the requeue"
     slurm._run("scontrol", "requeue", job)
-    wait_for(lambda: _job_state(slurm, job) in ("PENDING", "RUNNING", "COMPLETED"), "the requeue", 60)
+    wait_for(lambda: _job_state(slurm, job) == "PENDING", "the requeue (state PENDING)", 60)
     # A requeued job waits ~120 s (BeginTime) unless told to start now.
     slurm._run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
-    wait_for(lambda: _job_state(slurm, job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"), "the end")
+    seen = []  # the job record is purged MinJobAge (6 s) after the end: keep the last state polled
+    wait_for(lambda: seen.append(_job_state(slurm, job)) or seen[-1] in ("COMPLETED", "FAILED", "CANCELLED",
+                                                                           "TIMEOUT", "NODE_FAIL", "GONE"), "the end")
     text = log.read_text()
-    assert _job_state(slurm, job) == "COMPLETED", f"{text[-4000:]}\n{slurm.logs()}"
+    assert seen[-1] == "COMPLETED", f"{seen[-1]}\n{text[-4000:]}\n{slurm.logs()}"
     assert "restart 1" in text  # the script's banner of the second run
     recs = read_metrics(run / "metrics.jsonl")
     assert recs[-1]["step"] == STEPS
