@@ -148,6 +148,10 @@ class TrainConfig:
                                   "first non-finite parameter gradient (or the loss); 'skip' = drop that step on every "
                                   "rank (no optimizer update) and count it in metrics (skipped_steps); PyTorch runner "
                                   "only.", choices=("stop", "skip"))
+    activation_checkpointing: str = _opt("none", "Recompute activations in backward instead of keeping them: "
+                                               "'none'; 'moe' = only the MoE FFNs (router, all-to-all, experts); "
+                                               "'full' = every decoder layer. Same losses, less activation memory, "
+                                               "about one extra forward of compute.", choices=("none", "moe", "full"))
 
 
 @dataclass
@@ -180,6 +184,11 @@ class DeepSpeedConfig:
     zero_stage: int = _opt(0, "ZeRO stage.", choices=(0, 1, 2, 3))
     bf16: bool = _opt(False, "DeepSpeed bf16 mixed precision.")
     fp16: bool = _opt(False, "DeepSpeed fp16 mixed precision with loss scaling.")
+    offload_optimizer: str = _opt("none", "ZeRO-Offload: keep optimizer state and fp32 master weights in CPU memory "
+                                          "and step them with DeepSpeed's CPU Adam ('cpu'; needs zero_stage >= 1 and "
+                                          "train.optimizer=adamw).", choices=("none", "cpu"))
+    offload_param: str = _opt("none", "ZeRO-Infinity parameter offload: keep this rank's parameter partition in CPU "
+                                      "memory ('cpu'; zero_stage=3 only).", choices=("none", "cpu"))
     extra: dict[str, Any] = _opt({}, "Mapping deep-merged into the generated DeepSpeed JSON (wins on conflict).")
 
 
@@ -531,6 +540,12 @@ def validate(cfg: MoedistConfig) -> None:
          "is byte-level); list your files under data.sources")
     # DeepSpeed
     need(not (ds.bf16 and ds.fp16), "deepspeed.fp16=true: cannot be combined with deepspeed.bf16=true")
+    need(ds.offload_param == "none" or ds.zero_stage == 3,
+         f"deepspeed.offload_param={ds.offload_param!r}: needs deepspeed.zero_stage=3 (got {ds.zero_stage})")
+    need(ds.offload_optimizer == "none" or ds.zero_stage >= 1,
+         f"deepspeed.offload_optimizer={ds.offload_optimizer!r}: needs deepspeed.zero_stage >= 1 (got {ds.zero_stage})")
+    need(ds.offload_optimizer == "none" or tr.optimizer == "adamw",
+         f"deepspeed.offload_optimizer={ds.offload_optimizer!r}: needs train.optimizer=adamw (CPU Adam)")
     try:
         json.dumps(ds.extra, allow_nan=False)
     except (TypeError, ValueError):

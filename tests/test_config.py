@@ -29,9 +29,9 @@ REQUIRED_KEYS = {
     "parallel": "ep_size timeout_s",
     "train": "max_steps lr min_lr warmup_steps lr_schedule weight_decay adam_betas grad_clip seed output_dir "
              "micro_batch_size grad_accum save_every log_every eval_every eval_batches resume tensorboard "
-             "plot optimizer keep_last nonfinite",
+             "plot optimizer keep_last nonfinite activation_checkpointing",
     "data": "source path seq_len val_fraction seed tokenizer sources pack cache_dir",
-    "deepspeed": "enabled zero_stage bf16 fp16 extra",
+    "deepspeed": "enabled zero_stage bf16 fp16 offload_optimizer offload_param extra",
 }
 
 
