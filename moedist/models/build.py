@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable, List
 
+import torch
 import torch.nn as nn
 
 from moedist.models.llama import Attention, CausalLM, DecoderLayer, DenseFFN
@@ -36,9 +37,11 @@ def build_moe_layer(i: int, model_cfg, moe_cfg, lora_cfg, seed: int, dense_ffn: 
                     expert_bias=moe_cfg.expert_bias, init_std=std, seed=_seed(seed, i, 1))
     lora_kw = dict(lora_rank=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, targets=lora_cfg.targets)
     if lora_cfg.mode == "moe_lora":
-        dense = dense_ffn or DenseFFN(H, model_cfg.ffn_size, act, std, _seed(seed, i, 2))
-        experts = MoELoRAExperts(E, H, model_cfg.ffn_size, activation=act, init_std=std, seed=_seed(seed, i, 3), **lora_kw)
-        experts.load_base(dense.w_gate, dense.w_up, dense.w_down)
+        # the frozen base is the layer's dense FFN (seed part 2): drawn as DenseFFN draws it, or copied from dense_ffn
+        experts = MoELoRAExperts(E, H, model_cfg.ffn_size, activation=act, init_std=std, seed=_seed(seed, i, 3),
+                                 base_seed=_seed(seed, i, 2), **lora_kw)
+        if dense_ffn is not None:
+            experts.load_base(dense_ffn.w_gate, dense_ffn.w_up, dense_ffn.w_down)
     elif lora_cfg.mode in ("expert_lora", "full"):
         experts = LoRAOnExperts(E, H, F, activation=act, init_std=std, seed=_seed(seed, i, 3), **lora_kw)
     else:
@@ -87,10 +90,27 @@ def build_model(cfg, seed: int = None) -> CausalLM:
     model = CausalLM(m.vocab_size, m.hidden_size, layers, m.max_seq_len, m.rope_theta, head_dim, m.norm_eps,
                      m.tie_embeddings, m.init_std, _seed(seed, 10_000, 0),
                      rope_scaling=getattr(m, "rope_scaling", None))  # optional, HF import (Llama 3)
-    if "full" == lora.mode:  # attention init above drew into the wrapped base linears; nothing else to do
-        pass
     apply_lora_freezing(model, lora)
+    apply_param_dtype(model, cfg)
     return model
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def apply_param_dtype(model: nn.Module, cfg) -> None:
+    """model.dtype for the frozen weights of the LoRA modes (in place; cheap on the meta device).
+
+    Trainable parameters stay fp32 (they are the optimizer's master weights) and so do the
+    routers (routing is computed in fp32). With lora.mode=none nothing is frozen, so every
+    weight stays fp32 and `deepspeed.bf16` decides the compute dtype.
+    """
+    dtype = DTYPES[cfg.model.dtype]
+    if dtype == torch.float32 or cfg.lora.mode == "none":
+        return
+    for name, p in model.named_parameters():
+        if not p.requires_grad and ".router." not in name and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def _is_adapter(name: str) -> bool:

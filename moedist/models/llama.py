@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F_
 
 from moedist.moe.ffn import GATED, check_activation, ffn
+from moedist.moe.init import is_meta, normal_
 from moedist.moe.layer import MoEAux
 
 
@@ -34,6 +35,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+
+    def init_weights(self) -> None:
+        with torch.no_grad():
+            self.weight.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
@@ -194,17 +199,29 @@ class Attention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(B, S, self.nh * self.d))
 
 
+def draw_ffn_(w_gate: Optional[torch.Tensor], w_up: torch.Tensor, w_down: torch.Tensor, seed: int, std: float) -> None:
+    """A dense FFN's weights: gate (if any), up, down from one generator seeded by `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    for w in (w_gate, w_up, w_down):
+        normal_(w, g, std)
+
+
 class DenseFFN(nn.Module):
     """Dense FFN with weights in math orientation: w_gate/w_up [H, F], w_down [F, H]."""
 
     def __init__(self, hidden: int, ffn_size: int, activation: str = "swiglu", init_std: float = 0.02, seed: int = 0):
         super().__init__()
         check_activation(activation)
-        self.activation = activation
-        g = torch.Generator().manual_seed(seed)
-        self.w_gate = nn.Parameter(torch.randn(hidden, ffn_size, generator=g) * init_std) if activation in GATED else None
-        self.w_up = nn.Parameter(torch.randn(hidden, ffn_size, generator=g) * init_std)
-        self.w_down = nn.Parameter(torch.randn(ffn_size, hidden, generator=g) * init_std)
+        self.activation, self.seed, self.init_std = activation, seed, init_std
+        self.w_gate = nn.Parameter(torch.empty(hidden, ffn_size)) if activation in GATED else None
+        self.w_up = nn.Parameter(torch.empty(hidden, ffn_size))
+        self.w_down = nn.Parameter(torch.empty(ffn_size, hidden))
+        if not is_meta(self.w_up):  # meta: drawn at materialization (moedist.models.materialize)
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        """gate, up, down in that order from one generator seeded by `seed`."""
+        draw_ffn_(self.w_gate, self.w_up, self.w_down, self.seed, self.init_std)
 
     def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
         return ffn(x_BSH, self.w_gate, self.w_up, self.w_down, self.activation)
@@ -252,21 +269,28 @@ class CausalLM(nn.Module):
                  head_dim: int, norm_eps: float = 1e-6, tie_embeddings: bool = False, init_std: float = 0.02, seed: int = 0,
                  rope_scaling: Optional[dict] = None):
         super().__init__()
-        g = torch.Generator().manual_seed(seed)
         self.embed_tokens = nn.Embedding(vocab_size, hidden)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(hidden, norm_eps)
         self.lm_head = None if tie_embeddings else nn.Linear(hidden, vocab_size, bias=False)
         self.max_seq_len, self.rope_theta, self.head_dim = max_seq_len, rope_theta, head_dim
         self.rope_scaling = dict(rope_scaling) if rope_scaling else None  # HF-style, e.g. {"rope_type": "llama3", ...}
-        scale_inv_freq(torch.ones(1), self.rope_scaling)  # reject an unknown rope_type at build time
+        scale_inv_freq(torch.tensor([1.0], device="cpu"), self.rope_scaling)  # reject an unknown rope_type at build time
+        self.init_std, self.seed = init_std, seed
+        if not is_meta(self.embed_tokens.weight):  # meta: drawn at materialization
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        """Embedding, output head and every attention projection (bias zero), in that order, from one
+        generator seeded by `seed`; the FFNs, norms and LoRA adapters draw their own."""
+        g = torch.Generator().manual_seed(self.seed)
         with torch.no_grad():
-            self.embed_tokens.weight.copy_(torch.randn(vocab_size, hidden, generator=g) * init_std)
-            if self.lm_head is not None:
-                self.lm_head.weight.copy_(torch.randn(vocab_size, hidden, generator=g) * init_std)
-            for layer in layers:
-                for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj):
-                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * init_std)
+            normal_(self.embed_tokens.weight, g, self.init_std)
+            normal_(None if self.lm_head is None else self.lm_head.weight, g, self.init_std)
+            for layer in self.layers:
+                attn = layer.self_attn
+                for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                    normal_(lin.weight, g, self.init_std)
                     if lin.bias is not None:
                         lin.bias.zero_()
 

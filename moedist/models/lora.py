@@ -12,8 +12,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F_
 
+from moedist.models.llama import draw_ffn_
 from moedist.moe.ffn import GATED, hidden_act
+from moedist.moe.init import is_meta
 from moedist.moe.lora_math import lora_dropout, lora_scale
+
+
+def _kaiming_uniform(fan_in: int, shape, g: torch.Generator) -> torch.Tensor:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) on the CPU in fp32: kaiming_uniform(a=sqrt(5)) as PEFT/nn.Linear."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return (torch.rand(*shape, generator=g, device="cpu") * 2 - 1) * bound
 
 
 class LoRALinear(nn.Module):
@@ -24,13 +32,21 @@ class LoRALinear(nn.Module):
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
-        self.lora_rank, self.scaling, self.dropout = rank, lora_scale(rank, alpha), dropout
-        g = torch.Generator().manual_seed(seed)
-        bound = 1.0 / math.sqrt(base.in_features)  # kaiming_uniform(a=sqrt(5)) as PEFT
-        A = (torch.rand(rank, base.in_features, generator=g) * 2 - 1) * bound
-        self.lora_A = nn.Parameter(A.to(base.weight.dtype))  # [r, in]
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype))  # [out, r]
+        self.lora_rank, self.scaling, self.dropout, self.seed = rank, lora_scale(rank, alpha), dropout, seed
+        kw = dict(dtype=base.weight.dtype, device=base.weight.device)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))  # [r, in]
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))  # [out, r]
         self._gen = torch.Generator().manual_seed(seed + 4099)
+        if not is_meta(self.lora_A):  # meta: drawn at materialization
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        """lora_A ~ kaiming_uniform(a=sqrt(5)) as PEFT from a generator seeded by `seed`; lora_B = 0.
+        (The base linear is drawn by the model that owns it.)"""
+        g = torch.Generator().manual_seed(self.seed)
+        with torch.no_grad():
+            self.lora_A.copy_(_kaiming_uniform(self.lora_A.shape[1], (self.lora_A.shape[0], self.lora_A.shape[1]), g))
+            self.lora_B.zero_()
 
     def named_generators(self) -> dict:
         """The private LoRA-dropout stream (`moedist.train.rng.OwnsGenerators`)."""
@@ -67,16 +83,33 @@ class LoRAFFN(nn.Module):
         for p in (self.w_gate, self.w_up, self.w_down):
             if p is not None:
                 p.requires_grad_(False)
-        self.scaling, self.dropout = lora_scale(rank, alpha), dropout
+        self.scaling, self.dropout, self.seed = lora_scale(rank, alpha), dropout, seed
+        # the base is drawn like the DenseFFN it came from (at materialization of a meta-built model)
+        self.base_seed, self.init_std = getattr(dense, "seed", None), getattr(dense, "init_std", None)
         self.targets = tuple(t for t in targets if t != "gate" or self.w_gate is not None)
-        g = torch.Generator().manual_seed(seed)
         for t in self.targets:
             w = getattr(self, f"w_{t}")
             d_in, d_out = w.shape
-            bound = 1.0 / math.sqrt(d_in)
-            setattr(self, f"lora_A_{t}", nn.Parameter(((torch.rand(d_in, rank, generator=g) * 2 - 1) * bound).to(w.dtype)))
-            setattr(self, f"lora_B_{t}", nn.Parameter(torch.zeros(rank, d_out, dtype=w.dtype)))
+            setattr(self, f"lora_A_{t}", nn.Parameter(torch.empty(d_in, rank, dtype=w.dtype, device=w.device)))
+            setattr(self, f"lora_B_{t}", nn.Parameter(torch.zeros(rank, d_out, dtype=w.dtype, device=w.device)))
         self._gen = torch.Generator().manual_seed(seed + 4099)
+        if not is_meta(self.w_up):  # the base came with its values: draw only the adapters
+            self._init_adapters()
+
+    def _init_adapters(self) -> None:
+        g = torch.Generator().manual_seed(self.seed)
+        with torch.no_grad():
+            for t in self.targets:
+                A = getattr(self, f"lora_A_{t}")
+                A.copy_(_kaiming_uniform(A.shape[0], tuple(A.shape), g))
+                getattr(self, f"lora_B_{t}").zero_()
+
+    def init_weights(self) -> None:
+        """The frozen base as its DenseFFN drew it (seed `base_seed`), then the adapters (seed `seed`)."""
+        if self.base_seed is None:
+            raise ValueError("LoRAFFN.init_weights: the wrapped FFN had no seed to redraw its base from")
+        draw_ffn_(self.w_gate, self.w_up, self.w_down, self.base_seed, self.init_std)
+        self._init_adapters()
 
     def named_generators(self) -> dict:
         """The private LoRA-dropout stream (`moedist.train.rng.OwnsGenerators`)."""

@@ -4,7 +4,8 @@ Each `MoELayer` keeps the experts [ep_rank * L, (ep_rank + 1) * L) and gets a
 dispatcher over the EP communicator. Expert parameters (tagged
 `moedist_expert`) are sliced along their leading expert dimension; every other
 parameter stays replicated. Because experts are seeded by global id, slicing a
-fully built model equals building the shard directly.
+fully built model equals building the shard directly (`moedist.models.materialize`
+builds on the meta device and materializes only the shard).
 """
 from __future__ import annotations
 
@@ -36,10 +37,18 @@ def shard_experts_(experts: nn.Module, ep_rank: int, ep_size: int) -> nn.Module:
 
 
 def parallelize(model: nn.Module, comm: ExpertParallelComm) -> nn.Module:
-    """Shard every MoE layer's experts over `comm` (the EP group) and wire its dispatcher."""
+    """Shard every MoE layer's experts over `comm` (the EP group) and wire its dispatcher.
+
+    A model whose experts are already this rank's shard (`moedist.models.materialize.build_local_model`)
+    only gets its dispatchers.
+    """
     for layer in model.modules():
         if isinstance(layer, MoELayer):
-            if comm.size > 1:
-                shard_experts_(layer.experts, comm.rank, comm.size)
+            ex = layer.experts
+            if comm.size > 1 and ex.num_local == ex.num_experts:
+                shard_experts_(ex, comm.rank, comm.size)
+            elif ex.num_local != ex.num_experts // comm.size or ex.first_expert != comm.rank * ex.num_local:
+                raise ValueError(f"parallelize: experts [{ex.first_expert}, {ex.first_expert + ex.num_local}) "
+                                 f"are not EP rank {comm.rank}'s shard at ep_size={comm.size}")
             layer.dispatcher = TokenDispatcher(layer.num_experts, comm)
     return model

@@ -16,6 +16,7 @@ import torch.nn as nn
 from moedist.moe.dispatcher import weighted_scatter_add
 from moedist.moe.ffn import (GATED, _use_grouped_kernel, check_activation, gather_lora_proj, grouped_ffn, grouped_mm,
                              hidden_act, moe_lora_hidden)
+from moedist.moe.init import is_meta, normal_
 from moedist.moe.lora_math import lora_dropout, lora_scale
 
 # One tag for expert parameters, owned by moedist.distributed (which reduces them
@@ -60,7 +61,8 @@ class GroupedExperts(nn.Module):
         self.w_gate = tag_expert_param(nn.Parameter(torch.empty(L, H, F, **kw))) if activation in GATED else None
         self.w_up = tag_expert_param(nn.Parameter(torch.empty(L, H, F, **kw)))
         self.w_down = tag_expert_param(nn.Parameter(torch.empty(L, F, H, **kw)))
-        self.reset_parameters()
+        if not is_meta(self.w_up):  # meta: drawn at materialization, after sharding (only local experts)
+            self.reset_parameters()
 
     def global_ids(self) -> range:
         return range(self.first_expert, self.first_expert + self.num_local)
@@ -72,6 +74,11 @@ class GroupedExperts(nn.Module):
                 continue
             for l, e in enumerate(self.global_ids()):
                 p[l].copy_(_expert_normal(p.shape[1:], self.init_std, self.seed, e, which))
+
+    def init_weights(self) -> None:
+        """Each local expert from its own generators seeded by (seed, global id): the same values at every
+        EP layout, and a rank draws only the experts it holds."""
+        self.reset_parameters()
 
     @torch.no_grad()
     def load_expert(self, local: int, w_gate: Optional[torch.Tensor], w_up: torch.Tensor, w_down: torch.Tensor) -> None:
@@ -93,11 +100,19 @@ class _LoRAStack(nn.Module):
         super().__init__()
         self.lora_A = tag_expert_param(nn.Parameter(torch.empty(L, d_in, rank, dtype=dtype, device=device)))
         self.lora_B = tag_expert_param(nn.Parameter(torch.zeros(L, rank, d_out, dtype=dtype, device=device)))
-        with torch.no_grad():
-            bound = (1.0 / d_in) ** 0.5  # Kaiming-uniform(a=sqrt(5)): gain sqrt(1/3) * sqrt(3 / fan_in), as in peft/nn.Linear
-            for l in range(L):
-                g = torch.Generator().manual_seed(seed * 1_000_003 + (first_expert + l) * 101 + 50 + which)
-                self.lora_A[l].copy_((torch.rand(d_in, rank, generator=g) * 2 - 1) * bound)
+        self.seed, self.which = seed, which
+        if not is_meta(self.lora_A):  # meta: the owning expert module draws it at materialization
+            self.reset(first_expert)
+
+    @torch.no_grad()
+    def reset(self, first_expert: int) -> None:
+        """A[l] of global expert first_expert + l from its own generator (seed, expert, projection); B = 0."""
+        L, d_in, rank = self.lora_A.shape
+        bound = (1.0 / d_in) ** 0.5  # Kaiming-uniform(a=sqrt(5)): gain sqrt(1/3) * sqrt(3 / fan_in), as in peft/nn.Linear
+        for l in range(L):
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + (first_expert + l) * 101 + 50 + self.which)
+            self.lora_A[l].copy_((torch.rand(d_in, rank, generator=g, device="cpu") * 2 - 1) * bound)
+        self.lora_B.zero_()
 
     def delta(self, x_NI: torch.Tensor, counts_L: Sequence[int]) -> torch.Tensor:
         """x @ A[e] @ B[e] per expert slice. Returns [N, O] (unscaled)."""
@@ -161,6 +176,12 @@ class LoRAOnExperts(_LoRAMixin, GroupedExperts):
                 if p is not None:
                     p.requires_grad_(False)
 
+    def init_weights(self) -> None:
+        """The frozen experts, then each local expert's LoRA factors (by global id)."""
+        self.reset_parameters()
+        for st in self.lora.values():
+            st.reset(self.first_expert)
+
     def _proj(self, name: str, x_NI: torch.Tensor, w: torch.Tensor, counts_L) -> torch.Tensor:
         y = grouped_mm(x_NI, w, counts_L)
         if name in self.lora:
@@ -189,20 +210,34 @@ class MoELoRAExperts(_LoRAMixin, nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, lora_rank: int, lora_alpha: Optional[float] = None,
                  lora_dropout: float = 0.0, targets: Iterable[str] = ("gate", "up", "down"), activation: str = "swiglu",
                  num_local: Optional[int] = None, first_expert: int = 0, init_std: float = 0.02, seed: int = 0,
-                 dtype=torch.float32, device=None):
+                 dtype=torch.float32, device=None, base_seed: Optional[int] = None):
         super().__init__()
         check_activation(activation)
         self.num_experts, self.hidden_size, self.ffn_size = num_experts, hidden_size, ffn_size
         self.num_local = _check_layout(num_experts, num_local, first_expert)
         self.first_expert, self.activation, self.seed, self.init_std = first_expert, activation, seed, init_std
+        # base_seed: draw the frozen base as the dense FFN of that seed would (build_model's moe_lora layers)
+        self.base_seed = seed if base_seed is None else base_seed
         self._init_lora(lora_rank, lora_alpha, lora_dropout, targets, seed)
         H, F = hidden_size, ffn_size
         kw = dict(dtype=dtype, device=device)
-        g = torch.Generator().manual_seed(seed)
-        self.w_gate = nn.Parameter((torch.randn(H, F, generator=g) * init_std).to(**kw), requires_grad=False) if activation in GATED else None
-        self.w_up = nn.Parameter((torch.randn(H, F, generator=g) * init_std).to(**kw), requires_grad=False)
-        self.w_down = nn.Parameter((torch.randn(F, H, generator=g) * init_std).to(**kw), requires_grad=False)
-        self.lora = self._lora_stacks(H, F, dtype, device)
+        self.w_gate = nn.Parameter(torch.empty(H, F, **kw), requires_grad=False) if activation in GATED else None
+        self.w_up = nn.Parameter(torch.empty(H, F, **kw), requires_grad=False)
+        self.w_down = nn.Parameter(torch.empty(F, H, **kw), requires_grad=False)
+        self.lora = self._lora_stacks(H, F, dtype, self.w_up.device)
+        if not is_meta(self.w_up):  # meta: drawn at materialization
+            self._init_base()
+
+    def _init_base(self) -> None:
+        g = torch.Generator().manual_seed(self.base_seed)
+        for w in (self.w_gate, self.w_up, self.w_down):
+            normal_(w, g, self.init_std)
+
+    def init_weights(self) -> None:
+        """The frozen base (gate, up, down from `base_seed`), then each local expert's LoRA factors."""
+        self._init_base()
+        for st in self.lora.values():
+            st.reset(self.first_expert)
 
     @torch.no_grad()
     def load_base(self, w_gate: Optional[torch.Tensor], w_up: torch.Tensor, w_down: torch.Tensor) -> None:

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F_
 
+from moedist.moe.init import is_meta
+
 SCORE_FUNCS = ("softmax", "sigmoid")
 
 
@@ -112,14 +114,21 @@ class Router(nn.Module):
                              if noisy_gating else None)
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32, device=device) if expert_bias else None)
         self._noise_gen = torch.Generator().manual_seed(seed + 7919)
-        self.reset_parameters()
+        if not is_meta(self.weight):  # meta: drawn at materialization (moedist.models.materialize)
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         g = torch.Generator().manual_seed(self.seed)
         with torch.no_grad():
-            self.weight.copy_(torch.randn(self.weight.shape, generator=g) * self.init_std)
+            self.weight.copy_(torch.randn(tuple(self.weight.shape), generator=g, device="cpu") * self.init_std)
             if self.noise_weight is not None:
                 self.noise_weight.zero_()
+
+    def init_weights(self) -> None:
+        """The weight from this router's seed; noise weight and balancing bias start at zero."""
+        self.reset_parameters()
+        if self.expert_bias is not None:
+            self.expert_bias.zero_()
 
     def named_generators(self) -> dict:
         """The private stream of router noise and jitter (`moedist.train.rng.OwnsGenerators`)."""

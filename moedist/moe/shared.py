@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from moedist.moe.ffn import GATED, check_activation, ffn
+from moedist.moe.init import is_meta, normal_
 
 
 class SharedExperts(nn.Module):
@@ -22,17 +23,24 @@ class SharedExperts(nn.Module):
         check_activation(activation)
         if ffn_size < 1:
             raise ValueError(f"shared expert ffn_size={ffn_size}: must be >= 1")
-        self.activation, self.gated = activation, gated
-        g = torch.Generator().manual_seed(seed)
+        self.activation, self.gated, self.seed, self.init_std = activation, gated, seed, init_std
         H, F = hidden_size, ffn_size
 
-        def draw(*shape):
-            return nn.Parameter((torch.randn(*shape, generator=g) * init_std).to(dtype=dtype, device=device))
+        def empty(*shape):
+            return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device))
 
-        self.w_gate = draw(H, F) if activation in GATED else None  # [H, F]
-        self.w_up = draw(H, F)  # [H, F]
-        self.w_down = draw(F, H)  # [F, H]
-        self.w_shared_gate = draw(H, 1) if gated else None  # [H, 1]
+        self.w_gate = empty(H, F) if activation in GATED else None  # [H, F]
+        self.w_up = empty(H, F)  # [H, F]
+        self.w_down = empty(F, H)  # [F, H]
+        self.w_shared_gate = empty(H, 1) if gated else None  # [H, 1]
+        if not is_meta(self.w_up):  # meta: drawn at materialization
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        """gate, up, down, shared gate in that order from one generator seeded by `seed`."""
+        g = torch.Generator().manual_seed(self.seed)
+        for w in (self.w_gate, self.w_up, self.w_down, self.w_shared_gate):
+            normal_(w, g, self.init_std)
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         x = x_TH.to(self.w_up.dtype)
