@@ -23,6 +23,13 @@ def _threads(local_world_size: int) -> None:
 
 def main_train(cfg, args=None) -> int:
     """Entry of `moedist train` (registered in moedist.cli.COMMANDS); returns the exit code."""
+    from moedist.train.signals import PreemptionSignals
+
+    with PreemptionSignals() as signals:  # first: a SIGTERM/SIGUSR1 during start-up must not kill the job
+        return _main_train(cfg, signals)
+
+
+def _main_train(cfg, signals) -> int:
     from moedist.distributed.launch_env import detect_launch_env
 
     from moedist.config import ConfigError
@@ -51,7 +58,7 @@ def main_train(cfg, args=None) -> int:
     _threads(env.local_world_size)
     try:
         with collective_errors(env, cfg.parallel.timeout_s):  # a stalled/dead peer: one line naming it
-            Trainer(cfg).train()  # SIGTERM/SIGUSR1: saves and returns normally (exit 0)
+            Trainer(cfg, signals=signals).train()  # SIGTERM/SIGUSR1: saves and returns normally (exit 0)
     except ConfigError:
         if env.rank != 0:
             return 2  # corrupt checkpoint, config mismatch, non-finite stop: every rank raises, rank 0 reports

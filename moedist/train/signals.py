@@ -28,6 +28,7 @@ class PreemptionSignals:
         self.requested = False
         self.signal_name = None
         self._old = {}
+        self._depth = 0
 
     def _handle(self, signum, frame) -> None:
         if not self.requested:
@@ -37,7 +38,8 @@ class PreemptionSignals:
                   "and exiting (resume with train.resume=auto)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "PreemptionSignals":
-        if self.enabled:
+        self._depth += 1
+        if self.enabled and self._depth == 1:  # re-entering (CLI, then Trainer.train) keeps the first handlers
             for name in SIGNALS:
                 sig = getattr(signal, name, None)
                 if sig is not None:
@@ -45,6 +47,9 @@ class PreemptionSignals:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth > 0:
+            return
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}

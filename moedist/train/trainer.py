@@ -90,10 +90,13 @@ def preflight(cfg, world_size: int, cuda: Optional[bool] = None) -> None:
     need(ds.enabled or not ds.extra, "deepspeed.extra: set but deepspeed.enabled=false")
     need(not (ds.enabled and tr.nonfinite == "skip"),
          "train.nonfinite='skip': supported by the PyTorch runner only (deepspeed.enabled=true); use 'stop'")
+    offload = ds.offload_optimizer != "none" or ds.offload_param != "none"
+    need(ds.enabled or not offload, f"deepspeed.offload_{'optimizer' if ds.offload_optimizer != 'none' else 'param'}"
+         "=cpu: needs deepspeed.enabled=true")
     if ds.enabled:
-        from moedist.train.deepspeed_setup import check_extra
+        from moedist.train.deepspeed_setup import check_extra, check_offload
 
-        problem = check_extra(ds.extra, par.ep_size, ds.zero_stage)
+        problem = check_extra(ds.extra, par.ep_size, ds.zero_stage) or check_offload(cfg)
         need(problem is None, problem or "")
     need(not tr.tensorboard or tensorboard_available(),
          "train.tensorboard=true: the tensorboard package is not installed (pip install tensorboard)")
@@ -219,18 +222,21 @@ class Trainer:
 
     Args:
         cfg: a validated `MoedistConfig`.
-        model_init: optional `fn(model)` called on the full (not yet parallelized)
-            model, e.g. to load a dense base into LoRA-MoE layers.
+        model_init: optional `fn(model)` called on this rank's materialized model (experts
+            already sharded, dispatchers not yet wired), e.g. to load a dense base into LoRA-MoE layers.
         write_outputs: False keeps rank 0 from writing output_dir (tests).
         save_checkpoints: False skips checkpoints (tests).
         console: show the progress bar and summary on rank 0.
         eval_data: extra named validation sets {name: ByteLMData} evaluated with the
             run's own data at eval time and at the end (`val_loss_<name>`).
+        signals: an already-entered `PreemptionSignals` (the CLI installs it before start-up, so a
+            signal during start-up is kept); default: train() installs its own.
     """
 
     def __init__(self, cfg, model_init: Optional[Callable] = None, write_outputs: bool = True,
-                 console: bool = True, eval_data: Optional[dict] = None, save_checkpoints: bool = True):
-        from moedist.models import build_model, moe_layers, parallelize
+                 console: bool = True, eval_data: Optional[dict] = None, save_checkpoints: bool = True,
+                 signals: Optional[PreemptionSignals] = None):
+        from moedist.models import moe_layers, parallelize
 
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
@@ -256,19 +262,30 @@ class Trainer:
             from moedist.distributed import ParallelDims
 
             self.dims = ParallelDims(self.world, ep, self.rank).build()
-        model = build_model(cfg)
+        from moedist.models.materialize import build_local_model, build_meta_model
+        from moedist.train.memory import MemoryMeter
+
+        self.memory = MemoryMeter(self.device)  # baseline right before the model: peak_mem_mb counts from here
+        meta = build_meta_model(cfg)  # structure only: no rank ever holds the whole model
         from moedist.train.consistency import check_same_config
 
-        check_same_config(cfg, model, self.device)  # before the first collective that could hang on a mismatch
+        check_same_config(cfg, meta, self.device)  # before the first collective that could hang on a mismatch
+        self.total_params = sum(p.numel() for p in meta.parameters())
+        self.trainable_params = sum(p.numel() for p in meta.parameters() if p.requires_grad)
+        # shard on meta, then allocate and draw only this rank's experts and the replicated parts
+        model = build_local_model(cfg, self.dims.ep_rank, ep, device=self.device, meta_model=meta)
         if cfg.model.from_hf is not None:
             from moedist.models.hf import load_hf_weights_into
 
-            load_hf_weights_into(model, cfg.model.from_hf)  # moe_lora: the dense FFNs become the frozen bases
+            load_hf_weights_into(model, cfg.model.from_hf)  # reads only this rank's experts; moe_lora: FFN = base
         if model_init is not None:
             model_init(model)
-        self.total_params = sum(p.numel() for p in model.parameters())
-        self.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        parallelize(model, self.dims.ep_comm)
+        parallelize(model, self.dims.ep_comm)  # experts are sharded already: wires the dispatchers
+        if cfg.train.activation_checkpointing != "none":  # after parallelize: the recompute runs the all-to-all again
+            from moedist.models.act_ckpt import apply_activation_checkpointing
+            from moedist.train.rng import model_generators
+
+            apply_activation_checkpointing(model, cfg.train.activation_checkpointing, model_generators)
         self.num_moe_layers = len(moe_layers(model))
         if ds:
             from moedist.train.runners import DeepSpeedRunner
@@ -286,7 +303,8 @@ class Trainer:
         self.skipped_steps = 0  # train.nonfinite=skip: steps whose update was dropped
         self.preempted = False  # every rank agreed to stop after this step (SIGTERM/SIGUSR1)
         self.resumed_from: Optional[str] = None
-        self._signals = PreemptionSignals(enabled=False)
+        self._outer_signals = signals
+        self._signals = signals or PreemptionSignals(enabled=False)
         self._loss_finite = True
         self._skipped_now = False
         self._nan = _nan_hook(self.rank)
@@ -504,7 +522,8 @@ class Trainer:
             save_config(cfg, os.path.join(tr.output_dir, "config.yaml"))
             self.save_tokenizer(tr.output_dir)
         writer = MetricsWriter(tr.output_dir, self.write, tr.tensorboard, resume_step=self.step if resumed else 0)
-        bar = Progress(tr.max_steps, self.is_main and self.console, tr.log_every, start=self.step, title=cfg.name)
+        bar = Progress(tr.max_steps, self.is_main and self.console, tr.log_every, start=self.step, title=cfg.name,
+                       memory=self.memory.peak_mb)
         if resumed:
             bar.print(f"resumed at step {self.step} from {self.resumed_from}")
         bar.print(f"[bold]{cfg.name}[/]: {self._model_text()}; {self.layout}; "
@@ -517,7 +536,7 @@ class Trainer:
             bar.print("before training: " + "  ".join(f"{k} {v:.4f}" for k, v in self.initial_val.items()))
         records = list(writer.records)  # the same on every rank: each record is all-reduced
         try:
-            with PreemptionSignals() as self._signals:
+            with (self._outer_signals or PreemptionSignals()) as self._signals:
                 while self.step < tr.max_steps:
                     rec = self.train_step()
                     if tr.eval_every and self.step % tr.eval_every == 0 and self.step < tr.max_steps:
@@ -540,7 +559,7 @@ class Trainer:
                                   f"saved {self.last_checkpoint} at step {self.step}; resume with train.resume=auto")
                         break
         finally:
-            self._signals = PreemptionSignals(enabled=False)
+            self._signals = self._outer_signals or PreemptionSignals(enabled=False)
             bar.close()
             writer.close()
         final = None
@@ -586,6 +605,10 @@ class Trainer:
             "metrics": os.path.join(self.cfg.train.output_dir, "metrics.jsonl") if self.write else None,
             "checkpoint": self.last_checkpoint, "initial_val": getattr(self, "initial_val", None),
         }
+        from moedist.train.memory import gather_peaks
+
+        out["peak_mem_mb"] = self.memory.peak_mb()  # this rank, since just before the model was built
+        out["peak_mem_mb_per_rank"] = gather_peaks(out["peak_mem_mb"], self.device)  # collective
         for k, v in (val or {}).items():
             out[k] = v
         return out
