@@ -1,7 +1,8 @@
 """Two "hosts" on one machine (network namespaces + a veth pair, tests/netns.py) train as two nodes.
 
 One process per "node", EP=2 over the veth: `torchrun --nnodes 2` with c10d rendezvous on the
-first namespace's address, and `launch/deepspeed.sh` with a hostfile naming both addresses in
+first namespace's address, `launch/torchrun.sh` with NNODES/NODE_RANK (static rendezvous), and
+`launch/deepspeed.sh` with a hostfile naming both addresses in
 DeepSpeed's no-ssh multi-node mode (`NODE_RANK` -> `--no_ssh --node_rank`). Each must give the
 losses of the same job as 2 processes on one node (torchrun --standalone) to 1e-5. Every
 namespace and link made is deleted again (checked at the end of the module).
@@ -100,6 +101,20 @@ def test_torchrun_two_namespaces_c10d_rendezvous(hosts, one_node_losses, tmp_pat
     assert "2 rank(s), EP 2 x EDP 1" in results[0][1]
     assert _losses(run) == pytest.approx(one_node_losses, rel=1e-5)
     assert (run / "final" / "manifest.json").exists()
+
+
+def test_launch_torchrun_sh_static_rendezvous_two_namespaces(hosts, one_node_losses, tmp_path):
+    """`NNODES=2 NODE_RANK=i MASTER_ADDR=<node 0> launch/torchrun.sh ...` on each node (static rendezvous)."""
+    run, port = tmp_path / "run", free_port()
+    cmds, envs = [], []
+    for i in (0, 1):
+        cmds.append(hosts.wrap(i, ["bash", str(ROOT / "launch" / "torchrun.sh"), *TRAIN, f"train.output_dir={run}"]))
+        envs.append(_env(NPROC="1", NNODES="2", NODE_RANK=str(i), MASTER_ADDR=hosts.addr[0], MASTER_PORT=str(port),
+                         GLOO_SOCKET_IFNAME=hosts.ifname[i]))
+    results = _run_pair(cmds, envs)
+    for i, (rc, text) in enumerate(results):
+        assert rc == 0, f"node {i} exit {rc}\n{text[-4000:]}"
+    assert _losses(run) == pytest.approx(one_node_losses, rel=1e-5)
 
 
 def test_deepspeed_launcher_hostfile_no_ssh_two_namespaces(hosts, one_node_losses, tmp_path):
