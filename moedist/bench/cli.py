@@ -1,4 +1,4 @@
-"""`moedist bench layer|ep|train`: argument parsing and printing.
+"""`moedist bench layer|ep|train|data`: argument parsing and printing.
 
 `moedist.cli` calls `main(argv)` with the arguments after `bench`; until then:
     python -m moedist.bench.cli layer --tokens 4096 --experts 8 --json out.json
@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, default=0)
     tr.add_argument("--json", metavar="PATH")
     _add_allocator_arg(tr)
+
+    from moedist.bench.data import add_arguments as add_data_arguments
+
+    add_data_arguments(sub.add_parser("data", help="training RSS and data-loading time as the prepared corpus grows"))
     return parser
 
 
@@ -173,6 +177,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from moedist.bench.ep import run_ep_from_args
 
             res = run_ep_from_args(args)
+        elif args.what == "data":
+            from moedist.bench.data import run_data_from_args
+
+            res = run_data_from_args(args)
         else:
             from moedist.bench.train import run_train_from_args
 
