@@ -69,8 +69,8 @@ class SourceSequences:
         S, c = self.seq_len, self.cache
         a = k * S
         idx = np.arange(a, a + S + 1)                                        # [S+1] token indices
-        w = np.asarray(c.tokens[a:a + S + 1], dtype=np.int64)               # [S+1]
-        counted = np.asarray(c.mask[a + 1:a + S + 1], dtype=bool)           # [S] mask of the label tokens
+        w = c.read("tokens", a, a + S + 1).astype(np.int64)                 # [S+1]
+        counted = c.read("mask", a + 1, a + S + 1).astype(bool)             # [S] mask of the label tokens
         doc = np.searchsorted(c.doc_offsets, idx, side="right") - 1          # [S+1] document of each token
         labels = np.where(counted & (doc[1:] == doc[:-1]), w[1:], IGNORE)    # never across documents
         positions = idx[:-1] - np.asarray(c.doc_offsets[doc[:-1]])           # offset inside its document
@@ -81,9 +81,9 @@ class SourceSequences:
         a = int(c.doc_offsets[k])
         b = min(int(c.doc_offsets[k + 1]), a + S + 1)
         w = np.full(S + 1, self.pad_id, dtype=np.int64)                     # [S+1]
-        w[:b - a] = c.tokens[a:b]
+        w[:b - a] = c.read("tokens", a, b)
         counted = np.zeros(S + 1, dtype=bool)
-        counted[:b - a] = np.asarray(c.mask[a:b], dtype=bool)               # padding is never counted
+        counted[:b - a] = c.read("mask", a, b).astype(bool)                 # padding is never counted
         return w[:-1], np.where(counted[1:], w[1:], IGNORE), None, None
 
 
