@@ -55,6 +55,7 @@ COMMANDS: dict[str, Command] = {
     "data": Command("moedist.data.prepare_cli:main", "moedist data prepare CONFIG: tokenize and cache the "
                     "data sources", False),
     "demo": Command("moedist.train.demo:main", "run the 2-process LoRA-MoE fine-tuning demo", False),
+    "plan": Command("moedist.plan.cli:main", "per-rank memory estimate of a layout (--world-size N)", False),
     "doctor": Command("moedist.cli:doctor", "print versions, CUDA availability and CPU count", False),
 }
 

@@ -228,6 +228,11 @@ class DenseFFN(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    # Activation checkpointing (set by `moedist.models.act_ckpt.apply_activation_checkpointing`):
+    # a `Recompute` for the whole layer or for its FFN/MoE block; None = keep activations.
+    recompute_layer = None
+    recompute_mlp = None
+
     def __init__(self, attn: Attention, mlp: nn.Module, hidden: int, norm_eps: float):
         super().__init__()
         self.input_layernorm = RMSNorm(hidden, norm_eps)
@@ -236,8 +241,14 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(self, x: torch.Tensor, cos, sin, mask: Optional[torch.Tensor] = None, kv: Optional[LayerKV] = None):
+        if self.recompute_layer is not None and kv is None:
+            return self.recompute_layer(self._forward, x, cos, sin, mask)
+        return self._forward(x, cos, sin, mask, kv)
+
+    def _forward(self, x: torch.Tensor, cos, sin, mask: Optional[torch.Tensor] = None, kv: Optional[LayerKV] = None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
-        out = self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        out = self.mlp(h) if self.recompute_mlp is None else self.recompute_mlp(self.mlp, h)
         aux = None
         if isinstance(out, tuple):  # MoE layer: (y, MoEAux)
             out, aux = out

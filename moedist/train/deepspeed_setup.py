@@ -256,6 +256,10 @@ def ds_config(cfg, world_size: int) -> Dict[str, Any]:
         # contiguous_gradients=False takes buffered_reduce_fallback, which all-reduces expert
         # gradients over the whole world (mixing different experts): keep it on.
         zero.update(overlap_comm=False, contiguous_gradients=True)
+    if ds.offload_optimizer == "cpu":  # ZeRO-Offload: fp32 masters + Adam state in CPU memory, stepped by CPU Adam
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_param == "cpu":  # ZeRO-3 only (config.validate): the parameter partition lives in CPU memory
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     conf: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
         "gradient_accumulation_steps": tr.grad_accum,
@@ -297,9 +301,57 @@ def check_extra(extra: dict, ep_size: int = 1, zero_stage: int = 0) -> Optional[
     if ep_size > 1 and zero_stage in (1, 2) and zero.get("contiguous_gradients", True) is False:
         return ("deepspeed.extra.zero_optimization.contiguous_gradients=false: with parallel.ep_size > 1 "
                 "DeepSpeed's ZeRO-1/2 fallback path then averages different experts' gradients; remove it")
-    if zero.get("offload_optimizer") or zero.get("offload_param"):
-        return "deepspeed.extra.zero_optimization.offload_*: not supported by moedist's expert-parallel layers yet"
+    for key in ("offload_optimizer", "offload_param"):
+        if key in zero:
+            return f"deepspeed.extra.zero_optimization.{key}: use deepspeed.{key}=none|cpu"
     return None
+
+
+CPU_ADAM_CACHE = os.path.join("~", ".cache", "moedist", "torch_extensions")
+
+
+def cpu_adam_problem() -> Optional[str]:
+    """None when DeepSpeed's CPU Adam loads (JIT-built once, cached under ~/.cache/moedist), else why not.
+
+    The first build compiles C++ (minutes on a small machine); later runs load the cached library.
+    """
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser(CPU_ADAM_CACHE))
+    try:
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        builder = CPUAdamBuilder()
+        if not builder.is_compatible(False):
+            return "DeepSpeed's CPUAdamBuilder reports it is not compatible with this machine"
+        builder.load(verbose=False)
+    except Exception as err:  # noqa: BLE001 - compiler missing, build error, ...
+        return " ".join(f"{type(err).__name__}: {err}".split())[:300]
+    return None
+
+
+def check_offload(cfg) -> Optional[str]:
+    """A message for a ``deepspeed.offload_*`` setting that cannot run here (checked at preflight), else None."""
+    ds = cfg.deepspeed
+    if ds.offload_optimizer == "none":
+        return None
+    if ds.fp16 and not torch.cuda.is_available():
+        return "deepspeed.fp16=true with deepspeed.offload_optimizer=cpu: DeepSpeed's fp16 needs a CUDA GPU"
+    problem = cpu_adam_problem()
+    if problem is not None:
+        return (f"deepspeed.offload_optimizer=cpu: DeepSpeed's CPU Adam cannot be built or loaded here ({problem}); "
+                "set deepspeed.offload_optimizer=none")
+    return None
+
+
+def build_offload_optimizer(param_groups: List[Dict[str, Any]], train_cfg) -> torch.optim.Optimizer:
+    """DeepSpeed's CPU AdamW over `param_groups` (ZeRO-Offload steps the CPU fp32 partitions with it).
+
+    Expert groups keep their ``moe``/``name`` keys, so the engine still reduces them over their EP groups.
+    """
+    cpu_adam_problem()  # sets TORCH_EXTENSIONS_DIR, loads the cached build
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(param_groups, lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas), eps=1e-8,
+                            weight_decay=train_cfg.weight_decay, adamw_mode=True)
 
 
 def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, config: Dict[str, Any]):
@@ -365,6 +417,12 @@ def set_optimizer_step(engine, step: int) -> None:
             st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
 
 
+def _is_cpu_adam(opt) -> bool:
+    from deepspeed.ops.adam import DeepSpeedCPUAdam  # importing does not build the extension
+
+    return isinstance(opt, DeepSpeedCPUAdam)
+
+
 def materialize_optimizer_state(engine) -> None:
     """Give the optimizer its AdamW state (zeros, step 0) before the first step, so that state
     can be written into it (resume). Torch AdamW creates exactly these lazily at its first step;
@@ -372,12 +430,13 @@ def materialize_optimizer_state(engine) -> None:
     which `safe_get/set_full_optimizer_state` need; ZeRO-3 keys them by its flat fp32 sub-groups."""
     opt = engine.optimizer
     inner = inner_optimizer(engine)
-    if not isinstance(inner, torch.optim.AdamW):
+    cpu_adam = _is_cpu_adam(inner)  # ZeRO-Offload: its C++ step wants an int step count
+    if not (isinstance(inner, torch.optim.AdamW) or cpu_adam):
         return
     for p in _optimizer_flats(engine):
         st = inner.state[p]
         if not st:
-            st["step"] = torch.tensor(0.0)
+            st["step"] = 0 if cpu_adam else torch.tensor(0.0)
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     link = getattr(opt, "_lazy_init_hp_params_optimizer_state", None)

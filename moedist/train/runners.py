@@ -112,7 +112,11 @@ class DeepSpeedRunner:
         self.cfg, self.dims, self.device = cfg, dims, device
         stage = cfg.deepspeed.zero_stage
         dss.prepare_model(model, cfg.parallel.ep_size, stage, dims)
-        optimizer = build_optimizer(dss.optimizer_param_groups(model, cfg.train.weight_decay), cfg.train)
+        groups = dss.optimizer_param_groups(model, cfg.train.weight_decay)
+        if cfg.deepspeed.offload_optimizer == "cpu":  # ZeRO-Offload steps CPU partitions with DeepSpeed's CPU Adam
+            optimizer = dss.build_offload_optimizer(groups, cfg.train)
+        else:
+            optimizer = build_optimizer(groups, cfg.train)
         self.config = dss.ds_config(cfg, dims.world_size)
         self.zero3 = stage == 3
         self.engine = dss.initialize(dss.wrap_for_zero3(model) if self.zero3 else model, optimizer, self.config)
