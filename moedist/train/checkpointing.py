@@ -62,11 +62,13 @@ def optimizer_state(trainer) -> dict:
     return get_full_optimizer_state(trainer.runner.module, trainer.runner.engine)
 
 
-def shadow_model(trainer):
-    """A plain fp32 copy of the model's structure holding this rank's expert shard."""
-    from moedist.models import build_model, parallelize
+def shadow_model(trainer, init: bool = True):
+    """A plain CPU copy of the model's structure holding this rank's expert shard (built on meta and
+    materialized as a shard: never the whole model). Trainable parameters are fp32; frozen ones are in
+    model.dtype (`moedist.models.build.apply_param_dtype`), so bf16 frozen weights are saved as bf16."""
+    from moedist.models import build_local_model, parallelize
 
-    shadow = build_model(trainer.cfg)
+    shadow = build_local_model(trainer.cfg, trainer.dims.ep_rank, trainer.cfg.parallel.ep_size, init=init)
     parallelize(shadow, types.SimpleNamespace(size=trainer.cfg.parallel.ep_size, rank=trainer.dims.ep_rank))
     return shadow
 
@@ -85,7 +87,7 @@ def save(trainer, path: str, with_optimizer: bool = True) -> str:
 
     state = full_fp32_state(trainer)
     optim = optimizer_state(trainer) if with_optimizer else None
-    shadow = shadow_model(trainer)
+    shadow = shadow_model(trainer, init=False)  # every value is loaded next
     shadow.load_state_dict(state, strict=True)
     from moedist.train.rng import rng_states
 

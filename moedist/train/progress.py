@@ -6,7 +6,7 @@ never asks "am I rank 0?" around a print.
 from __future__ import annotations
 
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, \
@@ -22,8 +22,10 @@ class Progress:
     """Progress bar + periodic log lines for `total` steps; silent when `enabled` is False."""
 
     def __init__(self, total: int, enabled: bool, log_every: int = 10, start: int = 0, title: str = "train",
-                 console: Optional[Console] = None):
+                 console: Optional[Console] = None, memory: Optional[Callable[[], Optional[float]]] = None):
+        """memory: returns this rank's peak memory so far in MiB (`moedist.train.memory.MemoryMeter.peak_mb`)."""
         self.enabled, self.log_every, self.total = enabled, max(1, log_every), total
+        self.memory = memory
         self.console = console or Console(file=sys.stdout, highlight=False, soft_wrap=True)
         self._bar = None
         if not enabled:
@@ -44,7 +46,9 @@ class Progress:
         if not self.enabled:
             return
         step = record["step"]
-        info = f"loss {_fmt(record.get('loss'))}  {_fmt(record.get('tokens_per_s'), ',.0f')} tok/s"
+        peak = self.memory() if self.memory is not None else None
+        mem = f"  mem {_fmt(peak, ',.0f')} MiB" if peak is not None else ""
+        info = f"loss {_fmt(record.get('loss'))}  {_fmt(record.get('tokens_per_s'), ',.0f')} tok/s{mem}"
         self._bar.update(self._task, completed=step, info=info)
         if step % self.log_every == 0 or step == self.total or "val_loss" in record:
             val = f"  val {_fmt(record['val_loss'])}" if "val_loss" in record else ""
@@ -52,7 +56,7 @@ class Progress:
                    if record.get("expert_load") else "")  # a dense model has neither
             self.console.print(
                 f"step {step:>5}/{self.total}  loss {_fmt(record['loss'])}{moe}  lr {_fmt(record['lr'], '.2e')}  "
-                f"gnorm {_fmt(record.get('grad_norm'), '.3f')}  {_fmt(record['tokens_per_s'], ',.0f')} tok/s{val}")
+                f"gnorm {_fmt(record.get('grad_norm'), '.3f')}  {_fmt(record['tokens_per_s'], ',.0f')} tok/s{mem}{val}")
 
     def close(self) -> None:
         if self._bar is not None:
@@ -85,6 +89,10 @@ def summary_table(summary: dict) -> Table:
         ("dropped", f"{100 * summary['dropped_frac']:.2f}% of routed (token, slot) pairs"),
         ("trainable", f"{summary['trainable_params']:,} of {summary['total_params']:,} parameters"),
     ]
+    if summary.get("peak_mem_mb") is not None:
+        per = [p for p in summary.get("peak_mem_mb_per_rank") or [] if p is not None]
+        rest = f"  (ranks: min {min(per):,.0f}, max {max(per):,.0f})" if len(per) > 1 else ""
+        rows.append(("peak memory", f"{summary['peak_mem_mb']:,.0f} MiB on rank 0{rest}"))
     for l, shares in enumerate(summary.get("expert_load", [])):
         if shares:
             rows.append((f"expert load L{l}", f"{load_bar(shares)}  min {min(shares):.3f} max {max(shares):.3f}"))
