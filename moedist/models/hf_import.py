@@ -2,8 +2,8 @@
 
     model, cfg = from_hf("path/to/hf_dir")                # build + load
     model, cfg = from_hf(hf_model, lora={"mode": "full"})  # an in-memory transformers model
-    # trainer: cfg = apply_hf_config(cfg); model = build_model(cfg); parallelize(...);
-    #          load_hf_weights_into(model, cfg.model.from_hf)
+    # trainer: cfg = apply_hf_config(cfg); model = build_local_model(cfg, ep_rank, ep_size)  (meta -> shard)
+    #          load_hf_weights_into(model, cfg.model.from_hf)   # reads only this rank's experts
 
 Weights are read with `safetensors` only (lazily, tensor by tensor, so an expert-
 parallel rank reads only its own experts); a directory holding pickles
