@@ -27,16 +27,18 @@ from moedist.models.parallelize import shard_experts_
 from moedist.moe.init import OwnsInit
 
 
-def _empty_like(t: torch.Tensor, device) -> torch.Tensor:
+def _empty_like(t: torch.Tensor, device, poison: bool) -> torch.Tensor:
     out = torch.empty(t.shape, dtype=t.dtype, device=device)
-    if out.is_floating_point():
+    if poison and out.is_floating_point():
         out.fill_(float("nan"))  # anything no init_weights() draws stays NaN and is caught below
     return out
 
 
 @torch.no_grad()
-def materialize_(model: nn.Module, device="cpu") -> nn.Module:
+def materialize_(model: nn.Module, device="cpu", init: bool = True) -> nn.Module:
     """Allocate every meta parameter/buffer of `model` on `device` and draw its values (in place).
+
+    init=False only allocates (uninitialised memory): for a copy whose every value is loaded next.
 
     Parameter objects are replaced (tags such as `moedist_expert` and `requires_grad` are kept;
     a parameter shared by two modules stays shared). Raises ValueError naming a tensor that no
@@ -48,13 +50,15 @@ def materialize_(model: nn.Module, device="cpu") -> nn.Module:
             if p is None or not p.is_meta:
                 continue
             if id(p) not in memo:
-                new = nn.Parameter(_empty_like(p, device), requires_grad=p.requires_grad)
+                new = nn.Parameter(_empty_like(p, device, init), requires_grad=p.requires_grad)
                 new.__dict__.update(p.__dict__)  # tags set on the meta parameter
                 memo[id(p)] = new
             mod._parameters[name] = memo[id(p)]
         for name, b in list(mod._buffers.items()):
             if b is not None and b.is_meta:
-                mod._buffers[name] = _empty_like(b, device)
+                mod._buffers[name] = _empty_like(b, device, init)
+    if not init:
+        return model
     for mod in model.modules():
         if isinstance(mod, OwnsInit):
             mod.init_weights()
@@ -79,7 +83,7 @@ def build_meta_model(cfg, seed: Optional[int] = None) -> nn.Module:
 
 
 def build_local_model(cfg, ep_rank: int = 0, ep_size: int = 1, device="cpu", seed: Optional[int] = None,
-                      meta_model: Optional[nn.Module] = None) -> nn.Module:
+                      meta_model: Optional[nn.Module] = None, init: bool = True) -> nn.Module:
     """This rank's part of the model of `cfg`: built on meta, experts sharded, then materialized on `device`.
 
     Args:
@@ -88,7 +92,8 @@ def build_local_model(cfg, ep_rank: int = 0, ep_size: int = 1, device="cpu", see
         device: where the tensors are allocated.
         seed: init seed (default cfg.train.seed).
         meta_model: an unsharded model from `build_meta_model` to use instead of building one.
+        init: False leaves the values uninitialised (every one is loaded next, e.g. a checkpoint shadow).
     """
     model = meta_model if meta_model is not None else build_meta_model(cfg, seed)
     shard_meta_(model, ep_rank, ep_size)
-    return materialize_(model, device)
+    return materialize_(model, device, init)
