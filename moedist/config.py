@@ -58,7 +58,10 @@ class ModelConfig:
     tie_embeddings: bool = _opt(False, "Share the input embedding with the output projection.")
     from_hf: str | None = _opt(None, "Local Hugging Face model directory to start from (its dimensions "
                                      "replace the ones here); null = random init.")
-    dtype: str = _opt("float32", "Parameter dtype.", choices=("float32", "bfloat16", "float16"))
+    dtype: str = _opt("float32", "Dtype of the frozen weights in the LoRA modes: bfloat16 stores and runs the base "
+                      "in bf16 while adapters (and any other trainable parameter) keep fp32 master weights and "
+                      "optimizer state and routers compute in fp32; with lora.mode=none it needs deepspeed.bf16. "
+                      "float16 is refused.", choices=("float32", "bfloat16", "float16"))
     init_std: float = _opt(0.02, "Std of the normal init of linear and embedding weights.", gt=0)
     head_dim: int | None = _opt(None, "Attention head dimension; null = hidden_size / num_heads (set by HF import).", ge=1)
     attention_bias: bool = _opt(False, "Bias on the q/k/v projections (Qwen2).")

@@ -65,8 +65,10 @@ class LoRALinear(nn.Module):
         return self.base.weight + self.scaling * (self.lora_B @ self.lora_A)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xd = lora_dropout(x, self.dropout, self.training, self._gen)
-        return self.base(x) + self.scaling * F_.linear(F_.linear(xd, self.lora_A), self.lora_B)
+        # model.dtype=bfloat16: the frozen base runs in its dtype, the adapter in its own (fp32 masters)
+        y = self.base(x.to(self.base.weight.dtype))
+        xd = lora_dropout(x.to(self.lora_A.dtype), self.dropout, self.training, self._gen)
+        return y + (self.scaling * F_.linear(F_.linear(xd, self.lora_A), self.lora_B)).to(y.dtype)
 
 
 class LoRAFFN(nn.Module):
@@ -116,10 +118,12 @@ class LoRAFFN(nn.Module):
         return {"dropout": self._gen}
 
     def _proj(self, t: str, x: torch.Tensor) -> torch.Tensor:
-        y = x @ getattr(self, f"w_{t}")
+        w = getattr(self, f"w_{t}")
+        y = x.to(w.dtype) @ w  # frozen base in its dtype (model.dtype)
         if t in self.targets:
-            xd = lora_dropout(x, self.dropout, self.training, self._gen)
-            y = y + self.scaling * (xd @ getattr(self, f"lora_A_{t}") @ getattr(self, f"lora_B_{t}"))
+            A = getattr(self, f"lora_A_{t}")
+            xd = lora_dropout(x.to(A.dtype), self.dropout, self.training, self._gen)
+            y = y + (self.scaling * (xd @ A @ getattr(self, f"lora_B_{t}"))).to(y.dtype)
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -115,8 +115,9 @@ class _LoRAStack(nn.Module):
         self.lora_B.zero_()
 
     def delta(self, x_NI: torch.Tensor, counts_L: Sequence[int]) -> torch.Tensor:
-        """x @ A[e] @ B[e] per expert slice. Returns [N, O] (unscaled)."""
-        return grouped_mm(grouped_mm(x_NI, self.lora_A, counts_L), self.lora_B, counts_L)
+        """x @ A[e] @ B[e] per expert slice, computed in the adapter's dtype. Returns [N, O] (unscaled) in x's dtype."""
+        d = grouped_mm(grouped_mm(x_NI.to(self.lora_A.dtype), self.lora_A, counts_L), self.lora_B, counts_L)
+        return d.to(x_NI.dtype)
 
 
 class _LoRAMixin:
@@ -308,6 +309,7 @@ class MoELoRAExperts(_LoRAMixin, nn.Module):
         y_TH = h_TF @ self.w_down  # [T, H] frozen down once per token
         if "down" in self.lora:
             st = self.lora["down"]
-            z_Nr = grouped_mm(self._drop(h_NF), st.lora_A, counts_L) * (w_N * self.scaling).unsqueeze(1)  # [N, r]
-            y_TH = y_TH.index_add(0, tok, grouped_mm(z_Nr, st.lora_B, counts_L))  # weight applied at rank r, not H
+            h_lora = self._drop(h_NF).to(st.lora_A.dtype)  # adapter in its own dtype (fp32 under model.dtype=bf16)
+            z_Nr = grouped_mm(h_lora, st.lora_A, counts_L) * (w_N.to(h_lora.dtype) * self.scaling).unsqueeze(1)  # [N, r]
+            y_TH = y_TH.index_add(0, tok, grouped_mm(z_Nr, st.lora_B, counts_L).to(y_TH.dtype))  # weight at rank r, not H
         return y_TH

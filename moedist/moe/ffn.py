@@ -239,8 +239,9 @@ def gather_lora_proj(base_TO: torch.Tensor, x_NI: torch.Tensor, token_N: torch.T
         raise ValueError(f"gather_lora_proj: counts {counts} do not match {L} groups and {x_NI.shape[0]} rows")
     dtypes_ok = base_TO.dtype == x_NI.dtype == lora_A.dtype == lora_B.dtype
     if x_NI.shape[0] == 0 or not dtypes_ok or _use_grouped_kernel(x_NI, lora_A):
-        delta = grouped_mm(grouped_mm(x_NI, lora_A, counts), lora_B, counts)  # [N, O]
-        return base_TO.index_select(0, token_N) + scaling * delta
+        # a frozen base in bf16 with fp32 adapters: the adapter runs in its dtype, the sum in the base's
+        delta = grouped_mm(grouped_mm(x_NI.to(lora_A.dtype), lora_A, counts), lora_B, counts)  # [N, O]
+        return base_TO.index_select(0, token_N) + (scaling * delta).to(base_TO.dtype)
     return _GatherLoRAProj.apply(base_TO, x_NI, token_N, lora_A, lora_B, tuple(counts), float(scaling))
 
 

@@ -84,9 +84,14 @@ def preflight(cfg, world_size: int, cuda: Optional[bool] = None) -> None:
     need(not (ds.fp16 and ds.zero_stage == 0),
          "deepspeed.fp16=true: needs deepspeed.zero_stage >= 1 (ZeRO-0's FP16_Optimizer keeps its fp32 masters "
          "where moedist's pickle-free checkpoints cannot read them); use zero_stage=1 or bf16")
-    need(m.dtype == "float32",
-         f"model.dtype={m.dtype!r}: the trainer keeps fp32 master weights; use deepspeed.bf16/fp16 for "
-         "mixed precision")
+    # model.dtype is the dtype of the frozen weights (LoRA modes); trainable ones stay fp32 masters
+    need(m.dtype != "float16", "model.dtype='float16': not supported; use bfloat16 (frozen weights in bf16)")
+    need(m.dtype == "float32" or cfg.lora.mode != "none" or (ds.enabled and ds.bf16),
+         f"model.dtype={m.dtype!r} with lora.mode=none: every weight trains and keeps fp32 master weights; "
+         "use deepspeed.bf16=true for bf16 compute (or a LoRA mode, whose frozen base is then bf16)")
+    need(m.dtype == "float32" or not ds.fp16,
+         f"model.dtype={m.dtype!r} with deepspeed.fp16=true: DeepSpeed would cast the bf16 base to fp16; "
+         "use deepspeed.bf16=true")
     need(ds.enabled or not ds.extra, "deepspeed.extra: set but deepspeed.enabled=false")
     need(not (ds.enabled and tr.nonfinite == "skip"),
          "train.nonfinite='skip': supported by the PyTorch runner only (deepspeed.enabled=true); use 'stop'")
