@@ -3,13 +3,13 @@
     moedist train CONFIG [key=value ...]      # e.g. moedist train configs/tiny.yaml moe.top_k=1
     moedist train CONFIG --print-config       # resolved config as YAML
     moedist train --help-config[=markdown]    # every config key with type, default and help
-    moedist doctor                            # versions, CUDA, CPUs
+    moedist doctor [--timeout-s S]            # versions, launcher, ranks; timed collectives, verdict
 
 Subcommands are registered in :data:`COMMANDS` by ``"module:function"`` and
 imported only when run, so ``moedist --help`` and config errors never pay for
 importing torch. Two kinds:
 
-* ``config`` commands (train, eval): the CLI loads and validates the config
+* ``config`` commands (train): the CLI loads and validates the config
   first (a bad config exits 2 with one line on stderr, before anything is
   created), then calls ``function(cfg, args)``; ``args.config`` and
   ``args.overrides`` hold what was given.
@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import platform
 import re
-import shutil
 import sys
 from dataclasses import dataclass
 
@@ -43,8 +41,8 @@ class Command:
 # The registry. Owners: point your subcommand at your module here (one line).
 COMMANDS: dict[str, Command] = {
     "train": Command("moedist.train.run:main_train", "train or fine-tune from a YAML config", True),
-    "eval": Command("moedist.train.evaluate:main_eval", "evaluate a run's latest checkpoint on the "
-                    "validation split", True),
+    "eval": Command("moedist.train.evaluate:main_eval", "moedist eval RUN_OR_CKPT [key=value ...] [--json]: "
+                    "validation loss of a run or checkpoint (same at any world size)", False),
     "bench": Command("moedist.bench.cli:main", "benchmark MoE layers and all-to-all", False),
     "convert": Command("moedist.models.convert_cli:main", "convert Hugging Face <-> moedist checkpoints", False),
     "merge": Command("moedist.checkpoint.cli:main_merge", "merge LoRA adapters into the base weights", False),
@@ -56,7 +54,8 @@ COMMANDS: dict[str, Command] = {
                     "data sources", False),
     "demo": Command("moedist.train.demo:main", "run the 2-process LoRA-MoE fine-tuning demo", False),
     "plan": Command("moedist.plan.cli:main", "per-rank memory estimate of a layout (--world-size N)", False),
-    "doctor": Command("moedist.cli:doctor", "print versions, CUDA availability and CPU count", False),
+    "doctor": Command("moedist.distributed.doctor:main", "versions, launcher, ranks, network interface; "
+                      "a timed all-reduce and all-to-all with a verdict", False),
 }
 
 # The deepspeed launcher appends --local_rank=N (it also sets LOCAL_RANK in the environment).
@@ -164,46 +163,6 @@ def _run(name: str, call) -> int:
     except ConfigError as err:
         return _error(str(err))
     return 0 if rc is None else int(rc)
-
-
-def doctor(argv: list[str]) -> int:
-    """Print what a bug report needs: versions, CUDA, CPUs, launchers on PATH."""
-    from importlib import metadata
-
-    def version(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    rows = [("python", f"{platform.python_version()} ({sys.executable})"),
-            ("platform", platform.platform())]
-    rows += [(d, version(d)) for d in ("moedist", "torch", "deepspeed", "transformers", "peft",
-                                        "safetensors", "numpy", "pyyaml", "mpi4py")]
-    try:
-        import torch
-    except ImportError:
-        rows.append(("cuda", "unknown (torch not importable)"))
-        torch = None
-    if torch is not None:
-        cuda = torch.cuda.is_available()
-        rows.append(("cuda available", str(cuda)))
-        if cuda:
-            rows.append(("cuda version", str(torch.version.cuda)))
-            rows += [(f"cuda:{i}", torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())]
-        import torch.distributed as dist
-        rows.append(("dist backends", ", ".join(b for b in ("gloo", "nccl", "mpi")
-                                               if getattr(dist, f"is_{b}_available")())))
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    rows.append(("cpus", f"{os.cpu_count()} ({usable} usable by this process)"))
-    beside_python = os.path.dirname(sys.executable)      # a venv's launchers even when not on PATH
-    rows += [(f"which {tool}", shutil.which(tool) or shutil.which(tool, path=beside_python) or "not found")
-             for tool in ("torchrun", "deepspeed", "mpirun", "srun")]
-    rows.append(("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "unset")))
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
-    return 0 if torch is not None else 1
 
 
 if __name__ == "__main__":      # `python -m moedist.cli ...`, as the launch/ scripts run it
