@@ -85,7 +85,7 @@ def plan(cfg, world_sizes: List[int], device: str = "cuda") -> List[dict]:
     for n in world_sizes:
         check_layout(cfg, n, device)
     counts = count_params(cfg)
-    return [estimate(cfg, n, counts) for n in world_sizes]
+    return [estimate(cfg, n, counts, device) for n in world_sizes]
 
 
 def _gb(mb: float) -> str:

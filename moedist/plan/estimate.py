@@ -38,6 +38,8 @@ MB = float(2 ** 20)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ZERO2_BUCKET = 5e8       # DeepSpeed reduce_bucket_size default (elements)
 ZERO3_PREFETCH = 5e7     # DeepSpeed stage3_prefetch_bucket_size default (elements)
+CPU_RUNTIME_MB = {"pytorch": 64.0, "deepspeed": 128.0}  # per-process overhead of a CPU run above the model,
+                         # measured with a tiny model (tests/test_plan.py), see estimate
 
 # Activation coefficients: elements kept for backward per token, fitted (max error 2%) to
 # `SavedBytes` of the real model over 14 random shapes (tests/test_plan.py checks them).
@@ -144,11 +146,12 @@ def activation_bytes(cfg, act_bytes: int) -> dict:
     return {"activations": (kept + model_part) * act_bytes, "a2a": a2a * act_bytes}
 
 
-def estimate(cfg, world_size: int, counts: Optional[ParamCounts] = None) -> dict:
+def estimate(cfg, world_size: int, counts: Optional[ParamCounts] = None, device: str = "cuda") -> dict:
     """The per-rank memory estimate of `cfg` on `world_size` ranks (see the module docstring).
 
     Returns {"per_rank": {params_mb, grads_mb, optimizer_mb, activations_mb, a2a_mb, buffers_mb,
-    total_mb, offload_mb}, "layout": {...}, "params": {...}}.
+    runtime_mb, total_mb, offload_mb}, "layout": {...}, "params": {...}}. `device` "cpu" adds the
+    measured per-process overhead of CPU runs (`runtime_mb`).
     """
     counts = counts or count_params(cfg)
     ds, par, tr = cfg.deepspeed, cfg.parallel, cfg.train
@@ -175,6 +178,8 @@ def estimate(cfg, world_size: int, counts: Optional[ParamCounts] = None) -> dict
         buffers += min(max(gathered, ZERO3_PREFETCH), 2 * gathered) * train_b  # one layer + prefetch
     else:
         params = local_tr * train_b + local_frozen * frozen_b
+    if not ds.enabled:  # moedist's own reduction: every gradient bucket in flight at once (a flat copy)
+        buffers += local_tr * train_b
     offload_params = 0.0
     if ds.offload_param == "cpu":  # the partition lives on the host; the gathered layer stays on the device
         offload_params, params = params, 0.0
@@ -201,6 +206,9 @@ def estimate(cfg, world_size: int, counts: Optional[ParamCounts] = None) -> dict
     act = activation_bytes(cfg, act_b)
     per = {"params_mb": params / MB, "grads_mb": grads / MB, "optimizer_mb": optimizer / MB,
            "activations_mb": act["activations"] / MB, "a2a_mb": act["a2a"] / MB, "buffers_mb": buffers / MB}
+    # CPU: what a process adds above the model (allocator arenas, code and pages first touched after the
+    # model is built; measured on the tests' runs); CUDA: max_memory_allocated has no such part
+    per["runtime_mb"] = CPU_RUNTIME_MB["deepspeed" if ds.enabled else "pytorch"] if device == "cpu" else 0.0
     per["total_mb"] = sum(per.values())
     per["offload_mb"] = (offload_opt + offload_params) / MB
     layout = {
@@ -211,7 +219,7 @@ def estimate(cfg, world_size: int, counts: Optional[ParamCounts] = None) -> dict
         "offload_optimizer": ds.offload_optimizer, "offload_param": ds.offload_param,
         "activation_checkpointing": tr.activation_checkpointing,
         "micro_batch_size": tr.micro_batch_size, "seq_len": cfg.data.seq_len,
-        "experts_per_rank": cfg.moe.num_experts // ep,
+        "experts_per_rank": cfg.moe.num_experts // ep, "device": device,
     }
     params_info = {"total": counts.total, "expert": counts.expert, "trainable": counts.trainable,
                    "trainable_expert": counts.trainable_expert,
