@@ -128,6 +128,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="print the resolved config as YAML and exit")
         sub.add_argument("--help-config", nargs="?", const="text", choices=("text", "markdown"),
                          help="describe every config key and exit")
+        if name == "train":
+            sub.add_argument("--overwrite", action="store_true",
+                             help="delete another run's results in train.output_dir first (default: refuse, "
+                                  "unless train.resume=auto continues that run)")
     return parser
 
 

@@ -58,6 +58,9 @@ class ModelConfig:
     tie_embeddings: bool = _opt(False, "Share the input embedding with the output projection.")
     from_hf: str | None = _opt(None, "Local Hugging Face model directory to start from (its dimensions "
                                      "replace the ones here); null = random init.")
+    init_from: str | None = _opt(None, "A moedist checkpoint or run directory (e.g. the output of moedist convert "
+                                       "from-hf/upcycle) whose architecture and weights start this run at step 0 "
+                                       "with a fresh optimizer; null = none. Continue a run with train.resume.")
     dtype: str = _opt("float32", "Dtype of the frozen weights in the LoRA modes: bfloat16 stores and runs the base "
                       "in bf16 while adapters (and any other trainable parameter) keep fp32 master weights and "
                       "optimizer state and routers compute in fp32; with lora.mode=none it needs deepspeed.bf16. "
@@ -138,13 +141,16 @@ class TrainConfig:
     save_every: int = _opt(0, "Save a checkpoint every N steps; 0 = only at the end.", ge=0)
     log_every: int = _opt(10, "Log metrics every N steps.", ge=1)
     eval_every: int = _opt(0, "Evaluate on the validation split every N steps; 0 = off.", ge=0)
-    eval_batches: int = _opt(4, "Micro-batches per evaluation.", ge=1)
+    eval_batches: int = _opt(4, "Validation micro-batches per evaluation in all, split across the ranks "
+                                  "(the same sequences, so the same loss, at any world size).", ge=1)
     resume: str | None = _opt(None, "Where to resume: null = start fresh; 'auto' = newest checkpoint in "
                                     "output_dir that verifies (SHA-256; corrupt ones are skipped with a warning), "
                                     "or start fresh if there is none; or a checkpoint directory.")
     tensorboard: bool = _opt(False, "Write TensorBoard event files to output_dir.")
     plot: bool = _opt(False, "Save loss/throughput plots (PNG) to output_dir at the end.")
     optimizer: str = _opt("adamw", "Optimizer.", choices=("adamw", "sgd"))
+    save_on_interrupt: bool = _opt(True, "Ctrl-C (SIGINT) finishes the current step, saves a checkpoint, prints "
+                                         "the resume command and exits 130; false = stop without saving.")
     keep_last: int = _opt(3, "Step checkpoints kept under output_dir/checkpoints (older ones are deleted after "
                              "each save; final/ and the one 'latest' names are never deleted); 0 = keep all.", ge=0)
     nonfinite: str = _opt("stop", "A NaN/Inf loss or gradient: 'stop' = exit with one line naming the step and the "
@@ -457,12 +463,20 @@ def config_to_dict(cfg: MoedistConfig) -> dict:
     return _plain(dataclasses.asdict(cfg))
 
 
+def chmod_umask(path: str | os.PathLike) -> None:
+    """Give a file made by `tempfile.mkstemp` (mode 0600) the mode the process umask gives new files."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def save_config(cfg: MoedistConfig, path: str | os.PathLike) -> None:
     """Write ``cfg`` as YAML that :func:`load_config` reads back equal; atomic (temp + rename)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".config-", suffix=".yaml.tmp")
     try:
+        chmod_umask(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(dump_yaml(config_to_dict(cfg)))
         os.replace(tmp, path)
@@ -504,7 +518,12 @@ def validate(cfg: MoedistConfig) -> None:
                                       f"({m.num_layers}), or 0 for a dense model")
     need(m.from_hf is None or os.path.isdir(m.from_hf),
          f"model.from_hf={_fmt(m.from_hf)}: must be an existing local model directory or null")
-    need(m.from_hf is not None or m.vocab_size >= 256,
+    need(m.init_from is None or os.path.isdir(m.init_from),
+         f"model.init_from={_fmt(m.init_from)}: must be an existing moedist checkpoint or run directory, or null")
+    need(m.init_from is None or m.from_hf is None,
+         f"model.init_from={_fmt(m.init_from)}: cannot be combined with model.from_hf={_fmt(m.from_hf)}; "
+         "convert the Hugging Face model first (moedist convert from-hf) or use one of them")
+    need(m.from_hf is not None or m.init_from is not None or m.vocab_size >= 256,
          f"model.vocab_size={m.vocab_size}: must be >= 256 for byte-level data (no model.from_hf)")
     # routing
     has_moe = m.moe_every > 0

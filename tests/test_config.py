@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The key names other code and the acceptance tests rely on (from the task statement).
 REQUIRED_KEYS = {
     "model": "vocab_size hidden_size num_layers num_heads num_kv_heads ffn_size max_seq_len rope_theta "
-             "norm_eps moe_every tie_embeddings from_hf dtype init_std",
+             "norm_eps moe_every tie_embeddings from_hf init_from dtype init_std",
     "moe": "num_experts top_k capacity_factor min_capacity num_shared_experts shared_expert_gate drop_policy "
            "aux_loss_type aux_loss_coef z_loss_coef score_func renormalize noisy_gating jitter_eps "
            "expert_bias expert_ffn_size activation",
@@ -29,7 +29,7 @@ REQUIRED_KEYS = {
     "parallel": "ep_size timeout_s",
     "train": "max_steps lr min_lr warmup_steps lr_schedule weight_decay adam_betas grad_clip seed output_dir "
              "micro_batch_size grad_accum save_every log_every eval_every eval_batches resume tensorboard "
-             "plot optimizer keep_last nonfinite activation_checkpointing",
+             "plot optimizer save_on_interrupt keep_last nonfinite activation_checkpointing",
     "data": "source path seq_len val_fraction seed tokenizer sources pack cache_dir",
     "deepspeed": "enabled zero_stage bf16 fp16 offload_optimizer offload_param extra",
 }

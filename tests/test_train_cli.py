@@ -107,7 +107,7 @@ def test_eval_reports_validation_loss_of_latest_checkpoint(tmp_path, capsys):
     assert main(["train", *common]) == 0
     last = read_metrics(out / "metrics.jsonl")[-1]
     capsys.readouterr()
-    assert main(["eval", *common]) == 0
+    assert main(["eval", *common, "--json"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["step"] == 2 and line["val_loss"] == pytest.approx(last["val_loss"], rel=1e-6)
     # no checkpoint: one line, exit 2

@@ -109,10 +109,19 @@ def _manifest(label: str, ckpt: Path, need_config: bool = True) -> dict:
     return m
 
 
-def _out_arg(path: str) -> Path:
-    out = Path(path)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"OUT={path}: already exists and is not an empty directory; choose a new path")
+def _out_arg(path: str, overwrite: bool = False) -> Path:
+    """OUT, refused when it exists and is not empty unless --overwrite (emptied later by `_emptied`)."""
+    from moedist.checkpoint.outdir import check_out
+
+    check_out(path, overwrite, "OUT", clear=False)
+    return Path(path)
+
+
+def _emptied(out: Path, overwrite: bool) -> Path:
+    """--overwrite: empty OUT right before the result is renamed into place (inputs were read already)."""
+    from moedist.checkpoint.outdir import check_out
+
+    check_out(os.fspath(out), overwrite, "OUT")
     return out
 
 
@@ -215,17 +224,19 @@ def _load_model(label: str, ckpt: Path, m: dict):
 def _extract_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="moedist extract", description="Write an adapter-only checkpoint (the parameters the "
                 "config's lora section trains: LoRA adapters, routers, ...) from a full checkpoint.")
-    p.add_argument("ckpt", metavar="CKPT", help="full moedist checkpoint (or run directory: its latest)")
+    p.add_argument("ckpt", metavar="CKPT", help="full moedist checkpoint, or a run directory (its final/, else "
+                   "its latest checkpoint)")
     p.add_argument("out", metavar="OUT", help="output checkpoint directory (must not exist, or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT when it exists and is not empty")
     return p
 
 
 def main_extract(argv: Optional[List[str]] = None) -> int:
     """Entry point of `moedist extract` (argv without the subcommand name). Returns the exit code."""
-    return _run("moedist extract", _extract_parser(), argv, lambda a: extract(a.ckpt, a.out))
+    return _run("moedist extract", _extract_parser(), argv, lambda a: extract(a.ckpt, a.out, a.overwrite))
 
 
-def extract(src: str, out_path: str) -> Path:
+def extract(src: str, out_path: str, overwrite: bool = False) -> Path:
     """Write the trainable parameters of the full checkpoint `src` as an adapter-only checkpoint at `out_path`.
 
     Raises:
@@ -237,7 +248,7 @@ def extract(src: str, out_path: str) -> Path:
     t0 = time.perf_counter()
     ckpt = _checkpoint_arg("CKPT", src)
     m = _manifest("CKPT", ckpt)
-    out = _out_arg(out_path)
+    out = _out_arg(out_path, overwrite)
     if m.get("adapter_only"):
         raise ValueError(f"CKPT={ckpt}: already an adapter-only checkpoint; nothing to extract")
     mode = (m["config"].get("lora") or {}).get("mode", "none")
@@ -255,7 +266,7 @@ def extract(src: str, out_path: str) -> Path:
     extra = dict(m.get("extra_state") or {}, extracted_from=str(ckpt))
     n_keys = sum(trains for _, _, trains in _expected(model).values())
     _say(f"[2/2] writing {n_keys} trainable tensors ({kept:,} of {total:,} parameters) to {out}")
-    with _staged(out) as tmp:
+    with _staged(_emptied(out, overwrite)) as tmp:
         save_checkpoint(tmp, model, step=int(m["step"]), config=m["config"], extra_state=extra, adapter_only=True)
     before, after = _dir_bytes(ckpt), _dir_bytes(out)
     _say(f"size: {_fmt_bytes(before)} -> {_fmt_bytes(after)} ({100.0 * after / max(before, 1):.1f}%); "
@@ -270,9 +281,10 @@ def extract(src: str, out_path: str) -> Path:
 def _merge_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="moedist merge", description="Apply an adapter-only checkpoint to its base model and "
                 "write a full moedist checkpoint or a Hugging Face directory with LoRA merged in.")
-    p.add_argument("adapter", metavar="ADAPTER_CKPT", help="adapter-only moedist checkpoint (moedist extract, "
-                   "or a LoRA fine-tuning run directory: its latest)")
+    p.add_argument("adapter", metavar="ADAPTER_CKPT", help="adapter-only moedist checkpoint, as written by "
+                   "moedist extract RUN_OR_CKPT OUT (a run's own checkpoints are full ones: extract them first)")
     p.add_argument("out", metavar="OUT", help="output directory (must not exist, or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT when it exists and is not empty")
     p.add_argument("--base", metavar="BASE", help="base model: moedist checkpoint or Hugging Face directory "
                    "(default: the adapter config's model.from_hf)")
     p.add_argument("--format", choices=("moedist", "hf"), default="moedist",
@@ -283,7 +295,8 @@ def _merge_parser() -> argparse.ArgumentParser:
 
 def main_merge(argv: Optional[List[str]] = None) -> int:
     """Entry point of `moedist merge` (argv without the subcommand name). Returns the exit code."""
-    return _run("moedist merge", _merge_parser(), argv, lambda a: merge(*_no_pickles(a.adapter, a.base), a.out, a.format))
+    return _run("moedist merge", _merge_parser(), argv, lambda a: merge(*_no_pickles(a.adapter, a.base), a.out, a.format,
+                                                                        a.overwrite))
 
 
 def _no_pickles(adapter: str, base: Optional[str]) -> Tuple[str, Optional[str]]:
@@ -429,7 +442,8 @@ def _apply_adapter(model, adapter: Path, am: dict, base: Path) -> int:
     return numel
 
 
-def merge(adapter_arg: str, base_arg: Optional[str], out_path: str, fmt: str = "moedist") -> Path:
+def merge(adapter_arg: str, base_arg: Optional[str], out_path: str, fmt: str = "moedist",
+          overwrite: bool = False) -> Path:
     """Apply the adapter-only checkpoint `adapter_arg` to `base_arg` and write the full model to `out_path`.
 
     Args:
@@ -458,7 +472,7 @@ def merge(adapter_arg: str, base_arg: Optional[str], out_path: str, fmt: str = "
     if not am.get("adapter_only"):
         raise ValueError(f"ADAPTER_CKPT={adapter}: a full checkpoint (adapter_only=false); merge applies an "
                          "adapter-only checkpoint (make one with moedist extract)")
-    out = _out_arg(out_path)
+    out = _out_arg(out_path, overwrite)
     kind, base = _base_arg(base_arg, (am["config"].get("model") or {}).get("from_hf"))
     verify_checkpoint(adapter)
     acfg = _config("ADAPTER_CKPT", adapter, am["config"], clear_from_hf=True)
@@ -473,7 +487,7 @@ def merge(adapter_arg: str, base_arg: Optional[str], out_path: str, fmt: str = "
     n_adapter = _apply_adapter(model, adapter, am, base)
     model.eval()
     total = sum(p.numel() for p in model.parameters())
-    with _staged(out) as tmp:
+    with _staged(_emptied(out, overwrite)) as tmp:
         if fmt == "hf":
             _say(f"[4/4] writing Hugging Face directory (LoRA merged) to {out}")
             written = f"Hugging Face {to_hf(model, tmp, cfg, merge_lora=True)['model_type']} directory"

@@ -222,7 +222,11 @@ def build_data(cfg: Any, tokenizer: Optional[Tokenizer] = None, progress: bool =
     if not d.sources:
         raise ConfigError("data.sources is empty: list at least one source {name, path, format} "
                           "(`moedist data prepare` reads only data.sources)")
-    tok = tokenizer if tokenizer is not None else resolve_tokenizer(d.tokenizer, cfg.model.from_hf)
+    if tokenizer is None:
+        from moedist.train.init_from import model_dir  # model.from_hf, or model.init_from's checkpoint
+
+        tokenizer = resolve_tokenizer(d.tokenizer, model_dir(cfg))
+    tok = tokenizer
     caches = build_caches(d.sources, tok, d.cache_dir, progress=progress)
     sources = []
     for i, (src, cache) in enumerate(zip(d.sources, caches)):

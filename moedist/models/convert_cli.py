@@ -120,24 +120,37 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides for a Hugging Face SRC, e.g. lora.mode=full")
 
-    sp = sub.add_parser("from-hf", help="Hugging Face directory -> moedist checkpoint (step 0)")
+    def overwrite(sp):
+        sp.add_argument("--overwrite", action="store_true",
+                        help="replace OUT when it exists and is not empty (default: refuse)")
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    sp = sub.add_parser("from-hf", help="Hugging Face directory -> moedist checkpoint (step 0)", formatter_class=fmt)
     sp.add_argument("src", help="Hugging Face model directory (config.json + safetensors)")
-    sp.add_argument("out", help="output checkpoint directory")
+    sp.add_argument("out", help="output checkpoint directory (train from it with model.init_from=OUT)")
     sp.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. lora.mode=full lora.rank=8")
-    sp = sub.add_parser("to-hf", help="moedist model -> transformers directory (LoRA merged)")
+    overwrite(sp)
+    sp = sub.add_parser("to-hf", help="moedist model -> transformers directory (LoRA merged)", formatter_class=fmt)
     source(sp)
     sp.add_argument("--no-merge", action="store_true", help="write the frozen base without the LoRA adapters")
-    sp = sub.add_parser("upcycle", help="dense model -> MoE (sparse upcycling, MoEfication, LoRA-MoE)")
+    overwrite(sp)
+    sp = sub.add_parser("upcycle", help="dense model -> MoE (sparse upcycling, MoEfication, LoRA-MoE)",
+                        formatter_class=fmt)
     source(sp)
-    sp.add_argument("--method", required=True, choices=("sparse", "moefication", "lora_moe"))
-    sp.add_argument("--num-experts", type=int, required=True)
-    sp.add_argument("--top-k", type=int, required=True)
-    sp.add_argument("--lora-rank", type=int, default=None)
-    sp.add_argument("--moe-every", type=int, default=1)
-    sp.add_argument("--seed", type=int, default=None)
-    sp = sub.add_parser("peft", help="dense model with LoRA (lora.mode=full) -> PEFT adapter directory")
+    sp.add_argument("--method", required=True, choices=("sparse", "moefication", "lora_moe"),
+                    help="sparse: copy the FFN into every expert; moefication: split the FFN into experts; "
+                         "lora_moe: frozen FFN + a router over LoRA experts")
+    sp.add_argument("--num-experts", type=int, required=True, help="experts per MoE layer")
+    sp.add_argument("--top-k", type=int, required=True, help="experts chosen per token")
+    sp.add_argument("--lora-rank", type=int, default=None, help="LoRA rank of the lora_moe experts")
+    sp.add_argument("--moe-every", type=int, default=1, help="make every n-th layer MoE")
+    sp.add_argument("--seed", type=int, default=None, help="init seed of routers/LoRA (default: the config's)")
+    overwrite(sp)
+    sp = sub.add_parser("peft", help="dense model with LoRA (lora.mode=full) -> PEFT adapter directory",
+                        formatter_class=fmt)
     source(sp)
     sp.add_argument("--base", help="also export the frozen base here (transformers directory)")
+    overwrite(sp)
     return p
 
 
@@ -157,14 +170,23 @@ def _run(args) -> int:
     from moedist.models.peft_export import to_peft
     from moedist.models.upcycle import upcycle, upcycled_config
 
+    from moedist.checkpoint.outdir import check_out
+
+    outs = [("OUT", args.out)] + ([("--base", args.base)] if getattr(args, "base", None) else [])
+    for label, path in outs:
+        if os.path.abspath(path) == os.path.abspath(args.src):
+            raise ValueError(f"{label}={path}: is SRC; choose another output directory")
+        check_out(path, args.overwrite, label, clear=False)  # refuse early; cleared after SRC is read
     if args.action == "from-hf":
         model, cfg = from_hf(args.src, **_sections(args.overrides))
+        _clear_outs(outs, args.overwrite)
         save_model_checkpoint(model, cfg, args.out, source=args.src)
         _copy_tokenizer(args.src, args.out)
         print(f"wrote moedist model ({cfg.model.hf_model_type}, {sum(p.numel() for p in model.parameters())} "
               f"parameters) to {args.out}")
         return 0
     model, cfg = _load_source(args.src, args.overrides)
+    _clear_outs(outs, args.overwrite)
     if args.action == "to-hf":
         config = to_hf(model, args.out, cfg, merge_lora=not args.no_merge)
         _copy_tokenizer(args.src, args.out)
@@ -179,3 +201,11 @@ def _run(args) -> int:
         config = to_peft(model, args.out, base_path=args.base)
         print(f"wrote PEFT adapter (r={config['r']}, {len(config['target_modules'])} target modules) to {args.out}")
     return 0
+
+
+def _clear_outs(outs, overwrite: bool) -> None:
+    """--overwrite: empty the output directories (after SRC was read, so a failed load leaves them alone)."""
+    from moedist.checkpoint.outdir import check_out
+
+    for label, path in outs:
+        check_out(path, overwrite, label)

@@ -191,6 +191,9 @@ def _atomic_write(path: str, write) -> None:
     folder = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     os.close(fd)
+    from moedist.config import chmod_umask
+
+    chmod_umask(tmp)  # mkstemp makes 0600; the result gets the process umask like any other file
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -175,22 +175,42 @@ def is_moedist_checkpoint(path: str) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
-def check_resumable(path: str, key: str = "train.resume") -> None:
-    """ConfigError unless `path` is a moedist checkpoint free of pickles (nothing is opened before)."""
+def resume_target(path: str, warn: Callable[[str], None] = lambda message: None, key: str = "train.resume") -> str:
+    """The checkpoint `train.resume=path` means: `path` itself, or for a run directory the newest checkpoint
+    under its `checkpoints/` that verifies (its `final/` holds no optimizer state). Pickles are refused first."""
     from moedist.checkpoint.safety import refuse_pickles
     from moedist.config import ConfigError
 
+    path = os.path.abspath(path.rstrip("/") or "/")
     if not os.path.isdir(path):
         raise ConfigError(f"{key}={path!r}: no such checkpoint directory")
     refuse_pickles(path, key)
-    if not is_moedist_checkpoint(path):
-        raise ConfigError(f"{key}={path!r}: not a moedist checkpoint (no manifest.json)")
+    if is_moedist_checkpoint(path):
+        return path
+    found = pick_auto_resume(os.path.join(path, "checkpoints"), warn)
+    if found is None:
+        hint = (f"; it holds only final/ (no optimizer state): start a new run from it with model.init_from={path}"
+                if is_moedist_checkpoint(os.path.join(path, "final")) else "")
+        raise ConfigError(f"{key}={path!r}: not a moedist checkpoint (no manifest.json) nor a run directory with "
+                          f"checkpoints/{hint}")
+    return found
+
+
+def check_resumable(path: str, key: str = "train.resume") -> None:
+    """ConfigError unless `path` is a moedist checkpoint (or run directory) free of pickles, saved by training
+    (nothing is opened before the pickle check)."""
+    from moedist.config import ConfigError
+
+    path = resume_target(path, key=key)
     from moedist.checkpoint.io import CorruptCheckpoint, read_manifest
 
     try:
-        read_manifest(path)  # an unreadable manifest: one line (files are verified when loaded)
+        manifest = read_manifest(path)  # an unreadable manifest: one line (files are verified when loaded)
     except CorruptCheckpoint as err:
         raise ConfigError(f"{key}={path!r}: {err}") from None
+    if "step" not in (manifest.get("extra_state") or {}) or manifest.get("adapter_only"):
+        raise ConfigError(f"{key}={path!r}: a model without training state (written by moedist convert/extract: no "
+                          f"step, data position or optimizer); start a new run from it with model.init_from={path}")
 
 
 @torch.no_grad()

@@ -98,7 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _run([py, "-m", "moedist", "data", "prepare", str(CONFIG), *over], env)
     print(f"[4/6] LoRA fine-tune on {args.nproc} processes (expert parallel, DeepSpeed ZeRO-2)")
     _run([py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc), "-m", "moedist",
-          "train", str(CONFIG), *over], env)
+          "train", str(CONFIG), *over, "--overwrite"], env)
     print("[5/6] generate from the fine-tuned run")
     ours = _run([py, "-m", "moedist", "generate", str(run), "--prompt", PROMPT, "--temperature", "0",
                  "--max-new-tokens", "24"], env, capture=True).stdout

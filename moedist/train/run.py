@@ -12,6 +12,7 @@ the output directory created.
 from __future__ import annotations
 
 import os
+import sys
 
 
 def _threads(local_world_size: int) -> None:
@@ -25,11 +26,29 @@ def main_train(cfg, args=None) -> int:
     """Entry of `moedist train` (registered in moedist.cli.COMMANDS); returns the exit code."""
     from moedist.train.signals import PreemptionSignals
 
-    with PreemptionSignals() as signals:  # first: a SIGTERM/SIGUSR1 during start-up must not kill the job
-        return _main_train(cfg, signals)
+    # first: a SIGTERM/SIGUSR1/SIGINT during start-up must not kill the job
+    with PreemptionSignals(interrupt=True) as signals:
+        try:
+            return _main_train(cfg, signals, args)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+            print(f"moedist: interrupted again: stopped without saving; resume from the last checkpoint with: "
+                  f"{resume_command(cfg, args)}", file=sys.stderr, flush=True)
+            return 130
 
 
-def _main_train(cfg, signals) -> int:
+def resume_command(cfg, args) -> str:
+    """The `moedist train` command line that continues this run (train.resume=auto)."""
+    import shlex
+
+    if args is None:  # called from Python: name the run directory
+        items = [f"train.output_dir={cfg.train.output_dir}"]
+    else:
+        items = [args.config] if getattr(args, "config", None) else []
+        items += [o for o in getattr(args, "overrides", None) or [] if not o.startswith("train.resume=")]
+    return " ".join(["moedist", "train", *map(shlex.quote, items), "train.resume=auto"])
+
+
+def _main_train(cfg, signals, args=None) -> int:
     from moedist.distributed.launch_env import detect_launch_env
 
     from moedist.config import ConfigError
@@ -41,12 +60,21 @@ def _main_train(cfg, signals) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
     from moedist.train.trainer import preflight
 
+    from moedist.checkpoint.outdir import clear_dir, run_dir_conflict
+
+    overwrite = bool(getattr(args, "overwrite", False))
     try:
         preflight(cfg, env.world_size)  # ConfigError -> one line, exit 2, nothing written
+        conflict = run_dir_conflict(cfg.train.output_dir, cfg.train.resume)
+        if conflict is not None and not overwrite:
+            raise ConfigError(conflict)
     except ConfigError:
         if env.rank != 0:
             return 2  # every rank finds the same problem: rank 0 alone reports it
         raise
+    if conflict is not None and env.rank == 0:  # --overwrite: before the process group, so no rank has written yet
+        clear_dir(cfg.train.output_dir)
+        print(f"moedist: --overwrite: deleted the previous run in {cfg.train.output_dir}", file=sys.stderr, flush=True)
 
     import torch.distributed as dist
 
@@ -58,7 +86,14 @@ def _main_train(cfg, signals) -> int:
     _threads(env.local_world_size)
     try:
         with collective_errors(env, cfg.parallel.timeout_s):  # a stalled/dead peer: one line naming it
-            Trainer(cfg, signals=signals).train()  # SIGTERM/SIGUSR1: saves and returns normally (exit 0)
+            result = Trainer(cfg, signals=signals).train()  # SIGTERM/SIGUSR1: saves and returns normally (exit 0)
+        if result.summary.get("interrupted"):  # Ctrl-C: one line, exit 130 (what a shell reports for SIGINT)
+            if env.rank == 0:
+                ckpt = result.summary.get("checkpoint")
+                saved = f"saved checkpoint {ckpt}" if ckpt else "no checkpoint saved"
+                print(f"moedist: interrupted at step {result.final_step}/{cfg.train.max_steps}; {saved}; resume "
+                      f"with: {resume_command(cfg, args)}", file=sys.stderr, flush=True)
+            return 130
     except ConfigError:
         if env.rank != 0:
             return 2  # corrupt checkpoint, config mismatch, non-finite stop: every rank raises, rank 0 reports

@@ -49,7 +49,12 @@ from moedist.train.signals import PreemptionSignals
 # ------------------------------------------------------------------ preflight
 
 def resolve_hf(cfg):
-    """With model.from_hf: the config with the checkpoint's architecture; ConfigError if unusable."""
+    """With model.from_hf (or model.init_from): the config with the checkpoint's architecture; ConfigError if
+    unusable."""
+    if cfg.model.init_from is not None:
+        from moedist.train.init_from import apply_init_from
+
+        return apply_init_from(cfg)
     if cfg.model.from_hf is None:
         return cfg
     from moedist.models.hf import apply_hf_config
@@ -105,7 +110,7 @@ def preflight(cfg, world_size: int, cuda: Optional[bool] = None) -> None:
         need(problem is None, problem or "")
     need(not tr.tensorboard or tensorboard_available(),
          "train.tensorboard=true: the tensorboard package is not installed (pip install tensorboard)")
-    if m.from_hf is not None:
+    if m.from_hf is not None or m.init_from is not None:
         cfg = resolve_hf(cfg)
         m = cfg.model
     need(m.max_seq_len >= data.seq_len, f"data.seq_len={data.seq_len}: must be <= model.max_seq_len")
@@ -126,7 +131,9 @@ def preflight(cfg, world_size: int, cuda: Optional[bool] = None) -> None:
     if data.sources:  # the tokenizer is checked before anything is tokenized into the cache
         from moedist.data.tokenizer import resolve_tokenizer
 
-        tok = resolve_tokenizer(data.tokenizer, m.from_hf)
+        from moedist.train.init_from import model_dir
+
+        tok = resolve_tokenizer(data.tokenizer, model_dir(cfg))
         need(tok.vocab_size <= m.vocab_size,
              f"data.tokenizer: its vocabulary has {tok.vocab_size} tokens but the model embeds only "
              f"model.vocab_size={m.vocab_size}; use the model's own tokenizer (or a larger model.vocab_size)")
@@ -176,11 +183,14 @@ class TrainResult:
 @torch.no_grad()
 def evaluate_lm(forward: Callable, module: torch.nn.Module, batch_fn: Callable[[int, int], Batch], batches: int,
                 micro_batch_size: int, device: torch.device) -> tuple:
-    """(summed cross-entropy, counted tokens) of `forward` over `batches` validation micro-batches per rank.
+    """(summed cross-entropy, counted tokens) of `forward` over `batches` validation micro-batches in all.
 
-    `batch_fn(index, count)` gives validation micro-batch `index`; rank r takes r, r + W,
-    r + 2W, ...; collective when a process group exists (every rank must call it: EP
-    layers all-to-all). The mean loss is sum / tokens: token-weighted, masks honoured.
+    `batch_fn(index, count)` gives validation micro-batch `index`; micro-batches 0 .. batches-1
+    are split across the ranks (rank r takes r, r + W, r + 2W, ...), so every world size
+    evaluates the same sequences and gets the same loss. A rank with no micro-batch left in
+    the last round still runs one (EP layers all-to-all: every rank must call forward as
+    often) and counts nothing. Collective when a process group exists. The mean loss is
+    sum / tokens: token-weighted, masks honoured.
     """
     from moedist.train.runners import eval_mode
 
@@ -188,9 +198,11 @@ def evaluate_lm(forward: Callable, module: torch.nn.Module, batch_fn: Callable[[
     world = dist.get_world_size() if dist.is_initialized() else 1
     total = torch.zeros(2, dtype=torch.float64)
     with eval_mode(module):
-        for b in range(batches):
-            out = forward(batch_fn(b * world + rank, micro_batch_size).to(device))
-            total += torch.tensor([float(out.lm_loss_sum), float(out.num_loss_tokens)], dtype=torch.float64)
+        for b in range(-(-batches // world)):
+            index = b * world + rank
+            out = forward(batch_fn(index % batches, micro_batch_size).to(device))
+            if index < batches:
+                total += torch.tensor([float(out.lm_loss_sum), float(out.num_loss_tokens)], dtype=torch.float64)
     if world > 1:
         buf = total.to(device)
         dist.all_reduce(buf)
@@ -283,6 +295,10 @@ class Trainer:
             from moedist.models.hf import load_hf_weights_into
 
             load_hf_weights_into(model, cfg.model.from_hf)  # reads only this rank's experts; moe_lora: FFN = base
+        if cfg.model.init_from is not None:  # a moedist checkpoint (convert from-hf/upcycle, a run): step 0
+            from moedist.train.init_from import load_init_weights
+
+            load_init_weights(model, cfg.model.init_from)  # this rank's experts by global id
         if model_init is not None:
             model_init(model)
         parallelize(model, self.dims.ep_comm)  # experts are sharded already: wires the dispatchers
@@ -306,7 +322,8 @@ class Trainer:
         self.ckpt_dir = os.path.join(cfg.train.output_dir, "checkpoints")
         self.last_checkpoint: Optional[str] = None
         self.skipped_steps = 0  # train.nonfinite=skip: steps whose update was dropped
-        self.preempted = False  # every rank agreed to stop after this step (SIGTERM/SIGUSR1)
+        self.preempted = False  # every rank agreed to stop after this step (SIGTERM/SIGUSR1/SIGINT)
+        self.interrupted = False  # ... and it was Ctrl-C (SIGINT): save only if train.save_on_interrupt
         self.resumed_from: Optional[str] = None
         self._outer_signals = signals
         self._signals = signals or PreemptionSignals(enabled=False)
@@ -343,7 +360,7 @@ class Trainer:
                            self.cfg.train.micro_batch_size, self.device)
 
     def evaluate(self, data: Optional[ByteLMData] = None, batches: Optional[int] = None) -> float:
-        """Mean LM loss (no aux, token-weighted) over `batches` validation micro-batches per rank (collective).
+        """Mean LM loss (no aux, token-weighted) over `batches` validation micro-batches in all (collective).
 
         data: a byte-level `ByteLMData` (default: the run's own data; with data.sources the
         token-weighted mean over every source's validation split).
@@ -402,7 +419,9 @@ class Trainer:
             from moedist.train import checkpointing
 
             return checkpointing.pick_auto_resume(self.ckpt_dir, self._warn)
-        return os.path.abspath(spec.rstrip("/"))
+        from moedist.train import checkpointing
+
+        return checkpointing.resume_target(spec, self._warn)  # a checkpoint, or a run directory's newest one
 
     def resume(self) -> bool:
         """Load `train.resume`; True if resumed. Any world size, EP size, ZeRO stage or engine."""
@@ -421,9 +440,22 @@ class Trainer:
                 raise ConfigError(f"train.resume={path!r}: {err}") from None
         state = checkpointing.load(self, path, verify=False)
         self.step, self.position = int(state["step"]), int(state["position"])
+        self._warn_schedule_change(path)
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.resumed_from = path
         return True
+
+    def _warn_schedule_change(self, path: str) -> None:
+        """One warning line when the LR schedule differs from the one the checkpoint was trained with."""
+        from moedist.checkpoint.io import read_manifest
+
+        saved = ((read_manifest(path).get("config") or {}).get("train") or {})
+        keys = ("max_steps", "warmup_steps", "lr", "min_lr", "lr_schedule")
+        changed = [f"train.{k} {saved[k]} -> {getattr(self.cfg.train, k)}" for k in keys
+                   if k in saved and saved[k] != getattr(self.cfg.train, k)]
+        if changed:
+            self._warn(f"resuming {path} with another learning-rate schedule ({', '.join(changed)}): from step "
+                       f"{self.step + 1} the LR follows the new one, not a continuation of the old")
 
     # ---------------------------------------------------------------- the loop
 
@@ -476,9 +508,10 @@ class Trainer:
         from moedist.train.consistency import agree_flags
 
         grad_bad = bad is not None or (norm is not None and not math.isfinite(norm))
-        preempt, loss_bad, grad_bad = agree_flags([self._signals.requested, not self._loss_finite, grad_bad],
-                                                  self.device)
+        preempt, interrupted, loss_bad, grad_bad = agree_flags(
+            [self._signals.requested, self._signals.interrupted, not self._loss_finite, grad_bad], self.device)
         self.preempted = self.preempted or preempt
+        self.interrupted = self.interrupted or interrupted
         if not (loss_bad or grad_bad):
             return True
         if self.cfg.train.nonfinite == "skip":
@@ -558,10 +591,12 @@ class Trainer:
                             self.save()
                             saved = True
                     if self.preempted and self.step < tr.max_steps:  # every rank agreed in _guard
-                        if self.save_checkpoints and not saved:
+                        keep = not self.interrupted or tr.save_on_interrupt
+                        if self.save_checkpoints and not saved and keep:
                             self.save()
-                        bar.print(f"preempted ({self._signals.signal_name or 'signal on another rank'}): "
-                                  f"saved {self.last_checkpoint} at step {self.step}; resume with train.resume=auto")
+                        if not self.interrupted:  # Ctrl-C: `moedist train` prints one line with the resume command
+                            bar.print(f"preempted ({self._signals.signal_name or 'signal on another rank'}): saved "
+                                      f"{self.last_checkpoint} at step {self.step}; resume with train.resume=auto")
                         break
         finally:
             self._signals = self._outer_signals or PreemptionSignals(enabled=False)
@@ -577,6 +612,7 @@ class Trainer:
         summary = self._summary(records, elapsed, val)
         summary["final"] = final
         summary["preempted"] = self.preempted and self.step < tr.max_steps
+        summary["interrupted"] = self.interrupted and self.step < tr.max_steps
         summary["skipped_steps"] = self.skipped_steps
         if self.write:
             if tr.plot and records:

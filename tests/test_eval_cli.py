@@ -1,0 +1,77 @@
+"""`moedist eval RUN_OR_CKPT [key=value ...] [--json]` (issue 17, Deliver 2): the run's own config.yaml,
+run or checkpoint directories, converted models, and the same validation loss at 1 and 2 processes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moedist.cli import main
+from tests.test_ep_launch import _clean_env, free_port
+
+TINY = "configs/tiny.yaml"
+SMALL = ["train.max_steps=2", "train.warmup_steps=1", "train.eval_batches=3", "train.plot=false",
+         "train.micro_batch_size=2", "data.seq_len=32", "model.max_seq_len=32"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _json_line(text):
+    lines = [ln for ln in text.strip().splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, text
+    return json.loads(lines[0])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2-step EP=2-capable run (its config.yaml says parallel.ep_size=2 is fine at 1 process too)."""
+    out = tmp_path_factory.mktemp("eval") / "run"
+    assert main(["train", TINY, *SMALL, f"train.output_dir={out}", "moe.num_experts=4"]) == 0
+    return out
+
+
+def test_eval_a_run_directory_uses_its_own_config(run, capsys):
+    capsys.readouterr()
+    # no YAML: the model (4 experts, not tiny.yaml's 8) comes from the run's config.yaml
+    assert main(["eval", str(run), "--json"]) == 0
+    got = _json_line(capsys.readouterr().out)
+    last = [json.loads(x) for x in open(run / "metrics.jsonl")][-1]
+    assert got["val_loss"] == pytest.approx(last["val_loss"], rel=1e-6)
+    assert got["checkpoint"] == str(run / "final") and got["step"] == 2
+    # a checkpoint directory, an override, text output
+    ckpt = run / "checkpoints" / "step_000002"
+    assert main(["eval", str(ckpt), "train.eval_batches=1"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("val_loss ") and str(ckpt) in text
+
+
+def test_eval_at_one_and_two_processes_is_the_same(run):
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "moedist", "eval", str(run),
+           "parallel.ep_size=2", "--json"]
+    two = subprocess.run(cmd, env=_clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "moedist", "eval", str(run), "--json"], env=_clean_env(),
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = _json_line(one.stdout), _json_line(two.stdout)
+    # 3 micro-batches in all: rank 0 takes 0 and 2, rank 1 takes 1 (and runs 0 again, uncounted)
+    assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+
+
+def test_eval_a_converted_model_and_errors(tmp_path, capsys):
+    from tests.test_hf_import import make_hf
+
+    make_hf("llama", vocab=256).save_pretrained(tmp_path / "hf")
+    assert main(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "base")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "base"), "data.seq_len=32", "train.eval_batches=1", "--json"]) == 0
+    got = _json_line(capsys.readouterr().out)
+    assert got["step"] == 0 and got["val_loss"] > 0
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no checkpoint found" in err[0]
+    assert main(["eval", str(tmp_path / "nope")]) == 2
+    assert "no such run or checkpoint directory" in capsys.readouterr().err
