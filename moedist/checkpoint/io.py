@@ -174,7 +174,10 @@ def save_checkpoint(ckpt_dir, model: nn.Module, *, step: int, optim_state=None, 
     _barrier()
     if lay.rank == 0:
         files, index = {}, {}
+        from moedist.config import chmod_umask
+
         for f in sorted(tmp.glob("*.safetensors")):
+            chmod_umask(f)  # safetensors writes 0600; checkpoints get the process umask like every other file
             files[f.name] = _sha256(f)
             if not f.name.startswith("rng-"):
                 with safe_open(str(f), "pt") as sf:

@@ -193,9 +193,9 @@ def _atomic_write(path: str, write) -> None:
     os.close(fd)
     from moedist.config import chmod_umask
 
-    chmod_umask(tmp)  # mkstemp makes 0600; the result gets the process umask like any other file
     try:
         write(tmp)
+        chmod_umask(tmp)  # mkstemp (and safetensors) make 0600; the result gets the process umask
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
