@@ -111,9 +111,19 @@ def describe_config(markdown: bool = False) -> str:
     return "\n".join(out).strip() + "\n"
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("moedist")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moedist", description="Distributed Mixture-of-Experts "
                                      "training and LoRA-MoE fine-tuning.")
+    parser.add_argument("--version", action="version", version=f"moedist {_version()}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in COMMANDS.items():
         if not cmd.takes_config:
@@ -152,6 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         return _error(str(err))
     if args.print_config:
+        if cfg.model.from_hf is not None or cfg.model.init_from is not None:  # what the run will use
+            try:
+                from moedist.train.trainer import resolve_hf
+
+                cfg = resolve_hf(cfg)
+            except ConfigError as err:
+                return _error(str(err))
         print(dump_yaml(config_to_dict(cfg)), end="")
         return 0
     return _run(args.command, lambda fn: fn(cfg, args))

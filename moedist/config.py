@@ -129,7 +129,8 @@ class TrainConfig:
     max_steps: int = _opt(100, "Optimizer steps to run.", ge=1)
     lr: float = _opt(3e-4, "Peak learning rate.", gt=0)
     min_lr: float = _opt(0.0, "Final learning rate of the cosine/linear decay.", ge=0)
-    warmup_steps: int = _opt(10, "Linear warm-up steps (<= max_steps).", ge=0)
+    warmup_steps: int = _opt(10, "Linear warm-up steps; more than max_steps is clamped to max_steps with a "
+                                 "warning.", ge=0)
     lr_schedule: str = _opt("cosine", "Learning-rate schedule after warm-up.", choices=("cosine", "constant", "linear"))
     weight_decay: float = _opt(0.1, "Decoupled weight decay.", ge=0)
     adam_betas: tuple[float, float] = _opt((0.9, 0.95), "AdamW betas [beta1, beta2], each in [0, 1).")
@@ -543,8 +544,6 @@ def validate(cfg: MoedistConfig) -> None:
          f"lora.targets=[]: must name one of {'|'.join(LORA_TARGETS)} when lora.mode={_fmt(lora.mode)}")
     need(len(set(lora.targets)) == len(lora.targets), f"lora.targets={_fmt(lora.targets)}: has duplicates")
     # optimisation
-    need(tr.warmup_steps <= tr.max_steps,
-         f"train.warmup_steps={tr.warmup_steps}: must be <= train.max_steps ({tr.max_steps})")
     need(tr.lr_schedule == "constant" or tr.min_lr <= tr.lr,
          f"train.min_lr={_fmt(tr.min_lr)}: must be <= train.lr ({_fmt(tr.lr)})")
     need(all(0 <= b < 1 for b in tr.adam_betas), f"train.adam_betas={_fmt(tr.adam_betas)}: each must be in [0, 1)")
@@ -553,6 +552,9 @@ def validate(cfg: MoedistConfig) -> None:
          f"train.resume={_fmt(tr.resume)}: must be null, 'auto' or an existing checkpoint directory")
     # data
     need(data.source != "file" or data.path is not None, "data.path=null: must be set when data.source='file'")
+    need(data.path is None or (data.source == "file" and not data.sources),
+         f"data.path={_fmt(data.path)}: has no effect " + ("with data.sources (list the file there)" if data.sources
+                                                           else f"unless data.source='file' (got {_fmt(data.source)})"))
     need(data.source != "file" or os.path.isfile(data.path),
          f"data.path={_fmt(data.path)}: no such file (data.source='file')")
     need(data.seq_len <= m.max_seq_len, f"data.seq_len={data.seq_len}: must be <= model.max_seq_len ({m.max_seq_len})")

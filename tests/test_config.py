@@ -86,10 +86,10 @@ def test_shipped_configs():
 
 def test_round_trip_save_load(tmp_path):
     cfg = load_config(ROOT / "configs/demo.yaml", [
-        "name=yes", "train.output_dir=2024-01-01", "data.path='1e-3'", "moe.capacity_factor=0.5",
+        "name=yes", "train.output_dir=2024-01-01", "data.cache_dir='1e-3'", "moe.capacity_factor=0.5",
         "deepspeed.extra={zero_optimization: {reduce_bucket_size: 500000}, wall_clock_breakdown: true}",
         "train.adam_betas=[0.8, 0.99]", "lora.targets=[down]"])
-    assert cfg.name == "yes" and cfg.train.output_dir == "2024-01-01" and cfg.data.path == "1e-3"
+    assert cfg.name == "yes" and cfg.train.output_dir == "2024-01-01" and cfg.data.cache_dir == "1e-3"
     assert cfg.train.adam_betas == (0.8, 0.99)
     path = tmp_path / "sub" / "config.yaml"
     save_config(cfg, path)

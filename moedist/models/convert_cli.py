@@ -180,7 +180,7 @@ def _run(args) -> int:
     if args.action == "from-hf":
         model, cfg = from_hf(args.src, **_sections(args.overrides))
         _clear_outs(outs, args.overwrite)
-        save_model_checkpoint(model, cfg, args.out, source=args.src)
+        save_model_checkpoint(model, cfg, args.out, source=os.path.abspath(args.src))
         _copy_tokenizer(args.src, args.out)
         print(f"wrote moedist model ({cfg.model.hf_model_type}, {sum(p.numel() for p in model.parameters())} "
               f"parameters) to {args.out}")
@@ -188,6 +188,10 @@ def _run(args) -> int:
     model, cfg = _load_source(args.src, args.overrides)
     _clear_outs(outs, args.overwrite)
     if args.action == "to-hf":
+        if cfg.model.moe_every and cfg.moe.capacity_factor:
+            print(f"moedist convert: warning: the model was trained with moe.capacity_factor={cfg.moe.capacity_factor} "
+                  "(over-full experts drop tokens); transformers runs it dropless, so its outputs can differ where "
+                  "tokens were dropped", file=sys.stderr, flush=True)
         config = to_hf(model, args.out, cfg, merge_lora=not args.no_merge)
         _copy_tokenizer(args.src, args.out)
         print(f"wrote {config['model_type']} model to {args.out}")
@@ -198,7 +202,8 @@ def _run(args) -> int:
         save_model_checkpoint(model, ucfg, args.out, source=args.src)
         print(f"wrote {args.method} model ({args.num_experts} experts, top-{args.top_k}) to {args.out}")
     else:
-        config = to_peft(model, args.out, base_path=args.base)
+        config = to_peft(model, args.out, base_path=args.base,
+                         base_model_name_or_path=_peft_base_name(args.src, cfg, args.base))
         print(f"wrote PEFT adapter (r={config['r']}, {len(config['target_modules'])} target modules) to {args.out}")
     return 0
 
@@ -209,3 +214,27 @@ def _clear_outs(outs, overwrite: bool) -> None:
 
     for label, path in outs:
         check_out(path, overwrite, label)
+
+
+def _peft_base_name(src: str, cfg, base_out: Optional[str]) -> Optional[str]:
+    """adapter_config.json's base_model_name_or_path: --base (absolute), else the Hugging Face directory the
+    model came from (model.from_hf of the run, the source of a converted checkpoint, or SRC itself), absolute."""
+    from moedist.checkpoint import read_manifest, resolve_checkpoint
+
+    if base_out:
+        return os.path.abspath(base_out)
+    candidates, seen = [cfg.model.from_hf], set()
+    ckpt = resolve_checkpoint(src)
+    if ckpt is None:
+        candidates.append(src)
+    while ckpt is not None and os.path.abspath(ckpt) not in seen:  # follow model.init_from back to the HF model
+        seen.add(os.path.abspath(ckpt))
+        m = read_manifest(ckpt)
+        model = (m.get("config") or {}).get("model") or {}
+        candidates += [model.get("from_hf"), (m.get("extra_state") or {}).get("source")]
+        init = model.get("init_from")
+        ckpt = resolve_checkpoint(init) if isinstance(init, str) and os.path.isdir(init) else None
+    for c in candidates:
+        if isinstance(c, str) and os.path.isfile(os.path.join(c, "config.json")):
+            return os.path.abspath(c)
+    return next((c for c in candidates if isinstance(c, str) and c), None)  # e.g. an HF id

@@ -19,8 +19,9 @@ from typing import List, Optional
 
 
 def make_toy_hf_model(out_dir: str, seed: int = 0, vocab_size: int = 600, hidden_size: int = 64,
-                      num_layers: int = 2, num_experts: int = 4, top_k: int = 2) -> str:
-    """Write tokenizer + random Qwen3-MoE (every layer MoE, norm_topk_prob) into `out_dir`; returns it."""
+                      num_layers: int = 2, num_experts: int = 4, top_k: int = 2, dense: bool = False) -> str:
+    """Write tokenizer + random Qwen3-MoE (every layer MoE, norm_topk_prob; `dense`: a dense Qwen3) into
+    `out_dir`; returns it."""
     import torch
     import transformers as tf
 
@@ -34,8 +35,11 @@ def make_toy_hf_model(out_dir: str, seed: int = 0, vocab_size: int = 600, hidden
                             num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=True,
                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
                             tie_word_embeddings=False)
+    if dense:
+        cfg = tf.Qwen3Config(**{k: v for k, v in cfg.to_dict().items() if k in tf.Qwen3Config().to_dict()
+                                and k not in ("architectures", "model_type", "transformers_version")})
     torch.manual_seed(seed)
-    model = tf.Qwen3MoeForCausalLM(cfg).eval()
+    model = (tf.Qwen3ForCausalLM(cfg) if dense else tf.Qwen3MoeForCausalLM(cfg)).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # visible routing (router std 1) and non-trivial weights
         for name, p in model.named_parameters():
@@ -60,13 +64,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--num-experts", type=int, default=4)
+    p.add_argument("--dense", action="store_true", help="a dense Qwen3 instead (e.g. to upcycle into LoRA-MoE)")
     args = p.parse_args(argv)
     if os.path.exists(args.out) and os.listdir(args.out):
         print(f"toy_hf: error: {args.out} exists and is not empty", file=sys.stderr)
         return 2
-    make_toy_hf_model(args.out, args.seed, args.vocab_size, args.hidden_size, args.num_layers, args.num_experts)
-    print(f"wrote a random Qwen3-MoE ({args.num_layers} layers, {args.num_experts} experts) and its BPE tokenizer "
-          f"to {args.out}")
+    make_toy_hf_model(args.out, args.seed, args.vocab_size, args.hidden_size, args.num_layers, args.num_experts,
+                      dense=args.dense)
+    what = "Qwen3" if args.dense else f"Qwen3-MoE ({args.num_experts} experts)"
+    print(f"wrote a random {what} ({args.num_layers} layers) and its BPE tokenizer to {args.out}")
     return 0
 
 

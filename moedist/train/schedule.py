@@ -15,6 +15,7 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, min_lr: fl
     """
     if schedule not in ("cosine", "linear", "constant"):
         raise ValueError(f"train.lr_schedule={schedule!r}: allowed cosine, linear, constant")
+    warmup_steps = min(warmup_steps, max_steps)  # more warm-up than steps: clamped (the trainer warns)
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if schedule == "constant":

@@ -445,6 +445,20 @@ class Trainer:
         self.resumed_from = path
         return True
 
+    def _warn_traps(self) -> None:
+        """One line each for settings that do something other than what they seem to."""
+        c = self.cfg
+        if c.train.warmup_steps > c.train.max_steps:
+            self._warn(f"train.warmup_steps={c.train.warmup_steps} > train.max_steps={c.train.max_steps}: warm-up "
+                       f"clamped to {c.train.max_steps} steps")
+        from moedist.models.hf_maps import MOE_TYPES
+
+        hf_type = vars(c.model).get("hf_model_type")  # set by the Hugging Face import (informational)
+        if c.model.from_hf and hf_type in MOE_TYPES and c.moe.capacity_factor:
+            self._warn(f"model.from_hf is a {hf_type} model, which routes dropless; moe.capacity_factor="
+                       f"{c.moe.capacity_factor} from the config drops tokens over capacity (set "
+                       "moe.capacity_factor=null for the model's own routing)")
+
     def _warn_schedule_change(self, path: str) -> None:
         """One warning line when the LR schedule differs from the one the checkpoint was trained with."""
         from moedist.checkpoint.io import read_manifest
@@ -564,6 +578,7 @@ class Trainer:
                        memory=self.memory.peak_mb)
         if resumed:
             bar.print(f"resumed at step {self.step} from {self.resumed_from}")
+        self._warn_traps()
         bar.print(f"[bold]{cfg.name}[/]: {self._model_text()}; {self.layout}; "
                   f"{self.trainable_params:,}/{self.total_params:,} parameters train")
         t_start = time.perf_counter()

@@ -55,7 +55,7 @@ CASES = [
     ("string-for-int", ["model.hidden_size='64'"], {}, ["model.hidden_size='64'", "an integer"]),
     ("lora-dropout-one", ["lora.dropout=1.0"], {}, ["lora.dropout=1.0", "< 1"]),
     ("kv-heads-not-dividing", ["model.num_kv_heads=3"], {}, ["model.num_kv_heads=3", "must divide model.num_heads"]),
-    ("warmup-above-max-steps", ["train.warmup_steps=5"], {}, ["train.warmup_steps=5", "<= train.max_steps (2)"]),
+    ("data-path-without-file-source", ["data.path={file}"], {}, ["data.path='/", "no effect", "data.source='file'"]),
     ("keep-last-negative", ["train.keep_last=-1"], {}, ["train.keep_last=-1", ">= 0"]),
     ("nonfinite-choice", ["train.nonfinite=ignore"], {}, ["train.nonfinite='ignore'", "stop|skip"]),
     ("nonfinite-skip-deepspeed", ["train.nonfinite=skip", "deepspeed.enabled=true"], {},
