@@ -222,8 +222,12 @@ def worker(args) -> int:
         dense = build_model(base_cfg)
         dense.load_state_dict(dense_state)
         dense.to(dev)
-        dense_prose = evaluate_lm(dense, dense, prose, batches, M, dev)
-        dense_code = evaluate_lm(dense, dense, code, batches, M, dev)
+        def dense_val(data) -> float:  # token-weighted mean over the validation micro-batches
+            total, count = evaluate_lm(lambda b: dense(b.input_ids, b.labels), dense,
+                                       lambda i, n: data.val_micro(None, i, n), batches, M, dev)
+            return total / max(1.0, count)
+
+        dense_prose, dense_code = dense_val(prose), dense_val(code)
         del dense
         m, moe, lora = ft_cfg.model, ft_cfg.moe, ft_cfg.lora
         console.print(f"[bold]2. convert[/]: each of the {m.num_layers} FFNs -> frozen FFN + router over "
