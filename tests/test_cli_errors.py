@@ -56,7 +56,7 @@ BAD = [
     ("zero-stage-4", "deepspeed: {enabled: true, zero_stage: 4}\n", [], "deepspeed.zero_stage"),
     ("bf16-and-fp16", "deepspeed: {bf16: true, fp16: true}\n", [], "deepspeed.fp16"),
     ("extra-not-mapping", "deepspeed: {extra: [1, 2]}\n", [], "deepspeed.extra"),
-    ("warmup-above-max-steps", "", ["train.warmup_steps=6"], "train.warmup_steps"),
+    ("tokenizer-without-sources", "", ["data.tokenizer=some/dir"], "data.tokenizer"),
     ("grad-accum-zero", "", ["train.grad_accum=0"], "train.grad_accum"),
     ("min-lr-above-lr", "", ["train.min_lr=0.1"], "train.min_lr"),
     ("optimizer", "", ["train.optimizer=adam"], "train.optimizer"),

@@ -346,13 +346,15 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -
         torch.cuda.set_device(env.local_rank)
     timeout = timedelta(seconds=timeout_s)
 
-    if env.launcher == "single":
+    if env.launcher in ("openmpi", "mpich", "slurm"):
+        values = (env.rank, env.world_size, env.local_rank, env.local_world_size, env.master_addr,
+                  env.master_port)
+        os.environ.update({k: str(v) for k, v in zip(_TORCH_STYLE_VARS, values)})
+    if env.launcher == "single" or env.world_size == 1:
+        # one process needs no rendezvous: an in-memory store binds no port (a fixed MASTER_PORT
+        # left in the environment, e.g. by DeepSpeed, would collide between concurrent runs)
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
-        if env.launcher in ("openmpi", "mpich", "slurm"):
-            values = (env.rank, env.world_size, env.local_rank, env.local_world_size, env.master_addr,
-                      env.master_port)
-            os.environ.update({k: str(v) for k, v in zip(_TORCH_STYLE_VARS, values)})
         dist.init_process_group(backend, init_method=f"tcp://{_url_host(env.master_addr)}:{env.master_port}",
                                 rank=env.rank, world_size=env.world_size, timeout=timeout)
     return dataclasses.replace(env, backend=dist.get_backend())
