@@ -23,7 +23,6 @@ print a line and sleep for a minute after every file is written and before the r
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -82,11 +81,9 @@ def _barrier() -> None:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from moedist.data.cache import file_sha256
+
+    return file_sha256(path)
 
 
 def _tensors_by_owner(model: nn.Module, optim_state, adapter_only: bool):

@@ -98,7 +98,8 @@ def open_cache(path: str) -> SourceCache:
     return SourceCache(path, load("tokens.npy"), load("mask.npy"), load("doc_offsets.npy"), meta)
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path) -> str:
+    """Hex SHA-256 of a file's bytes, read 1 MiB at a time (cache keys, checkpoint manifests)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -111,7 +112,7 @@ def source_key(source: Mapping[str, Any], tok: Tokenizer, index: int = 0) -> str
     label = source_label(index, source)
     root = os.path.expanduser(source["path"])
     base = root if os.path.isdir(root) else os.path.dirname(os.path.abspath(root))
-    files = [[os.path.relpath(path, base), _file_sha256(path)] for path, _ in source_files(source, label)]
+    files = [[os.path.relpath(path, base), file_sha256(path)] for path, _ in source_files(source, label)]
     what = {"version": FORMAT_VERSION, "format": check_format(source, label),
             "text_field": source.get("text_field", "text"), "tokenizer": tok.fingerprint(), "files": files}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
