@@ -5,6 +5,7 @@ never asks "am I rank 0?" around a print.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, List, Optional
 
@@ -12,6 +13,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 from rich.table import Table
+
+
+BATCH_LAUNCHER_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+
+
+def stdout_console() -> Console:
+    """Rich console on stdout; plain text (no live bar, no ANSI escapes) under mpirun/srun.
+
+    Open MPI runs each rank on a pseudo-terminal whose output ends up in a log file, so
+    rich would take it for a terminal; under any batch launcher we write plain lines.
+    """
+    batch = any(v in os.environ for v in BATCH_LAUNCHER_VARS)
+    return Console(file=sys.stdout, highlight=False, soft_wrap=True, force_terminal=False if batch else None)
 
 
 def _fmt(v, spec: str = ".4f") -> str:
@@ -26,7 +40,7 @@ class Progress:
         """memory: returns this rank's peak memory so far in MiB (`moedist.train.memory.MemoryMeter.peak_mb`)."""
         self.enabled, self.log_every, self.total = enabled, max(1, log_every), total
         self.memory = memory
-        self.console = console or Console(file=sys.stdout, highlight=False, soft_wrap=True)
+        self.console = console or stdout_console()
         self._bar = None
         if not enabled:
             return
