@@ -1,6 +1,7 @@
 # make demo  -- create .venv if missing, then run the 2-process LoRA-MoE fine-tune demos (byte-level, then HF)
 # make test  -- create .venv if missing, install missing system packages (.ci/system-deps:
-#               slurm-wlm, munge; as root with apt-get, else one line says what to install),
+#               slurm-wlm, munge, iproute2, docker.io, debootstrap, iptables; as root with apt-get,
+#               else one line says what to install),
 #               then run the default suite and the slow suite (MOEDIST_SLOW=0 skips the latter)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -23,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/moedist demo
 	$(VENV)/bin/moedist demo --hf
 
-# System packages some tests start for real (a local SLURM cluster); .ci/run uses this too.
+# System packages some tests start for real (a local SLURM cluster, network namespaces, dockerd).
 system-deps:
 	@bash .ci/system-deps
 
