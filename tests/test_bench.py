@@ -191,3 +191,12 @@ def test_cached_allocator_and_report(tmp_path):
 
     md = render(str(path))
     assert "| dense | - | 1.0 | 3.0 (2–4) |" in md
+
+
+def test_every_bench_subcommand_help_shows_defaults(capsys):
+    from moedist.bench.cli import build_parser
+
+    for what in ("layer", "ep", "train", "data"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([what, "--help"])
+        assert "(default:" in capsys.readouterr().out, what

@@ -58,10 +58,14 @@ def _apply_allocator(args) -> Optional[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moedist bench", description="Benchmarks of the MoE layer, EP and training.")
+    parser = argparse.ArgumentParser(prog="moedist bench", description="Benchmarks of the MoE layer, EP and training.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
 
-    lay = sub.add_parser("layer", help="one MoE layer vs DeepSpeed, fairscale, a dense FFN and the matmul floor")
+    def add(name: str, help: str) -> argparse.ArgumentParser:  # every subcommand's --help shows its defaults
+        return sub.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    lay = add("layer", help="one MoE layer vs DeepSpeed, fairscale, a dense FFN and the matmul floor")
     _add_shape_args(lay, 4096)
     lay.add_argument("--impls", type=_str_list, default=None,
                      help="comma list of moedist,deepspeed,fairscale,dense,floor,lora (default all but lora)")
@@ -77,16 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     lay.add_argument("--sweep-tokens", type=_int_list, default=None, help="default 1024,2048,4096,8192,16384")
     lay.add_argument("--sweep-experts", type=_int_list, default=None, help="default 8,16,32,64,128")
 
-    ep = sub.add_parser("ep", help="expert-parallel layer under torchrun: all-to-all time, bytes, imbalance")
+    ep = add("ep", help="expert-parallel layer under torchrun: all-to-all time, bytes, imbalance")
     _add_shape_args(ep, 2048)
     ep.add_argument("--impls", type=_str_list, default=["moedist", "deepspeed"], help="moedist,deepspeed")
     ep.add_argument("--modes", type=_str_list, default=["capacity", "dropless"])
     ep.add_argument("--skew", type=float, default=0.0, help="target max/mean expert load")
 
-    rep = sub.add_parser("report", help="markdown tables of bench JSON files")
+    rep = add("report", help="markdown tables of bench JSON files")
     rep.add_argument("paths", nargs="+", metavar="JSON")
 
-    tr = sub.add_parser("train", help="end-to-end tokens/s of the tiny model: moedist vs DeepSpeed native MoE")
+    tr = add("train", help="end-to-end tokens/s of the tiny model: moedist vs DeepSpeed native MoE")
     tr.add_argument("--config", default="configs/tiny.yaml", help="model/data config (YAML)")
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable")
     tr.add_argument("--steps", type=int, default=20, help="timed steps per model")
@@ -99,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from moedist.bench.data import add_arguments as add_data_arguments
 
-    add_data_arguments(sub.add_parser("data", help="training RSS and data-loading time as the prepared corpus grows"))
+    add_data_arguments(add("data", help="training RSS and data-loading time as the prepared corpus grows"))
     return parser
 
 
