@@ -156,8 +156,8 @@ class TrainConfig:
                              "each save; final/ and the one 'latest' names are never deleted); 0 = keep all.", ge=0)
     nonfinite: str = _opt("stop", "A NaN/Inf loss or gradient: 'stop' = exit with one line naming the step and the "
                                   "first non-finite parameter gradient (or the loss); 'skip' = drop that step on every "
-                                  "rank (no optimizer update) and count it in metrics (skipped_steps); PyTorch runner "
-                                  "only.", choices=("stop", "skip"))
+                                  "rank (no optimizer update) and count it in metrics (skipped_steps); under DeepSpeed "
+                                  "needs zero_stage >= 1.", choices=("stop", "skip"))
     activation_checkpointing: str = _opt("none", "Recompute activations in backward instead of keeping them: "
                                                "'none'; 'moe' = only the MoE FFNs (router, all-to-all, experts); "
                                                "'full' = every decoder layer. Same losses, less activation memory, "

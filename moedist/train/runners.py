@@ -60,6 +60,7 @@ class PlainRunner:
     """Single- or multi-process training with moedist's own gradient reduction."""
 
     kind = "pytorch"
+    skipped = False  # a non-finite step is skipped before it reaches the optimizer (see step's guard)
 
     def __init__(self, model: nn.Module, cfg, dims, device: torch.device):
         self.module = model.to(device)
@@ -123,6 +124,7 @@ class DeepSpeedRunner:
         self.module = model  # the CausalLM (under ZeRO-3 the engine holds a thin wrapper around it)
         self.clips_itself = dss.clips_itself(cfg)
         self._norm: Optional[float] = None
+        self.skipped = False  # the last boundary step was dropped by DeepSpeed (non-finite gradients)
 
     def forward(self, batch):
         out = self.engine(batch.input_ids, batch.labels, batch.position_ids, batch.segment_ids)
@@ -144,11 +146,16 @@ class DeepSpeedRunner:
 
     def step(self, lr: float, guard: Optional[Callable[[Optional[float], Optional[str]], bool]] = None) -> Optional[float]:
         boundary = self.engine.is_gradient_accumulation_boundary()
-        if boundary and guard is not None and not guard(None, None):
-            raise RuntimeError("DeepSpeedRunner cannot skip a step (train.nonfinite=skip is refused up front)")
+        # skip: a non-finite loss has made the gradients non-finite, and ZeRO 1-3 then drop the
+        # update themselves (invalid global norm -> overflow path); `skipped` checks that they did.
+        skip = boundary and guard is not None and not guard(None, None)
         if boundary:
             dss.set_lr(self.engine, lr)
+        before = self.engine.skipped_steps
         self.engine.step()
+        self.skipped = boundary and self.engine.skipped_steps > before
+        if skip and not self.skipped:
+            raise RuntimeError("train.nonfinite=skip: DeepSpeed applied a step whose loss was non-finite")
         if not boundary:
             return None
         if self.clips_itself:

@@ -98,8 +98,9 @@ def preflight(cfg, world_size: int, cuda: Optional[bool] = None) -> None:
          f"model.dtype={m.dtype!r} with deepspeed.fp16=true: DeepSpeed would cast the bf16 base to fp16; "
          "use deepspeed.bf16=true")
     need(ds.enabled or not ds.extra, "deepspeed.extra: set but deepspeed.enabled=false")
-    need(not (ds.enabled and tr.nonfinite == "skip"),
-         "train.nonfinite='skip': supported by the PyTorch runner only (deepspeed.enabled=true); use 'stop'")
+    need(not (ds.enabled and tr.nonfinite == "skip" and ds.zero_stage == 0),
+         "train.nonfinite='skip': needs deepspeed.zero_stage >= 1 under DeepSpeed (ZeRO 1-3 drop a step with "
+         "non-finite gradients; ZeRO-0 cannot); use 'stop' or the PyTorch runner")
     offload = ds.offload_optimizer != "none" or ds.offload_param != "none"
     need(ds.enabled or not offload, f"deepspeed.offload_{'optimizer' if ds.offload_optimizer != 'none' else 'param'}"
          "=cpu: needs deepspeed.enabled=true")
@@ -503,7 +504,8 @@ class Trainer:
             got = self.runner.step(lr, guard=self._guard)
             norm = got if got is not None else norm
         if norm is not None and not math.isfinite(norm) and not self._skipped_now:  # DeepSpeed: seen after the step
-            self._guard(norm, None)
+            if not self._guard(norm, None) and not self.runner.skipped:
+                raise RuntimeError("train.nonfinite=skip: the engine applied a step with non-finite gradients")
         self.position += self.world * A * M
         self.step += 1
         rec = stats.reduce(self.device if self.device.type == "cuda" else None)
