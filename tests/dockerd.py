@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Iterator, List, Optional
 
+from tests.netns import pid_alive
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("MOEDIST_DOCKER_CACHE", Path.home() / ".cache" / "moedist" / "docker"))
 BASE_TAG = "moedist-base:bookworm"
@@ -91,16 +93,6 @@ def _run(cmd: List[str], timeout: float = 600, check: bool = True, **kw) -> subp
     return res
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _read_pid(path: Path) -> Optional[int]:
     try:
         return int(path.read_text().strip())
@@ -110,7 +102,7 @@ def _read_pid(path: Path) -> Optional[int]:
 
 def _stop_pid(pid: Optional[int], timeout: float = 30) -> None:
     """SIGTERM, then SIGKILL after `timeout` seconds (a process we started: its id is in our pid file)."""
-    if pid is None or not _alive(pid):
+    if pid is None or not pid_alive(pid):
         return
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
@@ -119,7 +111,7 @@ def _stop_pid(pid: Optional[int], timeout: float = 30) -> None:
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 return
         except ChildProcessError:
-            if not _alive(pid):
+            if not pid_alive(pid):
                 return
         time.sleep(0.2)
     with contextlib.suppress(ProcessLookupError):
@@ -204,7 +196,7 @@ def remove_stale() -> List[str]:
     gone = []
     for d in Path(PREFIX).parent.glob(Path(PREFIX).name + "*_*"):
         m = re.fullmatch(Path(PREFIX).name + r"(\d+)_\w+", d.name)
-        if not m or _alive(int(m.group(1))):
+        if not m or pid_alive(int(m.group(1))):
             continue
         _stop_pid(_read_pid(d / "dockerd.pid"))
         _stop_pid(_read_pid(d / "exec" / "containerd" / "containerd.pid"))

@@ -38,7 +38,8 @@ def missing_requirements() -> str | None:
     return None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (the owner of a leftover namespace, link or daemon)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -54,12 +55,12 @@ def remove_stale() -> list:
     for line in _ip("netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         m = re.fullmatch(PREFIX_NS + r"(\d+)[ab]", name)
-        if m and not _alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             _ip("netns", "del", name, check=False)
             gone.append(name)
     for line in _ip("-o", "link", "show", check=False).stdout.splitlines():
         m = re.search(r"\d+: (" + PREFIX_VETH + r"(\d+)[ab])[@:]", line)
-        if m and not _alive(int(m.group(2))):
+        if m and not pid_alive(int(m.group(2))):
             _ip("link", "del", m.group(1), check=False)
             gone.append(m.group(1))
     return gone

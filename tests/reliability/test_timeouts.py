@@ -10,7 +10,6 @@ operation to complete`), so moedist adds it (launch_env.collective_errors).
 from __future__ import annotations
 
 import os
-import selectors
 import signal
 import socket
 import subprocess
@@ -22,6 +21,7 @@ import pytest
 
 from moedist.distributed.launch_env import (CollectiveError, DistEnv, collective_errors,
                                             describe_collective_failure)
+from tests.reliability._runs import wait_for_line
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 5
@@ -52,24 +52,6 @@ def _start(rank: int, port: int, out: Path) -> subprocess.Popen:
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for_line(proc: subprocess.Popen, needle: str, timeout: float) -> str:
-    """Read proc's output until a line contains `needle`; return everything read."""
-    seen = []
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not sel.select(timeout=1.0):
-            continue
-        line = proc.stdout.readline()
-        if not line:  # exited
-            break
-        seen.append(line)
-        if needle in line:
-            return "".join(seen)
-    raise AssertionError(f"no {needle!r} from rank 0 within {timeout}s; output:\n{''.join(seen)[-3000:]}")
-
-
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()  # also ends a SIGSTOPped process
@@ -81,7 +63,7 @@ def test_rank0_exits_within_timeout_when_rank1_stalls_or_dies(tmp_path, fault):
     port = _free_port()
     rank0, rank1 = _start(0, port, tmp_path / "run"), _start(1, port, tmp_path / "run")
     try:
-        head = _wait_for_line(rank0, "step     2/", timeout=150)  # both ranks are in the loop
+        head = wait_for_line(rank0, "step     2/", timeout=150)  # both ranks are in the loop
         os.kill(rank1.pid, signal.SIGSTOP if fault == "stall" else signal.SIGKILL)
         t0 = time.monotonic()
         try:
