@@ -67,8 +67,12 @@ def resolve_hf(cfg):
         raise ConfigError(f"model.from_hf={cfg.model.from_hf!r}: {' '.join(str(err).split())}") from None
 
 
-def preflight(cfg, world_size: int, cuda: Optional[bool] = None) -> None:
-    """Checks that need the world size or the environment; raises `ConfigError` (nothing written yet)."""
+def preflight(cfg, world_size: int, cuda: Optional[bool] = None):
+    """Checks that need the world size or the environment; raises `ConfigError` (nothing written yet).
+
+    Returns the run's data (`load_data`), which it had to open to check it, so that the
+    trainer does not hash and open the sources a second time.
+    """
     cuda = torch.cuda.is_available() if cuda is None else cuda
     m, par, tr, ds, data = cfg.model, cfg.parallel, cfg.train, cfg.deepspeed, cfg.data
     validate_world_size(cfg, world_size)
@@ -144,6 +148,7 @@ def preflight(cfg, world_size: int, cuda: Optional[bool] = None) -> None:
     need(d.num_train >= step_seqs,
          f"train.micro_batch_size={tr.micro_batch_size}: a global batch of {step_seqs} sequences is larger than "
          f"the {d.num_train} training sequences of {what}")
+    return d
 
 
 def load_data(cfg, progress: bool = False, tokenizer=None):
@@ -258,7 +263,7 @@ class Trainer:
 
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        preflight(cfg, self.world)
+        data = preflight(cfg, self.world)
         cfg = resolve_hf(cfg)  # a Hugging Face checkpoint decides the architecture
         self.cfg = cfg
         self.is_main = self.rank == 0
@@ -266,7 +271,7 @@ class Trainer:
         self.console = console
         self.save_checkpoints = save_checkpoints
         self.device = _device()
-        self.data = load_data(cfg)
+        self.data = data  # opened (and tokenized if new) by preflight
         self.tokenizer = run_tokenizer(cfg, self.data)
         self.eval_data = dict(eval_data or {})
         torch.manual_seed(cfg.train.seed)
