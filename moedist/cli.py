@@ -75,16 +75,9 @@ def _strip_local_rank(argv: list[str]) -> list[str]:
 
 
 def _resolve(name: str):
-    """The function registered for ``name``, or None when its module/function does not exist yet."""
+    """The function registered for ``name``; a registry entry that does not import is a bug, not "later"."""
     module_name, _, func_name = COMMANDS[name].target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        # Only "the module is not written yet" counts; a missing dependency inside it is a real error.
-        if err.name is not None and (module_name == err.name or module_name.startswith(err.name + ".")):
-            return None
-        raise
-    return getattr(module, func_name, None)
+    return getattr(importlib.import_module(module_name), func_name)
 
 
 def _error(message: str) -> int:
@@ -176,9 +169,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(name: str, call) -> int:
     fn = _resolve(name)
-    if fn is None:
-        print(f"moedist {name}: not available yet", file=sys.stderr)
-        return 2
     try:
         rc = call(fn)
     except ConfigError as err:

@@ -197,15 +197,6 @@ def test_config_command_gets_validated_config(tmp_path, monkeypatch, capsys):
     assert captured.err == "moedist: error: parallel.ep_size=2: must divide the world size (3)\n"
 
 
-def test_not_available_yet(monkeypatch, capsys):
-    monkeypatch.setitem(cli.COMMANDS, "convert", cli.Command("moedist.no_such_module:main", "x", False))
-    monkeypatch.setitem(cli.COMMANDS, "eval", cli.Command("moedist.cli:no_such_function", "x", True))
-    assert cli.main(["convert", "a", "b"]) == 2
-    assert capsys.readouterr().err == "moedist convert: not available yet\n"
-    assert cli.main(["eval"]) == 2
-    assert capsys.readouterr().err == "moedist eval: not available yet\n"
-
-
 def test_broken_import_inside_a_command_is_not_hidden(tmp_path, monkeypatch):
     mod = _fake_module(tmp_path, monkeypatch, "import package_that_does_not_exist_xyz\n")
     monkeypatch.setitem(cli.COMMANDS, "merge", cli.Command(f"{mod}:main", "x", False))
