@@ -336,10 +336,12 @@ def test_dispatch_buffers_hold_exactly_the_kept_pairs(cf, K):
     N = int(aux.tokens_per_expert.sum())
     assert N == B * S * K - int(aux.dropped_per_expert.sum())
     assert rec.seen == [((N, H), aux.tokens_per_expert.tolist())]
-    if cf is not None:
-        assert aux.capacity * E > N or cf <= 1.0  # a padded [E, C, H] buffer would be bigger
     # the dispatcher itself
     r = layer.router(x.detach().reshape(-1, H))
+    # each expert keeps min(demand, C) pairs: exactly the routed rows, never a padded [E, C, H] buffer
+    demand_E = torch.bincount(r.idx_TK.reshape(-1), minlength=E)
+    kept_E = demand_E if cf is None else demand_E.clamp(max=aux.capacity)
+    assert aux.tokens_per_expert.tolist() == kept_E.tolist()
     from moedist.moe.capacity import compute_capacity, select_tokens
     keep = select_tokens(r.idx_TK, r.weight_TK, E, compute_capacity(B * S, E, K, cf), "position").keep_TK
     x_NH, counts, state = layer.dispatcher.dispatch(x.detach().reshape(-1, H), r.idx_TK, keep)
