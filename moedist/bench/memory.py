@@ -68,9 +68,6 @@ class AllocationTracker(TorchDispatchMode):
                 self._track(t, input_keys)
         return out
 
-    def reset_peak(self) -> None:
-        self.peak = self.live
-
 
 def measure_step_memory(forward: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None],
                         device: torch.device) -> dict:

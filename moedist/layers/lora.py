@@ -81,10 +81,6 @@ class SeededDropout(nn.Module):
     def extra_repr(self) -> str:
         return f"p={self.p}, seed={self.seed}"
 
-    def reset_rng(self) -> None:
-        """Restart the mask sequence from `seed` (on every device)."""
-        self._generators = {}
-
     def named_generators(self) -> Dict[str, torch.Generator]:
         """Per-device mask streams by device (`moedist.train.rng.OwnsGenerators`); the CPU one and the
         current CUDA device's are created here so that a fresh module can be restored."""

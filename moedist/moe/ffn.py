@@ -22,10 +22,6 @@ def check_activation(activation: str) -> None:
         raise ValueError(f"activation={activation!r}: allowed {', '.join(ACTIVATIONS)}")
 
 
-def is_gated(activation: str) -> bool:
-    return activation in GATED
-
-
 def hidden_act(gate_NF: Optional[torch.Tensor], up_NF: torch.Tensor, activation: str) -> torch.Tensor:
     """phi(gate) * up for gated activations, phi(up) otherwise. Returns [N, F]."""
     if activation in GATED:
