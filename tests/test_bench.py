@@ -200,3 +200,23 @@ def test_every_bench_subcommand_help_shows_defaults(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args([what, "--help"])
         assert "(default:" in capsys.readouterr().out, what
+
+
+@pytest.mark.parametrize("flag", [[], ["--targets"]])
+def test_layer_prints_target_lines_only_with_targets_flag(flag, tmp_path, capsys):
+    """The project's targets hold for the reference sizes: tiny sizes print none unless asked."""
+    out = tmp_path / "layer.json"
+    rc = main(["layer", "--tokens", str(T), "--hidden", str(H), "--ffn", str(F), "--experts", str(E), "--iters", "1",
+               "--warmup", "1", "--impls", "moedist,dense", "--modes", "capacity", "--no-memory",
+               "--json", str(out)] + flag)
+    assert rc == 0
+    lines = capsys.readouterr().out.splitlines()
+    targets = [ln for ln in lines if ln.startswith("target ")]
+    recorded = json.loads(out.read_text())["targets"]
+    if flag:
+        assert targets and all(ln.startswith(("target OK", "target MISS")) for ln in targets), lines
+        assert len(recorded) == len(targets)
+    else:
+        assert not targets, targets
+        assert recorded == []
+    assert any(ln.startswith("moedist") for ln in lines)  # the table itself is printed either way

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     lay.add_argument("--profile", type=_str_list, default=[], metavar="IMPL/MODE,...",
                      help="op-by-op profile of these cases (e.g. moedist/capacity,floor/capacity) into the JSON")
     lay.add_argument("--plot", metavar="PATH", help="PNG of the ratios (the sweep: cost curves)")
+    lay.add_argument("--targets", action="store_true",
+                     help="print the project's target lines (target OK/MISS) and record them in the JSON; the "
+                          "limits are set for the reference sizes (benchmarks/RESULTS.md), not for any size")
     lay.add_argument("--sweep", action="store_true", help="sweep tokens and experts")
     lay.add_argument("--sweep-tokens", type=_int_list, default=None, help="default 1024,2048,4096,8192,16384")
     lay.add_argument("--sweep-experts", type=_int_list, default=None, help="default 8,16,32,64,128")
@@ -148,6 +151,8 @@ def _layer(args) -> dict:
             print(f"fit {k}: {f['ms_per_1k_tokens']:.1f} ms per 1k tokens, R^2 = {f['r2']:.4f}")
     else:
         res = run_layer_bench(cfg, log=log)
+        if not args.targets:  # the limits mean something at the reference sizes only
+            res["targets"] = []
         print(format_layer_table(res))
         for t in res["targets"]:
             cpu = f", CPU time {t['cpu_value']:.3f} {'OK' if t['cpu_ok'] else 'MISS'}" if "cpu_value" in t else ""
