@@ -97,9 +97,43 @@ class MoEConfig:
     noisy_gating: bool = _opt(False, "Add Gaussian noise to router logits while training (noisy top-k).")
     jitter_eps: float = _opt(0.0, "Multiplicative jitter 1 +- eps on router inputs while training; 0 = off.", ge=0)
     expert_bias: bool = _opt(False, "Aux-loss-free balancing: a per-expert bias added for top-k selection "
-                                    "only, updated from expert load (DeepSeek-V3).")
+                                    "only, updated from expert load (DeepSeek-V3); needs score_func=sigmoid.")
+    expert_bias_update_rate: float = _opt(0.001, "With expert_bias=true: after every optimizer step each MoE layer's "
+                                                 "bias moves by rate * sign(mean load - load of the expert), the load "
+                                                 "being the (token, expert) pairs routed to it over the whole global "
+                                                 "batch (all ranks and micro-batches, before capacity dropping); "
+                                                 "0.001 as in DeepSeek-V3; 0 = a fixed bias. The bias is a buffer, "
+                                                 "saved in checkpoints, not trained by the optimizer.", ge=0)
+    router_type: str = _opt("token_choice", "'token_choice' = each token picks its top_k experts; 'expert_choice' "
+                                            "= each expert picks its capacity C = ceil(capacity_factor * T * top_k "
+                                            "/ E) highest-scoring tokens (Zhou et al. 2022; a token may get 0 to E "
+                                            "experts). The choice is made per rank and micro-batch over its own T "
+                                            "tokens, before dispatch, as in other implementations; needs a "
+                                            "capacity_factor and aux_loss_type=none.",
+                             choices=("token_choice", "expert_choice"))
+    second_expert_policy: str = _opt("all", "top_k=2: 'all' = every token goes to both experts; 'random' = in "
+                                            "training the second expert is used with probability min(1, 2 * w2) of "
+                                            "its weight after renormalisation, w2 = p2 / (p1 + p2) (GShard "
+                                            "Algorithm 1; fairseq Top2Gate second_expert_policy='random'); a skipped "
+                                            "pair does not take capacity and the first weight is not rescaled. "
+                                            "Draws from the router's own generator, saved with the RNG state.",
+                                     choices=("all", "random"))
+    eval_capacity_factor: float | None = _opt(None, "Capacity factor used in evaluation (model.eval()); null = the "
+                                                    "same as capacity_factor, 0 = dropless in evaluation.", ge=0)
     expert_ffn_size: int | None = _opt(None, "Hidden size of each routed expert; null = model.ffn_size.", ge=1)
     activation: str = _opt("swiglu", "Expert and FFN activation.", choices=("swiglu", "gelu", "relu"))
+    expert_groups: dict[str, Any] = _opt({}, "Per-domain expert groups (PanGu-Sigma): {source name: [expert ids]}; "
+                                             "tokens of a data.sources entry route only to its group's experts "
+                                             "(router scores outside it are masked before top-k; a group needs >= "
+                                             "top_k experts); sources without a group route over all experts. "
+                                             "{} = off.")
+    group_routing: str = _opt("learned", "Routing inside a group: 'learned' = the router's top-k; 'random' = "
+                                         "PanGu-Sigma random-routed experts: a fixed hash of (token id, layer) "
+                                         "picks top_k consecutive experts of the group, combine weights 1/top_k.",
+                              choices=("learned", "random"))
+    freeze_experts: list[int] = _opt([], "Expert ids whose weights (their LoRA adapters in lora.mode moe_lora/"
+                                         "expert_lora) and router rows stay bitwise unchanged in training; [] = none. "
+                                         "Under DeepSpeed needs train.weight_decay=0 and zero_stage <= 2.")
 
 
 @dataclass
@@ -162,6 +196,15 @@ class TrainConfig:
                                                "'none'; 'moe' = only the MoE FFNs (router, all-to-all, experts); "
                                                "'full' = every decoder layer. Same losses, less activation memory, "
                                                "about one extra forward of compute.", choices=("none", "moe", "full"))
+    ema_decay: float = _opt(0.0, "Keep an exponential moving average of the trainable weights (fp32, from the step-0 "
+                                 "weights, updated after every optimizer step: ema = d*ema + (1-d)*w), evaluated and "
+                                 "saved as output_dir/final_ema/ at the end; 0 = off. Typical 0.99-0.9999.", ge=0, lt=1)
+    swa_start: int = _opt(0, "Stochastic weight averaging: the equal-weight mean of the trainable weights after every "
+                             "optimizer step from this step on (inclusive) to max_steps, evaluated and saved as "
+                             "output_dir/final_swa/; 0 = off.", ge=0)
+    lawa_k: int = _opt(0, "LAWA: the mean of the trainable weights of the latest k step checkpoints (needs "
+                          "save_every > 0 and keep_last 0 or >= k; the final step is always saved), evaluated and "
+                          "saved as output_dir/final_lawa/; 0 = off.", ge=0)
 
 
 @dataclass
@@ -533,6 +576,23 @@ def validate(cfg: MoedistConfig) -> None:
          f"moe.num_experts={moe.num_experts}: must be divisible by parallel.ep_size ({par.ep_size})")
     need(not moe.shared_expert_gate or moe.num_shared_experts > 0,
          "moe.shared_expert_gate=true: needs moe.num_shared_experts >= 1 (got 0)")
+    need(not moe.expert_bias or moe.score_func == "sigmoid",
+         "moe.expert_bias=true: needs moe.score_func=sigmoid (the bias only biases the sigmoid top-k choice; "
+         "with softmax it would be ignored)")
+    expert_choice = moe.router_type == "expert_choice"
+    need(not expert_choice or bool(moe.capacity_factor),
+         "moe.router_type=expert_choice: needs moe.capacity_factor > 0 (each expert takes capacity_factor * T * "
+         "top_k / E tokens)")
+    need(not expert_choice or moe.eval_capacity_factor != 0,
+         "moe.eval_capacity_factor=0: expert_choice routing has no dropless mode; use null or a factor > 0")
+    need(not expert_choice or moe.aux_loss_type == "none",
+         f"moe.aux_loss_type={_fmt(moe.aux_loss_type)}: expert_choice routing is balanced by construction; "
+         "set moe.aux_loss_type=none")
+    need(not expert_choice or not moe.expert_bias,
+         "moe.expert_bias=true: balances token-choice routing; it has no effect with moe.router_type=expert_choice")
+    need(moe.second_expert_policy == "all" or (moe.top_k == 2 and not expert_choice),
+         f"moe.second_expert_policy={_fmt(moe.second_expert_policy)}: needs moe.top_k=2 and "
+         f"moe.router_type=token_choice (got top_k={moe.top_k}, router_type={_fmt(moe.router_type)})")
     need(par.ep_size == 1 or has_moe,
          f"parallel.ep_size={par.ep_size}: expert parallelism needs MoE layers but model.moe_every=0")
     # LoRA
@@ -548,6 +608,19 @@ def validate(cfg: MoedistConfig) -> None:
          f"train.min_lr={_fmt(tr.min_lr)}: must be <= train.lr ({_fmt(tr.lr)})")
     need(all(0 <= b < 1 for b in tr.adam_betas), f"train.adam_betas={_fmt(tr.adam_betas)}: each must be in [0, 1)")
     need(tr.output_dir.strip() != "", f"train.output_dir={_fmt(tr.output_dir)}: must be a non-empty path")
+    need(tr.swa_start <= tr.max_steps,
+         f"train.swa_start={tr.swa_start}: must be <= train.max_steps ({tr.max_steps}), or 0 = off")
+    need(not tr.lawa_k or tr.save_every > 0,
+         f"train.lawa_k={tr.lawa_k}: averages saved checkpoints, so it needs train.save_every > 0 (got 0)")
+    need(not tr.lawa_k or tr.keep_last == 0 or tr.keep_last >= tr.lawa_k,
+         f"train.lawa_k={tr.lawa_k}: needs train.keep_last=0 or >= {tr.lawa_k} (got {tr.keep_last}); older "
+         "checkpoints would be deleted before they are averaged")
+    need(not tr.lawa_k or tr.save_every == 0 or -(-tr.max_steps // tr.save_every) >= tr.lawa_k,
+         f"train.lawa_k={tr.lawa_k}: only {-(-tr.max_steps // max(1, tr.save_every))} checkpoints are saved "
+         f"(max_steps={tr.max_steps}, save_every={tr.save_every})")
+    need(not (ds.enabled and ds.zero_stage == 3) or not (tr.ema_decay or tr.swa_start or tr.lawa_k),
+         f"train.{'ema_decay' if tr.ema_decay else 'swa_start' if tr.swa_start else 'lawa_k'}: weight averages "
+         "need whole weights per rank; not supported with deepspeed.zero_stage=3 (use zero_stage 0-2)")
     need(tr.resume in (None, "auto") or os.path.isdir(tr.resume),
          f"train.resume={_fmt(tr.resume)}: must be null, 'auto' or an existing checkpoint directory")
     # data
@@ -559,6 +632,9 @@ def validate(cfg: MoedistConfig) -> None:
          f"data.path={_fmt(data.path)}: no such file (data.source='file')")
     need(data.seq_len <= m.max_seq_len, f"data.seq_len={data.seq_len}: must be <= model.max_seq_len ({m.max_seq_len})")
     _validate_sources(data.sources)
+    from moedist.config_lifelong import validate_lifelong
+
+    validate_lifelong(cfg)
     need(data.tokenizer in (None, "bytes") or bool(data.sources),
          f"data.tokenizer={_fmt(data.tokenizer)}: only used with data.sources (data.source={_fmt(data.source)} "
          "is byte-level); list your files under data.sources")

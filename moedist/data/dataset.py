@@ -192,19 +192,21 @@ class TokenData:
 
     def train_micro(self, position: int, count: int) -> Batch:
         """The training sequences at global positions [position, position + count): Batch [count, S]."""
-        return self._batch([self.sources[i].seqs.row(k) for i, k in self.train_pairs(position, count)])
+        pairs = self.train_pairs(position, count)
+        return self._batch([self.sources[i].seqs.row(k) for i, k in pairs], [i for i, _ in pairs])
 
     def val_micro(self, name: str, index: int, count: int) -> Batch:
         """Fixed validation micro-batch ``index`` of a source (wraps around its validation sequences)."""
         s = self._source(name)
         ids = (np.arange(count) + index * count) % len(s.val)
-        return self._batch([s.seqs.row(int(k)) for k in s.val[ids]])
+        return self._batch([s.seqs.row(int(k)) for k in s.val[ids]], [self.names.index(name)] * count)
 
     @staticmethod
-    def _batch(rows: List[Row]) -> Batch:
+    def _batch(rows: List[Row], domains: List[int]) -> Batch:
+        """Rows [S] and their source indices -> Batch [B, S] with domain_ids [B]."""
         stack = (lambda j: None if not rows or rows[0][j] is None
                  else torch.from_numpy(np.stack([r[j] for r in rows]).astype(np.int64)))
-        return Batch(stack(0), stack(1), stack(2), stack(3))
+        return Batch(stack(0), stack(1), stack(2), stack(3), torch.tensor(domains, dtype=torch.int64))
 
 
 def build_data(cfg: Any, tokenizer: Optional[Tokenizer] = None, progress: bool = False) -> TokenData:

@@ -92,7 +92,22 @@ def build_model(cfg, seed: int = None) -> CausalLM:
                      rope_scaling=getattr(m, "rope_scaling", None))  # optional, HF import (Llama 3)
     apply_lora_freezing(model, lora)
     apply_param_dtype(model, cfg)
+    apply_expert_groups(model, cfg)
     return model
+
+
+def apply_expert_groups(model: nn.Module, cfg) -> None:
+    """Give every MoE layer the run's expert groups (domain d = cfg.data.sources[d]) and its layer index."""
+    moe = cfg.moe
+    table = None
+    if moe.expert_groups or moe.group_routing != "learned":
+        from moedist.moe.groups import GroupTable
+
+        table = GroupTable.from_config(moe.expert_groups, [s["name"] for s in cfg.data.sources],
+                                       moe.num_experts, moe.group_routing)
+    for i, layer in enumerate(model.layers):
+        if isinstance(layer.mlp, MoELayer):
+            layer.mlp.groups, layer.mlp.route_seed = table, i
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

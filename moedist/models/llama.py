@@ -25,7 +25,8 @@ import torch.nn.functional as F_
 
 from moedist.moe.ffn import GATED, check_activation, ffn
 from moedist.moe.init import is_meta, normal_
-from moedist.moe.layer import MoEAux
+from moedist.moe.groups import RouteInfo, route_info
+from moedist.moe.layer import MoEAux, MoELayer
 
 
 class RMSNorm(nn.Module):
@@ -240,15 +241,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden, norm_eps)
         self.mlp = mlp
 
-    def forward(self, x: torch.Tensor, cos, sin, mask: Optional[torch.Tensor] = None, kv: Optional[LayerKV] = None):
+    def forward(self, x: torch.Tensor, cos, sin, mask: Optional[torch.Tensor] = None, kv: Optional[LayerKV] = None,
+                route: Optional[RouteInfo] = None):
         if self.recompute_layer is not None and kv is None:
-            return self.recompute_layer(self._forward, x, cos, sin, mask)
-        return self._forward(x, cos, sin, mask, kv)
+            return self.recompute_layer(self._forward, x, cos, sin, mask, None, route)
+        return self._forward(x, cos, sin, mask, kv, route)
 
-    def _forward(self, x: torch.Tensor, cos, sin, mask: Optional[torch.Tensor] = None, kv: Optional[LayerKV] = None):
+    def _forward(self, x: torch.Tensor, cos, sin, mask: Optional[torch.Tensor] = None, kv: Optional[LayerKV] = None,
+                 route: Optional[RouteInfo] = None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
         h = self.post_attention_layernorm(x)
-        out = self.mlp(h) if self.recompute_mlp is None else self.recompute_mlp(self.mlp, h)
+        args = (h, route) if isinstance(self.mlp, MoELayer) else (h,)  # the route picks a MoE layer's expert group
+        out = self.mlp(*args) if self.recompute_mlp is None else self.recompute_mlp(self.mlp, *args)
         aux = None
         if isinstance(out, tuple):  # MoE layer: (y, MoEAux)
             out, aux = out
@@ -310,7 +314,7 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> CausalLMOutput:
+                cache: Optional[KVCache] = None, domain_ids: Optional[torch.Tensor] = None) -> CausalLMOutput:
         """Logits (and losses when `labels` are given) of a batch.
 
         Args:
@@ -319,6 +323,8 @@ class CausalLM(nn.Module):
             position_ids: [B, S] rotary positions (default 0..S-1, or past_len.. with a cache).
             segment_ids: [B, S] packed-document ids: attention stays inside a segment.
             cache: a `KVCache`; new keys/values are appended and attention sees the past.
+            domain_ids: [B] (or [B, S]) data-source index of each sequence (token), -1 = none: picks the
+                expert group of every MoE layer (`moe.expert_groups`); None = no domain.
 
         Returns:
             CausalLMOutput (losses None without labels).
@@ -339,8 +345,9 @@ class CausalLM(nn.Module):
                                        scaling=self.rope_scaling)  # [B, 1, S, d]
         mask = attention_mask(S, past, segment_ids, device=x.device)
         auxes = []
+        route = route_info(input_ids, domain_ids)
         for i, layer in enumerate(self.layers):
-            x, aux = layer(x, cos, sin, mask, None if cache is None else cache.layers[i])
+            x, aux = layer(x, cos, sin, mask, None if cache is None else cache.layers[i], route)
             if aux is not None:
                 auxes.append(aux)
         x = self.norm(x)

@@ -20,7 +20,8 @@ import torch.nn as nn
 from moedist.moe.capacity import DROP_POLICIES, compute_capacity, select_tokens
 from moedist.moe.dispatcher import TokenDispatcher, combine_pairs, permute_pairs
 from moedist.moe.losses import importance_loss, load_loss, router_entropy, router_z_loss, switch_load_balancing_loss
-from moedist.moe.router import Router
+from moedist.moe.groups import GroupTable, RouteInfo, random_group_routing
+from moedist.moe.router import Router, RouterOutput
 
 AUX_LOSS_TYPES = ("switch", "importance", "none")
 
@@ -92,11 +93,16 @@ class MoELayer(nn.Module):
     def num_experts(self) -> int:
         return self.router.num_experts
 
-    def forward(self, x_BSH: torch.Tensor):
+    # Expert groups (`moedist.moe.groups`), set by `moedist.models.build.build_model`; None = route over all.
+    groups: Optional[GroupTable] = None
+    route_seed: int = 0  # the layer index: random group routing hashes (token id, route_seed)
+
+    def forward(self, x_BSH: torch.Tensor, route: Optional[RouteInfo] = None):
+        """(y [B, S, H], MoEAux); `route` (domain and id of each token) selects the expert group."""
         shape = x_BSH.shape
         x_TH = x_BSH.reshape(-1, shape[-1])  # [T, H]
         T, E, K = x_TH.shape[0], self.num_experts, self.router.top_k
-        r = self.router(x_TH)
+        r = self._route(x_TH, route)
         cap = compute_capacity(T, E, K, self.capacity_factor, self.min_capacity)
         sel = select_tokens(r.idx_TK, r.weight_TK, E, cap, self.drop_policy)
         d = self.dispatcher
@@ -117,9 +123,24 @@ class MoELayer(nn.Module):
         aux = self._aux(r, sel, T)
         return y_TH.to(x_BSH.dtype).reshape(shape), aux
 
+    def _route(self, x_TH: torch.Tensor, route: Optional[RouteInfo]) -> RouterOutput:
+        """The router's decision, restricted to each token's group; random group routing replaces the choice."""
+        g = self.groups
+        if g is None or g.is_trivial() or route is None:
+            if g is not None and g.mode == "random" and route is None:
+                raise ValueError("group_routing=random needs the token ids (CausalLM passes a RouteInfo)")
+            return self.router(x_TH)
+        domain_T = route.domain_T.to(x_TH.device)
+        r = self.router(x_TH, g.allowed(domain_T))
+        if g.mode == "random":
+            idx_TK, w_TK = random_group_routing(route.token_T.to(x_TH.device), domain_T, g, self.router.top_k,
+                                                self.route_seed)
+            r = RouterOutput(idx_TK, w_TK.to(r.weight_TK.dtype), r.probs_TE, r.logits_TE, r.noise)
+        return r
+
     def _aux(self, r, sel, T: int) -> MoEAux:
         E, K = self.num_experts, self.router.top_k
-        zero = r.logits_TE.sum() * 0.0
+        zero = r.probs_TE.sum() * 0.0  # (masked logits hold -inf: -inf * 0 would be NaN)
         if self.aux_loss_type == "switch":
             aux = switch_load_balancing_loss(r.probs_TE, r.idx_TK, E)
         elif self.aux_loss_type == "importance":

@@ -155,9 +155,9 @@ def prepare_model(model: nn.Module, ep_size: int, zero_stage: int, dims=None) ->
         dims: the `ParallelDims` from `init_expert_groups` (needed for ZeRO-3).
     """
     name = group_name(ep_size)
-    for p in expert_params(model):
-        p.allreduce = False
-        p.group_name = name
+    if zero_stage == 3 and dims is None:
+        raise ValueError("prepare_model: ZeRO-3 needs dims (from init_expert_groups)")
+    tag_expert_params(expert_params(model), ep_size, zero_stage, dims)
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     if zero_stage < 3:
         for layer in layers:
@@ -168,12 +168,6 @@ def prepare_model(model: nn.Module, ep_size: int, zero_stage: int, dims=None) ->
             layer.use_residual = False
             layer.enable_expert_tensor_parallelism = False
     else:
-        if dims is None:
-            raise ValueError("prepare_model: ZeRO-3 needs dims (from init_expert_groups)")
-        for p in expert_params(model):
-            p.ds_zero_placement_family = "autoep_expert"
-            p.ds_zero_partition_group_name = name
-            p.ds_zero_partition_process_group = dims.edp_group
         if layers:
             from deepspeed.utils import set_z3_leaf_modules
 
@@ -181,6 +175,48 @@ def prepare_model(model: nn.Module, ep_size: int, zero_stage: int, dims=None) ->
             for layer in layers:
                 layer.register_forward_pre_hook(_input_requires_grad)
     return model
+
+
+def tag_expert_params(params, ep_size: int, zero_stage: int, dims=None) -> None:
+    """DeepSpeed's per-parameter expert tags (see the module docstring) on the expert ones among `params`."""
+    name = group_name(ep_size)
+    for p in params:
+        if not getattr(p, EXPERT_ATTR, False):
+            continue
+        p.allreduce = False
+        p.group_name = name
+        if zero_stage == 3:
+            p.ds_zero_placement_family = "autoep_expert"
+            p.ds_zero_partition_group_name = name
+            p.ds_zero_partition_process_group = dims.edp_group
+
+
+def zero3_partitioner(cfg, dims):
+    """A `partition(params)` callback for `moedist.models.materialize.build_partitioned_model` under ZeRO-3.
+
+    Each chunk of freshly drawn parameters is tagged (experts: partitioned over their EDP group
+    only), cast to the engine's mixed-precision dtype exactly as ``deepspeed.initialize`` would
+    cast a whole model (it skips the cast for a model partitioned already), and converted by
+    ``deepspeed.zero.Init``'s conversion of allocated parameters: broadcast from the partition
+    group's first rank (equal values: the same seeds everywhere), then only this rank's
+    partition is kept. The engine then finds every parameter partitioned and converts nothing.
+    """
+    import deepspeed
+    from deepspeed.runtime.engine import CASTABLE_DTYPES
+
+    ds = cfg.deepspeed
+    config = ds_config(cfg, dims.world_size)
+    dtype = torch.half if ds.fp16 else torch.bfloat16 if ds.bf16 else None
+    init = deepspeed.zero.Init(config_dict_or_path=config, dtype=dtype or torch.float)
+
+    def partition(params: List[nn.Parameter]) -> None:
+        tag_expert_params(params, cfg.parallel.ep_size, 3, dims)
+        for p in params:
+            if dtype is not None and p.dtype in CASTABLE_DTYPES and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        init._convert_to_zero_parameters(params)
+
+    return partition
 
 
 def _input_requires_grad(module, args):
@@ -209,8 +245,8 @@ class Zero3Module(nn.Module):
         self.model = model
         self.last_output = None
 
-    def forward(self, input_ids, labels, position_ids=None, segment_ids=None):
-        out = self.model(input_ids, labels, position_ids, segment_ids)
+    def forward(self, input_ids, labels, position_ids=None, segment_ids=None, domain_ids=None):
+        out = self.model(input_ids, labels, position_ids, segment_ids, domain_ids=domain_ids)
         self.last_output = out
         return out.loss
 

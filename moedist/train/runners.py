@@ -72,7 +72,8 @@ class PlainRunner:
         self._accum = 0
 
     def forward(self, batch):
-        return self.module(batch.input_ids, batch.labels, batch.position_ids, batch.segment_ids)
+        return self.module(batch.input_ids, batch.labels, batch.position_ids, batch.segment_ids,
+                           domain_ids=batch.domain_ids)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.cfg.train.grad_accum).backward()
@@ -127,7 +128,8 @@ class DeepSpeedRunner:
         self.skipped = False  # the last boundary step was dropped by DeepSpeed (non-finite gradients)
 
     def forward(self, batch):
-        out = self.engine(batch.input_ids, batch.labels, batch.position_ids, batch.segment_ids)
+        out = self.engine(batch.input_ids, batch.labels, batch.position_ids, batch.segment_ids,
+                          domain_ids=batch.domain_ids)
         if not self.zero3:
             return out
         # Backward must start from the tensor the engine returned (it carries ZeRO-3's hooks).
