@@ -47,7 +47,10 @@ COMMANDS: dict[str, Command] = {
     "convert": Command("moedist.models.convert_cli:main", "convert Hugging Face <-> moedist checkpoints", False),
     "merge": Command("moedist.checkpoint.cli:main_merge", "merge LoRA adapters into the base weights", False),
     "extract": Command("moedist.checkpoint.cli:main_extract", "write an adapter-only checkpoint "
-                       "from a full one (PEFT export: moedist convert peft)", False),
+                       "from a full one (PEFT export: moedist convert peft); --domain NAME: one domain's "
+                       "sub-model", False),
+    "grow": Command("moedist.checkpoint.grow:main_grow", "add experts to a trained checkpoint's expert group",
+                    False),
     "generate": Command("moedist.models.generate_cli:main", "generate text from a moedist run/checkpoint or a "
                         "Hugging Face directory", False),
     "data": Command("moedist.data.prepare_cli:main", "moedist data prepare CONFIG: tokenize and cache the "

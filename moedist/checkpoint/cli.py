@@ -1,6 +1,7 @@
 """`moedist extract` and `moedist merge`: adapter-only checkpoints out of full ones, and back.
 
     moedist extract CKPT OUT                                  # full checkpoint -> adapter-only checkpoint
+    moedist extract CKPT --domain NAME OUT                    # one domain's sub-model (moedist.checkpoint.grow)
     moedist merge ADAPTER --base BASE OUT                     # base + adapter -> full moedist checkpoint
     moedist merge ADAPTER --base BASE OUT --format hf         # ... -> transformers directory, LoRA merged
 
@@ -228,12 +229,23 @@ def _extract_parser() -> argparse.ArgumentParser:
                    "its latest checkpoint)")
     p.add_argument("out", metavar="OUT", help="output checkpoint directory (must not exist, or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT when it exists and is not empty")
+    p.add_argument("--domain", metavar="NAME", default=None,
+                   help="instead: write the full sub-model of one domain: shared parts plus the experts of "
+                        "moe.expert_groups[NAME] renumbered 0..g-1, router rows sliced, num_experts=g; its logits on "
+                        "that domain equal the full model's (default: none, adapter-only extraction)")
     return p
 
 
 def main_extract(argv: Optional[List[str]] = None) -> int:
     """Entry point of `moedist extract` (argv without the subcommand name). Returns the exit code."""
-    return _run("moedist extract", _extract_parser(), argv, lambda a: extract(a.ckpt, a.out, a.overwrite))
+    def body(a):
+        if a.domain is None:
+            return extract(a.ckpt, a.out, a.overwrite)
+        from moedist.checkpoint.grow import extract_domain
+
+        return extract_domain(a.ckpt, a.domain, a.out, a.overwrite)
+
+    return _run("moedist extract", _extract_parser(), argv, body)
 
 
 def extract(src: str, out_path: str, overwrite: bool = False) -> Path:

@@ -107,6 +107,8 @@ def _without_paths(config: dict) -> dict:
     config.get("model", {})["init_from"] = None
     config.setdefault("train", {})["resume"] = None
     config["data"] = {}
+    config.get("moe", {}).pop("expert_groups", None)  # groups name data sources: the run's own config sets them
+    config.get("moe", {}).pop("freeze_experts", None)
     return config
 
 

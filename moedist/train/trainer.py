@@ -296,7 +296,15 @@ class Trainer:
         self.total_params = sum(p.numel() for p in meta.parameters())
         self.trainable_params = sum(p.numel() for p in meta.parameters() if p.requires_grad)
         # shard on meta, then allocate and draw only this rank's experts and the replicated parts
-        model = build_local_model(cfg, self.dims.ep_rank, ep, device=self.device, meta_model=meta)
+        loads = cfg.model.from_hf is not None or cfg.model.init_from is not None or model_init is not None
+        if ds and cfg.deepspeed.zero_stage == 3 and not loads:  # ZeRO-3: one decoder layer whole at a time
+            from moedist.models.materialize import build_partitioned_model
+            from moedist.train.deepspeed_setup import zero3_partitioner
+
+            model = build_partitioned_model(cfg, zero3_partitioner(cfg, self.dims), self.dims.ep_rank, ep,
+                                            device=self.device, meta_model=meta)
+        else:  # loaders below write whole tensors: ZeRO-3 partitions in deepspeed.initialize
+            model = build_local_model(cfg, self.dims.ep_rank, ep, device=self.device, meta_model=meta)
         if cfg.model.from_hf is not None:
             from moedist.models.hf import load_hf_weights_into
 
@@ -323,6 +331,11 @@ class Trainer:
 
             self.runner = PlainRunner(model, cfg, self.dims, self.device)
         self.model = self.runner.module
+        self.frozen = None  # moe.freeze_experts (moedist.train.freeze): hooks now, restore around each step
+        if cfg.moe.freeze_experts:
+            from moedist.train.freeze import FrozenExperts
+
+            self.frozen = FrozenExperts.from_model(self.model, cfg.moe.freeze_experts)
         self.step = 0
         self.position = 0
         self.ckpt_dir = os.path.join(cfg.train.output_dir, "checkpoints")
@@ -336,6 +349,9 @@ class Trainer:
         self._loss_finite = True
         self._skipped_now = False
         self._nan = _nan_hook(self.rank)
+        from moedist.train.averaging import WeightAverages
+
+        self.averages = WeightAverages.from_config(cfg.train)  # EMA/SWA/LAWA (train.ema_decay, swa_start, lawa_k)
 
     # ---------------------------------------------------------------- pieces
 
@@ -506,7 +522,10 @@ class Trainer:
                 if p.grad is not None:
                     p.grad.fill_(float("nan"))
             stats.add(out, batch.input_ids.numel())
+            snap = self.frozen.snapshot() if self.frozen is not None else None
             got = self.runner.step(lr, guard=self._guard)
+            if snap is not None:
+                self.frozen.restore(snap)
             norm = got if got is not None else norm
         if norm is not None and not math.isfinite(norm) and not self._skipped_now:  # DeepSpeed: seen after the step
             if not self._guard(norm, None) and not self.runner.skipped:
@@ -586,6 +605,8 @@ class Trainer:
         if resumed:
             bar.print(f"resumed at step {self.step} from {self.resumed_from}")
         self._warn_traps()
+        if self.averages is not None:
+            self.averages.begin(self)
         bar.print(f"[bold]{cfg.name}[/]: {self._model_text()}; {self.layout}; "
                   f"{self.trainable_params:,}/{self.total_params:,} parameters train")
         t_start = time.perf_counter()
@@ -599,6 +620,8 @@ class Trainer:
             with (self._outer_signals or PreemptionSignals()) as self._signals:
                 while self.step < tr.max_steps:
                     rec = self.train_step()
+                    if self.averages is not None:
+                        self.averages.after_step(self, skipped=self._skipped_now)
                     if tr.eval_every and self.step % tr.eval_every == 0 and self.step < tr.max_steps:
                         rec.update(self.evaluate_all())
                     if self.step == tr.max_steps:
@@ -624,6 +647,11 @@ class Trainer:
             self._signals = self._outer_signals or PreemptionSignals(enabled=False)
             bar.close()
             writer.close()
+        averaged = {}
+        if self.averages is not None and self.step == tr.max_steps:  # before final/: `latest` names final
+            from moedist.train.averaging import finish
+
+            averaged = finish(self, self.averages, bar.print)  # the end-of-run log: one line each
         final = None
         if self.save_checkpoints and self.step == tr.max_steps:
             from moedist.train import checkpointing
@@ -633,6 +661,7 @@ class Trainer:
         elapsed = time.perf_counter() - t_start
         summary = self._summary(records, elapsed, val)
         summary["final"] = final
+        summary.update(averaged)
         summary["preempted"] = self.preempted and self.step < tr.max_steps
         summary["interrupted"] = self.interrupted and self.step < tr.max_steps
         summary["skipped_steps"] = self.skipped_steps
