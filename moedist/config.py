@@ -588,6 +588,8 @@ def validate(cfg: MoedistConfig) -> None:
     need(not expert_choice or moe.aux_loss_type == "none",
          f"moe.aux_loss_type={_fmt(moe.aux_loss_type)}: expert_choice routing is balanced by construction; "
          "set moe.aux_loss_type=none")
+    need(not expert_choice or moe.score_func == "softmax",
+         "moe.score_func=sigmoid: expert_choice routing picks tokens by their softmax probability; use softmax")
     need(not expert_choice or not moe.expert_bias,
          "moe.expert_bias=true: balances token-choice routing; it has no effect with moe.router_type=expert_choice")
     need(moe.second_expert_policy == "all" or (moe.top_k == 2 and not expert_choice),

@@ -274,7 +274,11 @@ def ref_shared(x_H, shared, activation):
 def ref_moe(x_TH, router, experts, top_k, activation, shared=None, shared_activation=None,
             score_func="softmax", renormalize=True, capacity_factor=None, min_capacity=0,
             drop_policy="position", jitter_eps=0.0, jitter_u=None, noise_eps=None):
-    """The whole MoE layer for one rank's tokens. Returns (y [T, H], info dict)."""
+    """The whole MoE layer for one rank's tokens. Returns (y [T, H], info dict).
+
+    MoE-LoRA experts ("moelora") are adapters on one frozen FFN, which applies to every
+    token at full weight: y = FFN(x) + sum over kept pairs of w * (FFN_e(x) - FFN(x)).
+    """
     T, H = x_TH.shape
     E = router["weight"].shape[0]
     r = ref_route(x_TH, router, top_k, score_func, renormalize, jitter_eps, jitter_u, noise_eps)
@@ -284,17 +288,26 @@ def ref_moe(x_TH, router, experts, top_k, activation, shared=None, shared_activa
     kept_counts = [0] * E
     for t in range(T):
         y = torch.zeros(H, dtype=x_TH.dtype)
+        base = ref_base_ffn(x_TH[t], experts, activation) if experts["kind"] == "moelora" else None
+        if base is not None:
+            y = y + base
         for k in range(top_k):
             if not keep[t][k]:
-                continue  # a dropped slot contributes zero
+                continue  # a dropped slot contributes zero (MoE-LoRA: its adapter only)
             e = r["idx"][t][k]
             kept_counts[e] += 1
-            y = y + r["w"][t][k] * ref_expert(e, x_TH[t], experts, activation)
+            out = ref_expert(e, x_TH[t], experts, activation)
+            y = y + r["w"][t][k] * (out if base is None else out - base)
         if shared is not None:
             y = y + ref_shared(x_TH[t], shared, shared_activation or activation)
         rows.append(y)
     info = dict(route=r, keep=keep, dropped=dropped, kept=kept_counts, capacity=cap)
     return torch.stack(rows), info
+
+
+def ref_base_ffn(x_H, experts, activation):
+    """The frozen FFN under MoE-LoRA experts, without any adapter."""
+    return ref_ffn_token(x_H, experts["w_gate"], experts["w_up"], experts["w_down"], activation)
 
 
 def ref_dense_ffn(x_TH, w_gate, w_up, w_down, activation):

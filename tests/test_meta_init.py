@@ -16,7 +16,8 @@ from moedist.models import build_local_model, build_meta_model, build_model, mat
 BASE = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_size=48", "model.num_heads=4", "moe.num_experts=4",
         "model.vocab_size=256"]
 CASES = {
-    "none": ["moe.num_shared_experts=1", "moe.shared_expert_gate=true", "moe.noisy_gating=true", "moe.expert_bias=true"],
+    "none": ["moe.num_shared_experts=1", "moe.shared_expert_gate=true", "moe.noisy_gating=true", "moe.expert_bias=true",
+             "moe.score_func=sigmoid"],
     "moe_lora": ["lora.mode=moe_lora"],
     "expert_lora": ["lora.mode=expert_lora"],
     "full": ["lora.mode=full", "model.moe_every=2"],

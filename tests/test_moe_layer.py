@@ -21,7 +21,7 @@ from moedist.distributed.comm import ExpertParallelComm
 from moedist.moe import (GroupedExperts, LoRAOnExperts, MoELayer, MoELoRAExperts, Router, SharedExperts,
                          TokenDispatcher)
 from moedist.moe.dispatcher import permute_pairs
-from tests.moe_reference import (Leaves, experts_dict, ref_dense_ffn, ref_importance_loss, ref_load_loss, ref_moe,
+from tests.moe_reference import (Leaves, experts_dict, ref_base_ffn, ref_dense_ffn, ref_importance_loss, ref_load_loss, ref_moe,
                                  ref_switch_loss, ref_z_loss, router_dict, shared_dict)
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -41,6 +41,9 @@ class NoFused(nn.Module):
 
     def forward(self, x_NH, counts_L):
         return self.inner(x_NH, counts_L)
+
+    def base_forward(self, x_TH):  # the frozen FFN under MoE-LoRA experts (applies to dropped pairs too)
+        return self.inner.base_forward(x_TH)
 
 
 class Recorder(nn.Module):
@@ -236,7 +239,7 @@ def test_capacity_factor_zero_means_dropless():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_fully_dropped_token_contributes_zero(kind):
+def test_fully_dropped_token_gets_zero_or_the_frozen_ffn(kind):
     # capacity 1 per expert: with 12 tokens and 8 experts most tokens lose every slot
     layer, _, _ = make_layer(kind=kind, K=2, cf=0.01, policy="position", activation="gelu")
     x = _x(60)
@@ -248,8 +251,21 @@ def test_fully_dropped_token_contributes_zero(kind):
     sel_keep = select_tokens(r.idx_TK, r.weight_TK, E, 1, "position").keep_TK
     gone = ~sel_keep.any(1)
     assert gone.sum() >= 4
-    assert not y.detach().reshape(-1, H)[gone].any()  # exactly zero without shared experts
-    assert y.detach().reshape(-1, H)[~gone].abs().sum(1).min() > 0
+    y_TH = y.detach().reshape(-1, H)
+    if kind.startswith("moelora"):  # MoE-LoRA: the frozen FFN still applies, only the adapters were dropped
+        leaves = Leaves()
+        ed = experts_dict(_inner(layer.experts), "moelora", leaves)
+        x_TH = x.detach().double().reshape(-1, H)
+        base = torch.stack([ref_base_ffn(x_TH[t], ed, "gelu") for t in range(B * S)]).detach()
+        torch.testing.assert_close(y_TH[gone].double(), base[gone], **TOL)
+        assert base[gone].abs().sum(1).min() > 0
+    else:
+        assert not y_TH[gone].any()  # exactly zero without shared experts
+    assert y_TH[~gone].abs().sum(1).min() > 0
+
+
+def _inner(experts):
+    return experts.inner if isinstance(experts, NoFused) else experts
 
 
 # ------------------------------------------------------------------ float64 gradcheck

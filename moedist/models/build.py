@@ -34,7 +34,8 @@ def build_moe_layer(i: int, model_cfg, moe_cfg, lora_cfg, seed: int, dense_ffn: 
     act, std = moe_cfg.activation, model_cfg.init_std
     router = Router(H, E, moe_cfg.top_k, score_func=moe_cfg.score_func, renormalize=moe_cfg.renormalize,
                     noisy_gating=moe_cfg.noisy_gating, jitter_eps=moe_cfg.jitter_eps,
-                    expert_bias=moe_cfg.expert_bias, init_std=std, seed=_seed(seed, i, 1))
+                    expert_bias=moe_cfg.expert_bias, init_std=std, seed=_seed(seed, i, 1),
+                    second_expert_policy=moe_cfg.second_expert_policy)
     lora_kw = dict(lora_rank=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, targets=lora_cfg.targets)
     if lora_cfg.mode == "moe_lora":
         # the frozen base is the layer's dense FFN (seed part 2): drawn as DenseFFN draws it, or copied from dense_ffn
@@ -55,7 +56,8 @@ def build_moe_layer(i: int, model_cfg, moe_cfg, lora_cfg, seed: int, dense_ffn: 
     return MoELayer(router, experts, shared, TokenDispatcher(E), capacity_factor=moe_cfg.capacity_factor,
                     min_capacity=moe_cfg.min_capacity, drop_policy=moe_cfg.drop_policy,
                     aux_loss_type=moe_cfg.aux_loss_type, aux_loss_coef=moe_cfg.aux_loss_coef,
-                    z_loss_coef=moe_cfg.z_loss_coef)
+                    z_loss_coef=moe_cfg.z_loss_coef, eval_capacity_factor=moe_cfg.eval_capacity_factor,
+                    router_type=moe_cfg.router_type)
 
 
 def build_model(cfg, seed: int = None) -> CausalLM:

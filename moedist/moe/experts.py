@@ -8,7 +8,7 @@ weights whatever the EP layout.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -22,6 +22,16 @@ from moedist.moe.lora_math import lora_dropout, lora_scale
 # One tag for expert parameters, owned by moedist.distributed (which reduces them
 # over the expert-data-parallel group only); re-exported here for the expert modules.
 from moedist.distributed.grad_sync import EXPERT_ATTR, mark_expert_param as tag_expert_param  # noqa: E402
+
+
+@runtime_checkable
+class FrozenBaseExperts(Protocol):
+    """Experts that are adapters on ONE frozen FFN (MoE-LoRA): the layer applies that FFN to every
+    token, also to the pairs capacity dropped (`MoELayer`), so it must be able to run it alone."""
+
+    def base_forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """The frozen FFN on every token, [T, H] -> [T, H]."""
+        ...
 
 
 def _expert_normal(shape: Sequence[int], std: float, seed: int, expert: int, which: int) -> torch.Tensor:
@@ -258,6 +268,12 @@ class MoELoRAExperts(_LoRAMixin, nn.Module):
         up = up_base if du is None else up_base + du
         return hidden_act(gate, up, self.activation)
 
+    def base_forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """The frozen FFN alone (no adapter) on every token. [T, H] -> [T, H]."""
+        x_TH = x_TH.to(self.w_up.dtype)
+        gate = x_TH @ self.w_gate if self.w_gate is not None else None  # [T, F]
+        return hidden_act(gate, x_TH @ self.w_up, self.activation) @ self.w_down  # [T, H]
+
     def forward(self, x_NH: torch.Tensor, counts_L: Sequence[int]) -> torch.Tensor:
         x_NH = x_NH.to(self.w_up.dtype)
         gate_base = x_NH @ self.w_gate if self.w_gate is not None else None  # [N, F]
@@ -275,11 +291,13 @@ class MoELoRAExperts(_LoRAMixin, nn.Module):
                 and all(p.dtype == x_NH.dtype for p in params)
                 and not any(_use_grouped_kernel(x_NH, st.lora_A) for st in self.lora.values()))
 
-    def forward_tokens(self, x_TH: torch.Tensor, pair_token_N: torch.Tensor, weight_N: torch.Tensor, counts_L: Sequence[int]) -> torch.Tensor:
+    def forward_tokens(self, x_TH: torch.Tensor, pair_token_N: torch.Tensor, weight_N: torch.Tensor,
+                       counts_L: Sequence[int], base_weight_T: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Fused local path: routed pairs sorted by expert (token ids `pair_token_N`,
         combine weights `weight_N`). Frozen gate/up/down run once per token.
 
-        Returns the weighted sum over each token's kept experts, [T, H].
+        Returns the weighted sum over each token's kept experts, [T, H], plus
+        base_weight_T [T] (when given) times the frozen FFN alone.
         """
         x_TH = x_TH.to(self.w_up.dtype)
         tok = pair_token_N
@@ -290,6 +308,7 @@ class MoELoRAExperts(_LoRAMixin, nn.Module):
             lora = {k: (st.lora_A, st.lora_B) for k, st in self.lora.items()}
             w_N = weight_N.to(x_NH.dtype)
             h_TF, z_Nr = moe_lora_hidden(gate_T, up_T, x_NH, tok, w_N, lora, counts_L, self.scaling, self.activation)
+            h_TF = self._add_base(h_TF, gate_T, up_T, base_weight_T)
             y_TH = h_TF @ self.w_down  # [T, H] frozen down once per token
             if z_Nr is not None:  # down adapter: weight and scale applied at rank r
                 y_TH = y_TH.index_add(0, tok, grouped_mm(z_Nr, self.lora["down"].lora_B, counts_L))
@@ -305,7 +324,8 @@ class MoELoRAExperts(_LoRAMixin, nn.Module):
         h_NF = hidden_act(gate_N, routed("up", up_T), self.activation)  # [N, F]
         w_N = weight_N.to(h_NF.dtype)  # [N]
         T = x_TH.shape[0]
-        h_TF = weighted_scatter_add(h_NF, w_N, tok, T)  # [T, F] combined hidden
+        h_TF = weighted_scatter_add(h_NF, w_N, tok, T).to(h_NF.dtype)  # [T, F] combined hidden
+        h_TF = self._add_base(h_TF, gate_T, up_T, base_weight_T)
         y_TH = h_TF @ self.w_down  # [T, H] frozen down once per token
         if "down" in self.lora:
             st = self.lora["down"]
@@ -313,3 +333,10 @@ class MoELoRAExperts(_LoRAMixin, nn.Module):
             z_Nr = grouped_mm(h_lora, st.lora_A, counts_L) * (w_N.to(h_lora.dtype) * self.scaling).unsqueeze(1)  # [N, r]
             y_TH = y_TH.index_add(0, tok, grouped_mm(z_Nr, st.lora_B, counts_L).to(y_TH.dtype))  # weight at rank r, not H
         return y_TH
+
+    def _add_base(self, h_TF: torch.Tensor, gate_T: Optional[torch.Tensor], up_T: torch.Tensor,
+                  base_weight_T: Optional[torch.Tensor]) -> torch.Tensor:
+        """h + b[t] * phi(gate) * up: the frozen FFN's hidden at weight b (down is linear, applied after)."""
+        if base_weight_T is None:
+            return h_TF
+        return h_TF + base_weight_T.to(h_TF.dtype).unsqueeze(1) * hidden_act(gate_T, up_T, self.activation)

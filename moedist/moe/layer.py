@@ -10,6 +10,7 @@ all-to-all bytes).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -19,11 +20,14 @@ import torch.nn as nn
 
 from moedist.moe.capacity import DROP_POLICIES, compute_capacity, select_tokens
 from moedist.moe.dispatcher import TokenDispatcher, combine_pairs, permute_pairs
+from moedist.moe.expert_choice import expert_choice
+from moedist.moe.experts import FrozenBaseExperts
 from moedist.moe.losses import importance_loss, load_loss, router_entropy, router_z_loss, switch_load_balancing_loss
 from moedist.moe.groups import GroupTable, RouteInfo, random_group_routing
 from moedist.moe.router import Router, RouterOutput
 
 AUX_LOSS_TYPES = ("switch", "importance", "none")
+ROUTER_TYPES = ("token_choice", "expert_choice")
 
 
 @dataclass
@@ -63,12 +67,21 @@ class MoELayer(nn.Module):
         drop_policy: "position" or "probs".
         aux_loss_type: "switch", "importance" (Shazeer importance + load) or "none".
         aux_loss_coef, z_loss_coef: weights of the returned aux loss.
+        eval_capacity_factor: the capacity factor in eval mode; None = capacity_factor, 0 = dropless.
+        router_type: "token_choice", or "expert_choice" (`moedist.moe.expert_choice`; needs a
+            capacity factor, softmax scoring and aux_loss_type "none").
+
+    Experts with one frozen FFN under all experts (`FrozenBaseExperts`, MoE-LoRA) apply that
+    FFN to every token at full weight; only the adapters are routed:
+    y[t] = FFN(x_t) + sum over t's kept pairs of w * (FFN_e(x_t) - FFN(x_t)). Without drops and
+    with weights summing to 1 this is sum_k w_k FFN_e(x_t), computed without the extra term.
     """
 
     def __init__(self, router: Router, experts: nn.Module, shared_experts: Optional[nn.Module] = None,
                  dispatcher: Optional[TokenDispatcher] = None, capacity_factor: Optional[float] = None,
                  min_capacity: int = 0, drop_policy: str = "position", aux_loss_type: str = "switch",
-                 aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0):
+                 aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0, eval_capacity_factor: Optional[float] = None,
+                 router_type: str = "token_choice"):
         super().__init__()
         self.router, self.experts, self.shared_experts = router, experts, shared_experts
         self.dispatcher = dispatcher or TokenDispatcher(router.num_experts)
@@ -79,6 +92,16 @@ class MoELayer(nn.Module):
             raise ValueError(f"experts hold {experts.num_local} local experts, the dispatcher expects {self.dispatcher.num_local_experts}")
         if capacity_factor is not None and not (capacity_factor >= 0 and math.isfinite(capacity_factor)):
             raise ValueError(f"capacity_factor={capacity_factor}: must be a finite number > 0, or 0/None for dropless")
+        if eval_capacity_factor is not None and not (eval_capacity_factor >= 0 and math.isfinite(eval_capacity_factor)):
+            raise ValueError(f"eval_capacity_factor={eval_capacity_factor}: must be a finite number >= 0, or None")
+        if router_type not in ROUTER_TYPES:
+            raise ValueError(f"router_type={router_type!r}: allowed {', '.join(ROUTER_TYPES)}")
+        if router_type == "expert_choice":
+            if not capacity_factor or eval_capacity_factor == 0:
+                raise ValueError("router_type='expert_choice' needs a capacity factor > 0 (also in eval)")
+            if aux_loss_type != "none" or router.score_func != "softmax" or router.second_expert_policy != "all":
+                raise ValueError("router_type='expert_choice' needs aux_loss_type='none', score_func='softmax' and "
+                                 "second_expert_policy='all'")
         if min_capacity < 0:
             raise ValueError(f"min_capacity={min_capacity}: must be >= 0")
         if drop_policy not in DROP_POLICIES:
@@ -86,6 +109,7 @@ class MoELayer(nn.Module):
         if aux_loss_type not in AUX_LOSS_TYPES:
             raise ValueError(f"aux_loss_type={aux_loss_type!r}: allowed {', '.join(AUX_LOSS_TYPES)}")
         self.capacity_factor = capacity_factor or None
+        self.eval_capacity_factor, self.router_type = eval_capacity_factor, router_type
         self.min_capacity, self.drop_policy = min_capacity, drop_policy
         self.aux_loss_type, self.aux_loss_coef, self.z_loss_coef = aux_loss_type, aux_loss_coef, z_loss_coef
 
@@ -103,8 +127,13 @@ class MoELayer(nn.Module):
         x_TH = x_BSH.reshape(-1, shape[-1])  # [T, H]
         T, E, K = x_TH.shape[0], self.num_experts, self.router.top_k
         r = self._route(x_TH, route)
-        cap = compute_capacity(T, E, K, self.capacity_factor, self.min_capacity)
-        sel = select_tokens(r.idx_TK, r.weight_TK, E, cap, self.drop_policy)
+        cap = compute_capacity(T, E, K, self.current_capacity_factor(), self.min_capacity)
+        if self.router_type == "expert_choice":  # pairs become [T, E]: slot e = expert e, kept if e chose t
+            idx_TE, w_TE, sel = expert_choice(r.probs_TE, cap)
+            r = dataclasses.replace(r, idx_TK=idx_TE, weight_TK=w_TE)
+        else:
+            sel = select_tokens(r.idx_TK, r.weight_TK, E, cap, self.drop_policy, r.active_TK)
+        base_w_T = self._base_weight(r, sel)  # [T] weight of the frozen FFN, or None
         d = self.dispatcher
         if getattr(self.experts, "first_expert", d.first_expert) != d.first_expert:  # parallelize() swaps dispatchers
             raise ValueError(f"experts start at global id {self.experts.first_expert}, the dispatcher's rank holds "
@@ -112,16 +141,38 @@ class MoELayer(nn.Module):
         if d.ep_size == 1 and hasattr(self.experts, "forward_tokens"):
             perm = permute_pairs(r.idx_TK, sel.keep_TK, E)
             w_N = r.weight_TK.reshape(-1).index_select(0, perm.pair_N)  # [N]
-            y_TH = self.experts.forward_tokens(x_TH, perm.token_N, w_N, perm.counts_E.tolist())
+            y_TH = self.experts.forward_tokens(x_TH, perm.token_N, w_N, perm.counts_E.tolist(), base_weight_T=base_w_T)
             d.last_stats = dict(a2a_rows=0, a2a_bytes=0, a2a_bytes_remote=0)
         else:
             x_NH, counts_L, state = d.dispatch(x_TH, r.idx_TK, sel.keep_TK)
             y_NH = self.experts(x_NH, counts_L)  # [N, H]
-            y_TH = d.combine(y_NH, state, r.weight_TK)
+            y_TH = d.combine(y_NH, state, r.weight_TK)  # [T, H], accumulated in >= fp32
+            if base_w_T is not None:  # the frozen FFN is replicated: computed here for every token
+                y_TH = y_TH + base_w_T.unsqueeze(1) * self.experts.base_forward(x_TH)
         if self.shared_experts is not None:
             y_TH = y_TH + self.shared_experts(x_TH)
         aux = self._aux(r, sel, T)
         return y_TH.to(x_BSH.dtype).reshape(shape), aux
+
+    def current_capacity_factor(self) -> Optional[float]:
+        """capacity_factor in training; eval_capacity_factor (when set; 0 = dropless) in eval mode. None = dropless."""
+        if self.training or self.eval_capacity_factor is None:
+            return self.capacity_factor
+        return self.eval_capacity_factor or None
+
+    def _base_weight(self, r: RouterOutput, sel) -> Optional[torch.Tensor]:
+        """[T] weight of a `FrozenBaseExperts` FFN on top of the routed experts: 1 - sum of the kept weights.
+
+        None when the experts have no frozen base, or when every pair is kept and the weights of a token
+        sum to 1 (renormalized token choice without capacity): the term is then zero.
+        """
+        if not isinstance(self.experts, FrozenBaseExperts):
+            return None
+        if (sel.capacity is None and self.router_type == "token_choice" and r.active_TK is None
+                and self.router.renormalize):
+            return None
+        kept_w_T = (r.weight_TK * sel.keep_TK.to(r.weight_TK.dtype)).sum(1)  # [T]
+        return 1.0 - kept_w_T
 
     def _route(self, x_TH: torch.Tensor, route: Optional[RouteInfo]) -> RouterOutput:
         """The router's decision, restricted to each token's group; random group routing replaces the choice."""
