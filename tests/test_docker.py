@@ -22,6 +22,23 @@ def test_dockerfile_installs_torch_before_deepspeed(name):
     assert text.index("torch==2.13.0") < text.index('pip install ".[mpi]"')
 
 
+def dockerfile_train_example() -> str:
+    """The `docker run ... train` example of docker/Dockerfile's comments, continuation lines joined."""
+    comments = [ln[1:].strip() for ln in (ROOT / "docker" / "Dockerfile").read_text().splitlines()
+                if ln.startswith("#")]
+    text = "\n".join(comments).replace("\\\n", " ")
+    (cmd,) = [ln for ln in text.splitlines() if "docker run" in ln and " train " in ln]
+    return cmd
+
+
+def test_readmes_show_the_dockerfile_train_example():
+    """docker/README.md and launch/README.md give the same command as the Dockerfile (which is run below)."""
+    cmd = " ".join(dockerfile_train_example().split())
+    for readme in ("docker/README.md", "launch/README.md"):
+        text = " ".join((ROOT / readme).read_text().replace("\\\n", " ").split())
+        assert cmd in text, (readme, cmd)
+
+
 # ---------------------------------------------------------------------------------------------
 # Built and run for real (slow suite): a private dockerd (tests/dockerd.py), a debootstrapped
 # base image passed as BASE_IMAGE, the host's torch 2.13.0 CPU wheel and every dependency
@@ -182,3 +199,48 @@ def test_two_containers_as_two_nodes(image, dockerd, one_node_losses, tmp_path):
         dockerd.containers.remove(n)
     dockerd.docker("network", "rm", tag)
     dockerd.networks.remove(tag)
+
+
+HOST_UID = 1234  # neither root nor the image's uid 1000: what `--user "$(id -u):$(id -g)"` is for
+# The private dockerd has no default bridge (it leaves host networking alone), so a container
+# started without --network has no address for its own name and torchrun --standalone waits for
+# ever; a default docker install gives it one. This shell function adds exactly that, nothing else.
+DEFAULT_NETWORK = ('docker() { if [ "$1" = run ]; then shift; command docker run ' + " ".join(LOOPBACK_HOST)
+                   + ' "$@"; else command docker "$@"; fi; }')
+
+
+@pytest.mark.slow
+def test_dockerfile_train_example_as_written(image, dockerd):
+    """The Dockerfile's own `docker run ... train` line, run as a host user of uid 1234 in an empty
+    directory: ./runs/tiny ends up with the run's files, owned by that user."""
+    import tempfile
+
+    cmd = dockerfile_train_example()
+    assert "moedist:cpu " in cmd and "--user" in cmd
+    dockerd.docker("tag", image, "moedist:cpu")
+    work = Path(tempfile.mkdtemp(prefix="md_example_"))
+    os.chown(work, HOST_UID, HOST_UID)
+    sock, sock_dir = dockerd.sock, dockerd.dir
+    modes = (sock.stat(), sock_dir.stat())
+    os.chown(sock, 0, HOST_UID)  # the test's user may talk to this private daemon only
+    sock.chmod(0o660)
+    sock_dir.chmod(0o711)
+    env = dict(PATH=f"{Path(dockerd.client).parent}:/usr/bin:/bin", HOME=str(work), DOCKER_HOST=f"unix://{sock}",
+               DOCKER_BUILDKIT="0", DOCKER_CLI_HINTS="false", LANG="C.UTF-8")
+    t0 = time.monotonic()
+    try:
+        res = subprocess.run(["setpriv", f"--reuid={HOST_UID}", f"--regid={HOST_UID}", "--clear-groups",
+                              "bash", "-c", f"set -euo pipefail; {DEFAULT_NETWORK}; {cmd}"],
+                             cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        TIMINGS["dockerfile_example_s"] = round(time.monotonic() - t0, 1)
+        assert res.returncode == 0, f"{cmd}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+        run = work / "runs" / "tiny"
+        for name in ("metrics.jsonl", "summary.json", "config.yaml", "plot.png", "final/manifest.json"):
+            assert (run / name).is_file(), (name, sorted(p.name for p in run.iterdir()) if run.exists() else None)
+            assert (run / name).stat().st_uid == HOST_UID, name
+        assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    finally:
+        os.chown(sock, modes[0].st_uid, modes[0].st_gid)
+        sock.chmod(modes[0].st_mode & 0o7777)
+        sock_dir.chmod(modes[1].st_mode & 0o7777)
+        shutil.rmtree(work, ignore_errors=True)
