@@ -80,18 +80,29 @@ def _extra(trainer) -> dict:
             "skipped_steps": trainer.skipped_steps}
 
 
-def save(trainer, path: str, with_optimizer: bool = True) -> str:
-    """Write trainer's weights (+ optimizer state) to `path` (every rank calls it)."""
+def save(trainer, path: str, with_optimizer: bool = True, override: Optional[dict] = None) -> str:
+    """Write trainer's weights (+ optimizer state) to `path` (every rank calls it).
+
+    override: {name: tensor} replacing those weights (a weight average, `moedist.train.averaging`).
+    With the optimizer state go the running weight averages (`avg_ema`/`avg_swa` per parameter).
+    """
     from moedist.checkpoint import save_checkpoint
     from moedist.train.export import full_fp32_state
 
     state = full_fp32_state(trainer)
+    state.update(override or {})
     optim = optimizer_state(trainer) if with_optimizer else None
+    extra = _extra(trainer)
+    if with_optimizer and trainer.averages is not None:
+        per, avg_extra = trainer.averages.state()
+        for name, states in per.items():
+            optim.setdefault(name, {}).update(states)
+        extra.update(avg_extra)
     shadow = shadow_model(trainer, init=False)  # every value is loaded next
     shadow.load_state_dict(state, strict=True)
     from moedist.train.rng import rng_states
 
-    return os.fspath(save_checkpoint(path, shadow, step=trainer.step, optim_state=optim, extra_state=_extra(trainer),
+    return os.fspath(save_checkpoint(path, shadow, step=trainer.step, optim_state=optim, extra_state=extra,
                                      config=config_to_dict(trainer.cfg), dims=trainer.dims,
                                      rng_state=rng_states(trainer.runner.module)))
 
@@ -239,6 +250,11 @@ def load(trainer, path: str, verify: bool = True) -> dict:
         src = dict(shadow.named_buffers()).get(name)
         if b is not None and src is not None:
             b.copy_(src.to(device=b.device, dtype=b.dtype))
+    from moedist.train.averaging import pop_average_state
+
+    averaged = pop_average_state(loaded.optim_state)  # before the optimizer sees the state
+    if trainer.averages is not None:
+        trainer.averages.load(averaged, loaded.extra_state, trainer.device)
     opt = _torch_optimizer(trainer)
     if ds and opt is None:
         from moedist.train.deepspeed_setup import (materialize_optimizer_state, set_full_fp32_param,

@@ -331,6 +331,10 @@ class Trainer:
 
             self.runner = PlainRunner(model, cfg, self.dims, self.device)
         self.model = self.runner.module
+        from moedist.train.balance import ExpertBiasUpdater
+
+        # moe.expert_bias: aux-loss-free balancing from the global routed load, after each optimizer step
+        self.bias_updater = ExpertBiasUpdater(self.model, cfg.moe.expert_bias_update_rate)
         self.frozen = None  # moe.freeze_experts (moedist.train.freeze): hooks now, restore around each step
         if cfg.moe.freeze_experts:
             from moedist.train.freeze import FrozenExperts
@@ -522,6 +526,7 @@ class Trainer:
                 if p.grad is not None:
                     p.grad.fill_(float("nan"))
             stats.add(out, batch.input_ids.numel())
+            self.bias_updater.add(out.moe_aux)
             snap = self.frozen.snapshot() if self.frozen is not None else None
             got = self.runner.step(lr, guard=self._guard)
             if snap is not None:
@@ -530,6 +535,9 @@ class Trainer:
         if norm is not None and not math.isfinite(norm) and not self._skipped_now:  # DeepSpeed: seen after the step
             if not self._guard(norm, None) and not self.runner.skipped:
                 raise RuntimeError("train.nonfinite=skip: the engine applied a step with non-finite gradients")
+        if self._skipped_now:  # no optimizer update, no bias update (the same decision on every rank)
+            self.bias_updater.reset()
+        self.bias_updater.step(self.device if self.device.type == "cuda" else None)
         self.position += self.world * A * M
         self.step += 1
         rec = stats.reduce(self.device if self.device.type == "cuda" else None)
