@@ -67,7 +67,8 @@ class GroupTable:
         if self.mode not in GROUP_ROUTING:
             raise ValueError(f"group_routing={self.mode!r}: allowed {', '.join(GROUP_ROUTING)}")
         E = self.num_experts
-        allowed = torch.ones(len(self.members_D) + 1, E, dtype=torch.bool)   # [D+1, E]
+        # explicit CPU: the model may be built under torch.device("meta"); forward moves them to the tokens
+        allowed = torch.ones(len(self.members_D) + 1, E, dtype=torch.bool, device="cpu")   # [D+1, E]
         for d, ids in enumerate(self.members_D):
             if ids:
                 if min(ids) < 0 or max(ids) >= E or len(set(ids)) != len(ids):
@@ -77,8 +78,10 @@ class GroupTable:
         self.allowed_DE = allowed
         # random routing: every domain's member list padded to E with its first entries ([D+1, E], sizes [D+1])
         full = [ids or list(range(E)) for ids in self.members_D] + [list(range(E))]
-        self.size_D = torch.tensor([len(m) for m in full], dtype=torch.long)            # [D+1]
-        self.member_DE = torch.tensor([m + m[:1] * (E - len(m)) for m in full], dtype=torch.long)  # [D+1, E]
+        self.size_D = torch.tensor([len(m) for m in full], dtype=torch.long, device="cpu")     # [D+1]
+        self.member_DE = torch.tensor([m + m[:1] * (E - len(m)) for m in full], dtype=torch.long,
+                                      device="cpu")                                           # [D+1, E]
+        self._trivial = self.mode == "learned" and not any(self.members_D)
 
     @classmethod
     def from_config(cls, expert_groups: Mapping[str, Sequence[int]], source_names: Sequence[str],
@@ -101,7 +104,7 @@ class GroupTable:
 
     def is_trivial(self) -> bool:
         """Learned routing with no group: nothing to mask."""
-        return self.mode == "learned" and bool(self.allowed_DE.all())
+        return self._trivial
 
 
 def mask_logits(logits_TE: torch.Tensor, allowed_TE: torch.Tensor) -> torch.Tensor:
