@@ -79,6 +79,7 @@ class EPConfig:
     one_expert: int = 0
     seed: int = 0
     steps: Tuple[str, ...] = ("sgd", "adam", "adam")
+    router_type: str = "token_choice"  # expert_choice: set aux_type="none" (per-rank choice, like capacity)
 
     def tokens(self, rank: int) -> int:
         return self.batch * self.seq[rank % len(self.seq)]
@@ -116,7 +117,7 @@ def build_layer(cfg: EPConfig, comm: ExpertParallelComm, ep_rank: int, ep_size: 
         shared = SharedExperts(H, 2 * F, activation=cfg.activation, gated=cfg.shared_gated, init_std=0.3, seed=cfg.seed + 3)
     return MoELayer(router, experts, shared, TokenDispatcher(E, comm), capacity_factor=cfg.cf,
                     min_capacity=cfg.min_capacity, drop_policy=cfg.drop_policy, aux_loss_type=cfg.aux_type,
-                    aux_loss_coef=0.01, z_loss_coef=1e-3)
+                    aux_loss_coef=0.01, z_loss_coef=1e-3, router_type=cfg.router_type)
 
 
 @torch.no_grad()

@@ -169,15 +169,17 @@ def ref_capacity(T, E, K, capacity_factor, min_capacity=0):
     return max(min_capacity, c)
 
 
-def ref_keep(idx, w, E, capacity, policy):
+def ref_keep(idx, w, E, capacity, policy, active=None):
     """keep[t][k] booleans and dropped[e] counts.
 
     position: visit slot 0 of every token (token order), then slot 1, ...; an expert
     accepts until full. probs: each expert keeps its `capacity` pairs of largest
-    weight (ties: earlier slot-major position).
+    weight (ties: earlier slot-major position). active[t][k] False: the pair is not
+    routed at all (never kept, takes no capacity, not counted as dropped).
     """
     T, K = len(idx), len(idx[0])
-    keep = [[True] * K for _ in range(T)]
+    active = active or [[True] * K for _ in range(T)]
+    keep = [[active[t][k] for k in range(K)] for t in range(T)]
     dropped = [0] * E
     if capacity is None:
         return keep, dropped
@@ -186,6 +188,8 @@ def ref_keep(idx, w, E, capacity, policy):
         for k in range(K):
             for t in range(T):
                 e = idx[t][k]
+                if not active[t][k]:
+                    continue
                 if used[e] < capacity:
                     used[e] += 1
                 else:
@@ -193,7 +197,7 @@ def ref_keep(idx, w, E, capacity, policy):
                     dropped[e] += 1
     elif policy == "probs":
         for e in range(E):
-            pairs = [(t, k) for k in range(K) for t in range(T) if idx[t][k] == e]  # slot-major
+            pairs = [(t, k) for k in range(K) for t in range(T) if idx[t][k] == e and active[t][k]]  # slot-major
             pairs.sort(key=lambda tk: -_f(w[tk[0]][tk[1]]))  # stable: ties keep position order
             for t, k in pairs[capacity:]:
                 keep[t][k] = False
@@ -273,8 +277,10 @@ def ref_shared(x_H, shared, activation):
 
 def ref_moe(x_TH, router, experts, top_k, activation, shared=None, shared_activation=None,
             score_func="softmax", renormalize=True, capacity_factor=None, min_capacity=0,
-            drop_policy="position", jitter_eps=0.0, jitter_u=None, noise_eps=None):
+            drop_policy="position", jitter_eps=0.0, jitter_u=None, noise_eps=None, second_u=None):
     """The whole MoE layer for one rank's tokens. Returns (y [T, H], info dict).
+
+    second_u: [T] uniforms of GShard's random second expert (top-2), or None for all pairs.
 
     MoE-LoRA experts ("moelora") are adapters on one frozen FFN, which applies to every
     token at full weight: y = FFN(x) + sum over kept pairs of w * (FFN_e(x) - FFN(x)).
@@ -283,7 +289,8 @@ def ref_moe(x_TH, router, experts, top_k, activation, shared=None, shared_activa
     E = router["weight"].shape[0]
     r = ref_route(x_TH, router, top_k, score_func, renormalize, jitter_eps, jitter_u, noise_eps)
     cap = ref_capacity(T, E, top_k, capacity_factor, min_capacity)
-    keep, dropped = ref_keep(r["idx"], r["w"], E, cap, drop_policy)
+    active = ref_random_second_keep(r["w"], second_u) if second_u is not None else None  # GShard random 2nd expert
+    keep, dropped = ref_keep(r["idx"], r["w"], E, cap, drop_policy, active)
     rows = []
     kept_counts = [0] * E
     for t in range(T):
@@ -364,3 +371,45 @@ def shared_dict(module, leaves):
         return None
     return {"w_gate": leaves(module.w_gate), "w_up": leaves(module.w_up), "w_down": leaves(module.w_down),
             "w_shared_gate": leaves(module.w_shared_gate)}
+
+
+# ----------------------------------------------------------------- routing variants
+def ref_expert_choice(x_TH, router, experts, capacity, activation):
+    """Expert-choice routing (Zhou et al. 2022) with loops: expert e takes the min(C, T) tokens of
+    highest softmax probability (ties: lower token id); y[t] = sum over the experts e that took t
+    of p[t][e] * expert_e(x_t) (MoE-LoRA: the frozen FFN at full weight plus w * adapter delta).
+
+    Returns (y [T, H], chosen: list per expert of token ids, probs [T][E])."""
+    T, H = x_TH.shape
+    E = router["weight"].shape[0]
+    r = ref_route(x_TH, router, 1)
+    probs = r["probs"]
+    chosen = []
+    for e in range(E):
+        order = sorted(range(T), key=lambda t: (-_f(probs[t][e]), t))
+        chosen.append(order[:min(capacity, T)])
+    rows = []
+    for t in range(T):
+        base = ref_base_ffn(x_TH[t], experts, activation) if experts["kind"] == "moelora" else None
+        y = torch.zeros(H, dtype=x_TH.dtype) if base is None else base
+        for e in range(E):
+            if t in chosen[e]:
+                out = ref_expert(e, x_TH[t], experts, activation)
+                y = y + probs[t][e] * (out if base is None else out - base)
+        rows.append(y)
+    return torch.stack(rows), chosen, probs
+
+
+def ref_random_second_keep(w, u):
+    """GShard Algorithm 1 (second expert): dispatch (t, 1) iff 2 * w2 / (w1 + w2) > u[t]. Returns keep[t][2]."""
+    keep = []
+    for t in range(len(w)):
+        w1, w2 = _f(w[t][0]), _f(w[t][1])
+        keep.append([True, 2.0 * w2 / (w1 + w2) > float(u[t])])
+    return keep
+
+
+def ref_bias_update(bias, load, rate):
+    """b_e + rate * sign(mean(load) - load_e) on python floats."""
+    mean = sum(load) / len(load)
+    return [b + rate * ((mean > l) - (mean < l)) for b, l in zip(bias, load)]

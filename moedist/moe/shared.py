@@ -45,6 +45,8 @@ class SharedExperts(nn.Module):
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         x = x_TH.to(self.w_up.dtype)
         y_TH = ffn(x, self.w_gate, self.w_up, self.w_down, self.activation)  # [T, H]
-        if self.w_shared_gate is not None:
-            y_TH = torch.sigmoid(x @ self.w_shared_gate) * y_TH
+        if self.w_shared_gate is not None:  # the gate in >= fp32 whatever the weights' dtype, like the router
+            acc = torch.promote_types(torch.promote_types(x.dtype, self.w_shared_gate.dtype), torch.float32)
+            gate_T1 = torch.sigmoid(x.to(acc) @ self.w_shared_gate.to(acc))  # [T, 1]
+            y_TH = (gate_T1 * y_TH).to(y_TH.dtype)
         return y_TH
