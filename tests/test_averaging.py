@@ -48,8 +48,18 @@ def run(tmp_path_factory):
 
 
 def test_ema_swa_lawa_match_a_hand_computation(run):
+    _check_by_hand(run, _CACHE["w0"], {kind: _cached(run, kind) for kind in ("ema", "swa", "lawa")})
+    summary = json.loads((run / "summary.json").read_text())
+    for kind in ("ema", "swa", "lawa"):
+        assert summary[f"{kind}_val_loss"] == summary["averages"][kind]["val_loss"]
+        assert summary["averages"][kind]["checkpoint"] == str(run / f"final_{kind}")
+        assert summary[f"{kind}_val_loss"] != summary["val_loss"]
+    assert (run / "latest").read_text().strip() == "final"  # final/ was saved after the averages
+
+
+def _check_by_hand(run: Path, w0: dict, saved: dict) -> None:
+    """EMA (d=0.5 from w_0), SWA (steps 2-4) and LAWA (checkpoints 3, 4) from the step checkpoints, in float64."""
     steps = [_weights(run / "checkpoints" / f"step_{s:06d}") for s in range(1, STEPS + 1)]  # w_1 .. w_4
-    w0 = _CACHE["w0"]
     names = [n for n in steps[0] if not torch.equal(steps[0][n], steps[-1][n])]  # trainable: they moved
     assert len(names) > 5
     d = 0.5
@@ -61,17 +71,11 @@ def test_ema_swa_lawa_match_a_hand_computation(run):
         swa = sum(w[n].double() for w in steps[1:]) / 3  # steps 2, 3, 4
         lawa = (steps[2][n].double() + steps[3][n].double()) / 2  # the latest 2 checkpoints: steps 3, 4
         for kind, want in (("ema", ema), ("swa", swa), ("lawa", lawa)):
-            got = _cached(run, kind)[n].double()
+            got = saved[kind][n].double()
             assert torch.allclose(got, want, atol=1e-6, rtol=0), (kind, n, (got - want).abs().max())
             moved[kind] = max(moved[kind], float((want - steps[-1][n].double()).abs().max()))
     # the tolerance is far below how much each average differs from the last weights
     assert min(moved.values()) > 1e-4, moved
-    summary = json.loads((run / "summary.json").read_text())
-    for kind in ("ema", "swa", "lawa"):
-        assert summary[f"{kind}_val_loss"] == summary["averages"][kind]["val_loss"]
-        assert summary["averages"][kind]["checkpoint"] == str(run / f"final_{kind}")
-        assert summary[f"{kind}_val_loss"] != summary["val_loss"]
-    assert (run / "latest").read_text().strip() == "final"  # final/ was saved after the averages
 
 
 def _cached(run: Path, kind: str) -> dict:
@@ -139,3 +143,13 @@ def test_nonsense_is_one_line(extra, key, capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and key in err[0], err
     assert not (tmp_path / "x").exists()
+
+
+def test_averages_under_deepspeed_zero2_match_a_hand_computation(tmp_path):
+    out = tmp_path / "zero2"
+    # AdamW: moedist's DeepSpeed checkpoints read Adam state (SGD under ZeRO-2 cannot save a step checkpoint)
+    w0 = run_workers(_train_job, 1, args=([*SMALL, f"train.max_steps={STEPS}", "train.optimizer=adamw",
+                                           "train.lr=0.01", "deepspeed.enabled=true", "deepspeed.zero_stage=2",
+                                           f"train.output_dir={out}"],))[0]
+    _check_by_hand(out, w0, {"ema": _weights(out / "final_ema"), "swa": _weights(out / "final_swa"),
+                             "lawa": _weights(out / "final_lawa")})
