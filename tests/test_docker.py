@@ -239,6 +239,11 @@ def test_dockerfile_train_example_as_written(image, dockerd):
             assert (run / name).is_file(), (name, sorted(p.name for p in run.iterdir()) if run.exists() else None)
             assert (run / name).stat().st_uid == HOST_UID, name
         assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+        # configs with data.sources cache under ~/.cache/moedist (tiny.yaml's pydoc source does not):
+        # a --user without a passwd entry still has a writable HOME
+        probe = _run(dockerd, *LOOPBACK_HOST, "--user", f"{HOST_UID}:{HOST_UID}", "moedist:cpu", "bash", "-c",
+                     "mkdir -p ~/.cache/moedist && touch ~/.cache/moedist/probe && echo $HOME", timeout=120)
+        assert probe.returncode == 0 and probe.stdout.strip() == "/home/moedist", probe.stdout + probe.stderr
     finally:
         os.chown(sock, modes[0].st_uid, modes[0].st_gid)
         sock.chmod(modes[0].st_mode & 0o7777)
