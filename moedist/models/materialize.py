@@ -11,13 +11,18 @@ from its own seeded CPU generators (experts by global id), so the values are the
 same bits as an eager `build_model(cfg)` followed by `parallelize`: the EP-invariance
 and checkpoint tests hold unchanged. No rank ever allocates another rank's experts.
 
-Under ZeRO-3 the replicated parts are still materialized whole on each rank and
-partitioned by `deepspeed.initialize` (one model's worth of non-expert weights per
-rank, transiently); the experts are sharded before that.
+Under ZeRO-3 `materialize_in_chunks_` allocates one chunk (a decoder layer, then the
+rest: embedding, head, final norm) at a time, draws it, and hands it to a `partition`
+callback (`moedist.train.deepspeed_setup.zero3_partitioner`: DeepSpeed's `zero.Init`
+conversion) that keeps only this rank's partition: no rank holds more than one decoder
+layer of non-expert weights whole. A module whose `init_weights()` spans chunks (the
+root draws the embedding, head and every attention projection from one generator) runs
+once per chunk with the other chunks' parameters on meta: the draws are repeated (CPU
+time) but land only in this chunk, so the values are the same bits.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -97,3 +102,83 @@ def build_local_model(cfg, ep_rank: int = 0, ep_size: int = 1, device="cpu", see
     model = meta_model if meta_model is not None else build_meta_model(cfg, seed)
     shard_meta_(model, ep_rank, ep_size)
     return materialize_(model, device, init)
+
+
+def _nan_check(named: Sequence[Tuple[str, torch.Tensor]]) -> None:
+    for name, t in named:
+        if t is not None and t.is_floating_point() and bool(torch.isnan(t).any()):
+            raise ValueError(f"materialize_: {name} was not initialised by any module's init_weights()")
+
+
+@torch.no_grad()
+def materialize_in_chunks_(model: nn.Module, chunks: Sequence[nn.Module], device="cpu",
+                           partition: Optional[Callable[[List[nn.Parameter]], None]] = None) -> nn.Module:
+    """`materialize_` one chunk of parameters at a time, handing each chunk to `partition` once drawn.
+
+    Args:
+        model: a meta model (e.g. sharded by `shard_meta_`).
+        chunks: submodules of `model`; their parameters form one chunk each, in order, and every
+            parameter in none of them forms a last chunk.
+        device: where tensors are allocated. Buffers (small, never partitioned) are allocated first.
+        partition: called with each drawn chunk's parameters (e.g. to keep only this rank's
+            ZeRO-3 partition); None keeps them whole.
+
+    Same values as `materialize_`: every `init_weights()` whose module holds a parameter of the
+    chunk runs while the parameters of the other chunks are meta (writes to them are dropped, the
+    generators advance as in one pass). Raises ValueError naming a tensor no module set.
+    """
+    slots: List[Tuple[nn.Module, str, nn.Parameter]] = [
+        (mod, name, p) for mod in model.modules() for name, p in mod._parameters.items() if p is not None and p.is_meta]
+    names: Dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=True):
+        names.setdefault(id(p), name)
+    for mod in model.modules():
+        for name, b in list(mod._buffers.items()):
+            if b is not None and b.is_meta:
+                mod._buffers[name] = _empty_like(b, device, True)
+    seen: set = set()
+    groups: List[List[int]] = []
+    for chunk in list(chunks) + [model]:
+        ids = [id(p) for p in chunk.parameters() if p.is_meta and id(p) not in seen]
+        seen.update(ids)
+        if ids:
+            groups.append(ids)
+    owners = [(m, {id(p) for p in m.parameters()}) for m in model.modules() if isinstance(m, OwnsInit)]
+    done: Dict[int, nn.Parameter] = {}
+    for ids in groups:
+        new: Dict[int, nn.Parameter] = {}
+        for mod, name, p in slots:
+            if id(p) in ids and id(p) not in new:
+                q = nn.Parameter(_empty_like(p, device, True), requires_grad=p.requires_grad)
+                q.__dict__.update(p.__dict__)
+                new[id(p)] = q
+        for mod, name, p in slots:  # this chunk real, every other parameter meta while its owners draw
+            mod._parameters[name] = new.get(id(p), p)
+        wanted = set(ids)
+        for mod, owned in owners:
+            if owned & wanted:
+                mod.init_weights()
+        _nan_check([(names.get(i, "?"), q) for i, q in new.items()])
+        for mod, name, p in slots:
+            mod._parameters[name] = p
+        if partition is not None:
+            partition(list(new.values()))
+        done.update(new)
+    for mod, name, p in slots:
+        mod._parameters[name] = done[id(p)]
+    _nan_check(list(model.named_buffers()))
+    return model
+
+
+def decoder_layers(model: nn.Module) -> List[nn.Module]:
+    """The chunks `build_partitioned_model` materializes one at a time: the model's decoder layers."""
+    return list(model.layers)
+
+
+def build_partitioned_model(cfg, partition: Callable[[List[nn.Parameter]], None], ep_rank: int = 0,
+                            ep_size: int = 1, device="cpu", meta_model: Optional[nn.Module] = None) -> nn.Module:
+    """`build_local_model`, but each decoder layer (then the rest) is drawn and handed to `partition`
+    (ZeRO-3: kept as this rank's partition only) before the next is allocated."""
+    model = meta_model if meta_model is not None else build_meta_model(cfg)
+    shard_meta_(model, ep_rank, ep_size)
+    return materialize_in_chunks_(model, decoder_layers(model), device, partition)

@@ -259,6 +259,12 @@ def wrap_for_zero3(model: nn.Module) -> Zero3Module:
     return root
 
 
+def full_ndim(p: torch.Tensor) -> int:
+    """Dimensions of `p` as built (a ZeRO-3 partitioned parameter's own data is an empty 1-d tensor)."""
+    shape = getattr(p, "ds_shape", None)
+    return len(shape) if shape is not None else p.ndim
+
+
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
     """Trainable parameters in AdamW groups (decay for matrices, none for vectors),
     with expert parameters moved into DeepSpeed MoE groups. Empty groups are dropped.
@@ -268,8 +274,9 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> List[Dict[s
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"name": "decay", "params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-              {"name": "no_decay", "params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    matrix = [full_ndim(p) >= 2 for p in trainable]
+    groups = [{"name": "decay", "params": [p for p, m in zip(trainable, matrix) if m], "weight_decay": weight_decay},
+              {"name": "no_decay", "params": [p for p, m in zip(trainable, matrix) if not m], "weight_decay": 0.0}]
     groups = split_params_into_different_moe_groups_for_optimizer(groups)
     return [g for g in groups if g["params"]]
 
