@@ -106,7 +106,7 @@ def _without_paths(config: dict) -> dict:
     config.get("model", {})["from_hf"] = None
     config.get("model", {})["init_from"] = None
     config.setdefault("train", {})["resume"] = None
-    config["data"] = {}
+    config["data"] = {k: v for k, v in (config.get("data") or {}).items() if k == "seq_len"}  # <= max_seq_len
     config.get("moe", {}).pop("expert_groups", None)  # groups name data sources: the run's own config sets them
     config.get("moe", {}).pop("freeze_experts", None)
     return config
