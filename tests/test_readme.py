@@ -4,8 +4,9 @@ Each test takes the ```bash blocks of one README section, runs every command lin
 blank lines dropped) with `moedist` and `python` from this venv, in a temporary directory holding a
 link to `configs/`, and fails on the first non-zero exit, naming the command. Lines that need what
 a CPU box here does not have (sbatch, docker, the launch/ wrappers, which tests/test_launchers.py and
-test_slurm.py run) are skipped by prefix. Wall times are printed (`pytest -s`) and written to
-$MOEDIST_README_TIMES when set.
+test_slurm.py run) are skipped by prefix. Wall times are printed (`pytest -s`), appended to
+`readme-times.txt` beside the test's temporary directory (the session's pytest base directory), and
+to $MOEDIST_README_TIMES when set.
 """
 import os
 import re
@@ -48,11 +49,12 @@ def run_all(cmds, cwd: Path, timeout: int = 600):
                              executable="/bin/bash")
         times.append((cmd, time.perf_counter() - t0))
         assert res.returncode == 0, f"README command failed (exit {res.returncode}): {cmd}\n{res.stderr[-3000:]}"
-    note = "\n".join(f"{dt:7.1f} s  {cmd}" for cmd, dt in times)
-    print("\n" + note)
-    if os.environ.get("MOEDIST_README_TIMES"):
-        with open(os.environ["MOEDIST_README_TIMES"], "a") as fh:
-            fh.write(note + "\n")
+        note = f"{time.perf_counter() - t0:7.1f} s  {cmd}"
+        for path in (cwd.parent / "readme-times.txt", os.environ.get("MOEDIST_README_TIMES")):
+            if path:
+                with open(path, "a") as fh:  # line by line: a failing command still leaves the earlier times
+                    fh.write(f"{cwd.name}\t{note}\n")
+    print("\n" + "\n".join(f"{dt:7.1f} s  {cmd}" for cmd, dt in times))
     return times
 
 
@@ -60,6 +62,39 @@ def test_blocks_are_found():
     cmds = bash_blocks(ROOT / "README.md", "Models in and out")
     assert any(c.startswith("moedist eval ") for c in cmds) and len(cmds) >= 10
     assert bash_blocks(ROOT / "README.md", "Training")[0] == "moedist train configs/tiny.yaml"
+
+
+def python_block(readme: Path, section: str) -> str:
+    """The first ```python block under the `## section` heading of `readme`."""
+    text = readme.read_text()
+    start = re.search(rf"^#+ {re.escape(section)}", text, re.M).start()
+    return re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)
+
+
+def test_run_all_records_each_wall_time(tmp_path):
+    work = tmp_path / "w"
+    work.mkdir()
+    times = run_all(["true", "sleep 0.3"], work)
+    assert [c for c, _ in times] == ["true", "sleep 0.3"] and times[1][1] >= 0.3
+    lines = (tmp_path / "readme-times.txt").read_text().splitlines()
+    assert [ln.split(" s  ", 1)[1] for ln in lines] == ["true", "sleep 0.3"] and all(ln.startswith("w\t") for ln in lines)
+    (tmp_path / "w2").mkdir()
+    with pytest.raises(AssertionError, match="exit 3"):
+        run_all(["exit 3"], tmp_path / "w2")
+
+
+def test_ten_lines_of_python(tmp_path):
+    code = python_block(ROOT / "README.md", "Ten lines of Python")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip(), "the example prints the per-expert token counts"
+
+
+def test_memory_and_scale_section(tmp_path):
+    cmds = bash_blocks(ROOT / "README.md", "Memory and scale")
+    assert cmds and all(c.startswith("moedist plan ") for c in cmds)
+    run_all(cmds, tmp_path)
 
 
 def test_training_section(tmp_path):
