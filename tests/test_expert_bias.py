@@ -110,10 +110,10 @@ BASE = {
 }
 
 
-def _cfg(ep: int, deepspeed: bool) -> dict:
+def _cfg(ep: int, deepspeed: bool, bf16: bool = False) -> dict:
     cfg = copy.deepcopy(BASE)
     cfg["parallel"] = {"ep_size": ep}
-    cfg["deepspeed"] = {"enabled": deepspeed, "zero_stage": 2 if deepspeed else 0}
+    cfg["deepspeed"] = {"enabled": deepspeed, "zero_stage": 2 if deepspeed else 0, "bf16": bf16}
     return cfg
 
 
@@ -128,27 +128,32 @@ def _train(rank: int, world: int, jobs: list) -> list:
         res = trainer.train()
         out.append({"label": label, "loss": [r["loss"] for r in res.records],
                     "load": [r["expert_tokens"] for r in res.records],
-                    "bias": [m.router.expert_bias.detach().cpu().clone() for m in moe_layers(trainer.model)]})
+                    "bias": [m.router.expert_bias.detach().cpu().clone() for m in moe_layers(trainer.model)],
+                    "bias_dtype": {str(m.router.expert_bias.dtype) for m in moe_layers(trainer.model)}})
     return out
 
 
 @pytest.mark.timeout(600)
 def test_trainer_bias_same_at_ep1_ep2_and_deepspeed_from_global_load():
-    jobs = [("ep1", _cfg(1, False)), ("ep2", _cfg(2, False)), ("ds_zero2_ep2", _cfg(2, True))]
+    jobs = [("ep1", _cfg(1, False)), ("ep2", _cfg(2, False)), ("ds_zero2_ep2", _cfg(2, True)),
+            ("ds_zero2_ep2_bf16", _cfg(2, True, bf16=True))]
     results = run_workers(_train, 2, args=(jobs,), timeout=600)
     ref = results[0][0]
-    L = len(ref["bias"])
-    assert L == 2
+    assert len(ref["bias"]) == 2
     # hand reference from the global per-step loads the trainer logged (dropless: logged = routed)
-    for l in range(L):
-        want = [0.0] * E
-        for step in range(STEPS):
-            want = ref_bias_update(want, ref["load"][step][l], RATE)
-        torch.testing.assert_close(ref["bias"][l], torch.tensor(want, dtype=torch.float32), atol=1e-7, rtol=0)
-        assert any(abs(b) > 0 for b in want)
+    for res in (ref, results[0][3]):
+        for l in range(2):
+            want = [0.0] * E
+            for step in range(STEPS):
+                want = ref_bias_update(want, res["load"][step][l], RATE)
+            torch.testing.assert_close(res["bias"][l], torch.tensor(want, dtype=torch.float32), atol=1e-7, rtol=0)
+            assert any(abs(b) > 0 for b in want)
+    assert results[0][3]["bias_dtype"] == {"torch.float32"}  # DeepSpeed bf16 casts buffers; the bias is kept fp32
     assert sum(ref["load"][0][0]) == 8 * 32 * 2  # global: 2 ranks x 2 micro-batches x 2 sequences x 32 tokens x K
     for rank_res in results:
-        for res in rank_res:
+        assert rank_res[3]["load"] == results[0][3]["load"]
+        assert all(torch.equal(a, b) for a, b in zip(rank_res[3]["bias"], results[0][3]["bias"]))
+        for res in rank_res[:3]:
             assert res["loss"] == pytest.approx(ref["loss"], rel=1e-5), res["label"]
             assert res["load"] == ref["load"], res["label"]
             for got, want in zip(res["bias"], ref["bias"]):

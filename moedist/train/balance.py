@@ -45,6 +45,11 @@ class ExpertBiasUpdater:
         self.routers: List[Router] = [layer.router for layer in self.layers]
         self.rate = float(rate)
         self.enabled = self.rate > 0 and any(r.expert_bias is not None for r in self.routers)
+        for r in self.routers:
+            # DeepSpeed bf16/fp16 casts every buffer with the module (module.bfloat16()); steps of 1e-3
+            # would vanish in a bf16 bias of 0.25 (ulp 2^-9), and the routing math is fp32 anyway
+            if r.expert_bias is not None and r.expert_bias.dtype != torch.float32:
+                r.expert_bias = r.expert_bias.float()
         self._load: Optional[torch.Tensor] = None  # [L, E] this rank, this step
 
     def add(self, auxes: Sequence[MoEAux]) -> None:
