@@ -41,8 +41,9 @@ class Command:
 # The registry. Owners: point your subcommand at your module here (one line).
 COMMANDS: dict[str, Command] = {
     "train": Command("moedist.train.run:main_train", "train or fine-tune from a YAML config", True),
-    "eval": Command("moedist.train.evaluate:main_eval", "moedist eval RUN_OR_CKPT [key=value ...] [--json]: "
-                    "validation loss of a run or checkpoint (same at any world size)", False),
+    "eval": Command("moedist.train.evaluate:main_eval", "moedist eval RUN_OR_CKPT [...] [key=value ...] [--json] "
+                    "[--table T.md] [--plot P.png]: validation loss per domain of runs, checkpoints or HF "
+                    "directories, side by side (same at any world size)", False),
     "bench": Command("moedist.bench.cli:main", "benchmark MoE layers and all-to-all", False),
     "convert": Command("moedist.models.convert_cli:main", "convert Hugging Face <-> moedist checkpoints", False),
     "merge": Command("moedist.checkpoint.cli:main_merge", "merge LoRA adapters into the base weights", False),

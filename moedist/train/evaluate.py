@@ -1,18 +1,25 @@
-"""`moedist eval RUN_OR_CKPT [key=value ...] [--json]`: validation loss of a run or a checkpoint.
+"""`moedist eval RUN_OR_CKPT [RUN_OR_CKPT ...] [key=value ...] [--json] [--table T.md] [--plot P.png]`.
 
     moedist eval runs/tiny                              # the run's final/ (else its latest checkpoint)
     moedist eval runs/tiny/checkpoints/step_000005 train.eval_batches=16 --json
     torchrun --standalone --nproc_per_node 2 -m moedist eval runs/tiny     # same number at any world size
+    moedist eval runs/a runs/a/final_ema merged/ --table cmp.md --plot cmp.png   # side by side, per domain
+    moedist eval path/to/hf_model data.sources=[...]   # a Hugging Face directory (what model.from_hf takes)
 
 The model, data and tokenizer come from the run's own ``config.yaml`` (a checkpoint's
-manifest for a checkpoint directory); ``key=value`` overrides apply on top (e.g.
+manifest for a checkpoint directory; for a Hugging Face directory the default config with
+``model.from_hf`` set to it); ``key=value`` overrides apply on top, to every model (e.g.
 ``train.eval_batches``, ``data.*`` to evaluate other data). The checkpoint loads at any
 layout: ``parallel.ep_size`` falls back to 1 when it does not divide the world size, and
 DeepSpeed is off (fp32) unless an override turns it on. ``train.eval_batches``
 micro-batches of fixed validation sequences are split across the ranks, so the loss is
-the same at any world size. Prints ``val_loss ...`` lines, or with ``--json`` one JSON
-line on stdout: ``{"val_loss": ..., "val_loss_<name>": ..., "step": ..., "checkpoint": PATH}``.
-Writes nothing.
+the same at any world size. Reports ``val_loss`` (token-weighted over every source) and
+``val_loss_<name>`` per named data source. Prints ``val_loss ...`` lines for one model and
+a table for several, or with ``--json`` one JSON line per model on stdout:
+``{"val_loss": ..., "val_loss_<name>": ..., "step": ..., "checkpoint": PATH}``. Writes
+nothing but ``--table`` (markdown: rows = models, columns = overall and each domain) and
+``--plot`` (grouped bar chart PNG). Every model is checked before any is evaluated: bad
+input is one line and exit 2 with nothing written.
 
 ``moedist eval CONFIG.yaml [key=value ...]`` (the older form) evaluates the latest
 checkpoint of that config's ``train.output_dir`` (or ``train.resume``).
@@ -23,22 +30,44 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from moedist.config import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moedist eval", description="Validation loss of a run directory or a "
-                                "checkpoint, with the run's own config (any world size gives the same number).",
+    p = argparse.ArgumentParser(prog="moedist eval", description="Validation loss, overall and per named data "
+                                "source, of one or more runs, checkpoints or Hugging Face directories, each with its "
+                                "own config (any world size gives the same numbers); several models side by side.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("target", metavar="RUN_OR_CKPT",
-                   help="a run directory (its final/, else its latest checkpoint), a checkpoint directory, "
-                        "or (older form) a YAML config whose train.output_dir holds the run")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides on top of the run's config, e.g. train.eval_batches=16")
-    p.add_argument("--json", action="store_true", help="print one JSON line on stdout instead of text")
+    p.add_argument("items", nargs="+", metavar="RUN_OR_CKPT|key=value",
+                   help="one or more models: a run directory (its final/, else its latest checkpoint), a checkpoint "
+                        "directory (e.g. a run's final_ema/), a Hugging Face directory, or (older form) a YAML "
+                        "config whose train.output_dir holds the run; then config overrides applied to every model, "
+                        "e.g. train.eval_batches=16 (an item with '=' that is not an existing path)")
+    p.add_argument("--json", action="store_true", help="print one JSON line per model on stdout instead of text")
+    p.add_argument("--table", metavar="PATH.md", default=None,
+                   help="write a markdown table: rows = models, columns = val_loss overall and per domain")
+    p.add_argument("--plot", metavar="PATH.png", default=None,
+                   help="write a grouped bar chart (PNG) of val_loss overall and per domain, one bar per model")
     return p
+
+
+def split_items(items: List[str]) -> Tuple[List[str], List[str]]:
+    """(targets, overrides): an item with '=' that is not an existing path is an override."""
+    targets = [i for i in items if os.path.exists(i) or "=" not in i]
+    return targets, [i for i in items if i not in targets]
+
+
+def _hf_config(target: str, overrides: List[str], world_size: int):
+    """The default config with model.from_hf=target (a Hugging Face directory), overrides on top."""
+    from moedist.config import _set_dotted, config_from_dict
+
+    raw: dict = {"model": {"from_hf": os.path.abspath(target)}}
+    for item in overrides:
+        _set_dotted(raw, item)
+    cfg = config_from_dict(raw)
+    return _for_eval(cfg, None, overrides, world_size)
 
 
 def eval_config(target: str, overrides: List[str], world_size: int):
@@ -64,6 +93,8 @@ def eval_config(target: str, overrides: List[str], world_size: int):
     if not os.path.isdir(target):
         raise ConfigError(f"RUN_OR_CKPT={target!r}: no such run or checkpoint directory")
     found = resolve_checkpoint(target)  # refuses pickles before anything is opened
+    if found is None and os.path.isfile(os.path.join(target, "config.json")):  # what model.from_hf accepts
+        return _hf_config(target, overrides, world_size), os.path.abspath(target)
     if found is None:
         raise ConfigError(f"RUN_OR_CKPT={target!r}: no checkpoint found (no manifest.json, final/ or "
                           "checkpoints/latest); train first")
@@ -126,6 +157,26 @@ def _for_eval(cfg, ckpt: str, overrides: List[str], world_size: int):
     return dataclasses.replace(cfg, parallel=par, deepspeed=ds, train=tr, model=model)
 
 
+def evaluate_models(specs: List[Tuple[str, object, str]]) -> List[Dict]:
+    """[{"model": label, **val losses, "step", "checkpoint"}] for each (label, cfg, ckpt) of `eval_config`
+    (collective: every rank evaluates every model; torch.distributed must be initialised)."""
+    from moedist.train.trainer import Trainer
+
+    rows = []
+    for label, cfg, ckpt in specs:
+        trainer = Trainer(cfg, write_outputs=False, console=False, save_checkpoints=False)
+        if cfg.train.resume is not None and not trainer.resume():
+            raise ConfigError(f"{ckpt}: no checkpoint loaded")
+        rows.append({"model": label, **trainer.evaluate_all(), "step": trainer.step, "checkpoint": ckpt})
+        del trainer
+    return rows
+
+
+def _check_output(flag: str, path: Optional[str]) -> None:
+    if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ConfigError(f"{flag}={path!r}: its directory does not exist")
+
+
 def main_eval(argv: Optional[List[str]] = None) -> int:
     """Entry of `moedist eval` (registered in moedist.cli.COMMANDS)."""
     args = _parser().parse_args(argv)
@@ -138,9 +189,17 @@ def main_eval(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from moedist.train.trainer import preflight
 
+    targets, overrides = split_items(args.items)
     try:
-        cfg, ckpt = eval_config(args.target, args.overrides, env.world_size)
-        preflight(cfg, env.world_size)
+        if not targets:
+            raise ConfigError(f"RUN_OR_CKPT: none given (only overrides: {' '.join(overrides)})")
+        _check_output("--table", args.table)
+        _check_output("--plot", args.plot)
+        specs = []
+        for target in targets:  # every model checked before any is evaluated
+            cfg, ckpt = eval_config(target, overrides, env.world_size)
+            preflight(cfg, env.world_size)
+            specs.append((target, cfg, ckpt))
     except ConfigError:
         if env.rank != 0:
             return 2
@@ -149,27 +208,38 @@ def main_eval(argv: Optional[List[str]] = None) -> int:
     import torch.distributed as dist
 
     from moedist.distributed import init_distributed
-    from moedist.train.trainer import Trainer
 
-    init_distributed(timeout_s=cfg.parallel.timeout_s)
+    init_distributed(timeout_s=specs[0][1].parallel.timeout_s)
     try:
         try:
-            trainer = Trainer(cfg, write_outputs=False, console=False, save_checkpoints=False)
-            if cfg.train.resume is not None and not trainer.resume():
-                raise ConfigError(f"{ckpt}: no checkpoint loaded")
-            vals = trainer.evaluate_all()
+            rows = evaluate_models(specs)
         except ConfigError:
             if env.rank != 0:
                 return 2
             raise
-        if trainer.is_main:
-            if args.json:
-                print(json.dumps({**vals, "step": trainer.step, "checkpoint": ckpt}), flush=True)
-            else:
-                for k, v in vals.items():
-                    print(f"{k} {v:.4f}")
-                print(f"checkpoint {ckpt} (step {trainer.step}, {trainer.world} rank(s))", flush=True)
+        if env.rank == 0:
+            _report(rows, args, env.world_size)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def _report(rows: List[Dict], args, world: int) -> None:
+    from moedist.train.eval_compare import markdown_table, plot_comparison, write_text_atomic
+
+    if args.json:
+        for row in rows:
+            print(json.dumps({k: v for k, v in row.items() if k != "model"}), flush=True)
+    elif len(rows) == 1:
+        row = rows[0]
+        for k, v in row.items():
+            if k.startswith("val_loss"):
+                print(f"{k} {v:.4f}")
+        print(f"checkpoint {row['checkpoint']} (step {row['step']}, {world} rank(s))", flush=True)
+    else:
+        print(markdown_table(rows), end="", flush=True)
+    if args.table:
+        write_text_atomic(args.table, markdown_table(rows))
+    if args.plot:
+        plot_comparison(rows, args.plot)
