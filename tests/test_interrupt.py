@@ -92,3 +92,32 @@ def test_ctrl_c_under_torchrun_saves_on_every_rank(tmp_path):
     assert len(lines) == 1, stderr[-3000:]
     step = int(lines[0].split("at step ")[1].split("/")[0])
     assert (out / "checkpoints" / f"step_{step:06d}" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_during_the_final_plot_still_writes_the_summary(tmp_path, monkeypatch, presses):
+    """Ctrl-C while plot.png is drawn (the last thing a run does): once, the plot finishes; twice (a
+    deliberate second press raises KeyboardInterrupt inside matplotlib), the summary is already on disk."""
+    from moedist.cli import main
+    from moedist.train import plot, signals
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(signals, "REPEAT_S", 0.0)
+    real = plot.plot_run
+
+    def interrupted_plot(*a, **k):
+        for _ in range(presses):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        return real(*a, **k)
+
+    monkeypatch.setattr(plot, "plot_run", interrupted_plot)
+    out = tmp_path / "run"
+    rc = main(["train", *ARGS, "train.max_steps=2", "train.plot=true", f"train.output_dir={out}"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["final"] and (out / "final" / "manifest.json").exists()
+    if presses == 1:
+        assert rc == 0 and summary["plot"] == str(out / "plot.png") and (out / "plot.png").exists()
+    else:
+        assert rc == 130

@@ -674,6 +674,11 @@ class Trainer:
         summary["interrupted"] = self.interrupted and self.step < tr.max_steps
         summary["skipped_steps"] = self.skipped_steps
         if self.write:
+            def write_summary() -> None:
+                with open(os.path.join(tr.output_dir, "summary.json"), "w") as fh:
+                    json.dump(summary, fh, indent=1)
+
+            write_summary()  # before the plot: a second Ctrl-C while matplotlib draws still leaves the summary
             if tr.plot and records:
                 from moedist.train.plot import plot_run
 
@@ -681,8 +686,7 @@ class Trainer:
                                            records, initial=self.initial_val,
                                            val_label="val loss (" + (", ".join(self.data.names) if cfg.data.sources
                                                                      else cfg.data.source) + ")")
-            with open(os.path.join(tr.output_dir, "summary.json"), "w") as fh:
-                json.dump(summary, fh, indent=1)
+                write_summary()
         if self.is_main and self.console:
             bar.console.print(summary_table(summary))
         self._barrier()
