@@ -71,7 +71,8 @@ def python_block(readme: Path, section: str) -> str:
     return re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)
 
 
-def test_run_all_records_each_wall_time(tmp_path):
+def test_run_all_records_each_wall_time(tmp_path, monkeypatch):
+    monkeypatch.delenv("MOEDIST_README_TIMES", raising=False)
     work = tmp_path / "w"
     work.mkdir()
     times = run_all(["true", "sleep 0.3"], work)
