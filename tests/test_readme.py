@@ -124,3 +124,11 @@ def test_fine_tune_a_hugging_face_model(tmp_path):
     steps = ["train.max_steps=4", "train.warmup_steps=1", "train.eval_every=2", "train.save_every=4"]
     cmds = [c + " " + " ".join(steps) if " train configs/hf_finetune.yaml" in c else c for c in cmds]
     run_all(cmds, tmp_path)
+
+
+@pytest.mark.slow
+def test_lifelong_learning(tmp_path):
+    """Expert groups, grow, training the grown model with old experts frozen, extract --domain, eval."""
+    cmds = bash_blocks(ROOT / "README.md", "Lifelong learning")
+    assert any(c.startswith("moedist grow ") for c in cmds) and any("--domain" in c for c in cmds)
+    run_all(cmds, tmp_path)
