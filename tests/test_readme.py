@@ -78,7 +78,8 @@ def test_run_all_records_each_wall_time(tmp_path, monkeypatch):
     times = run_all(["true", "sleep 0.3"], work)
     assert [c for c, _ in times] == ["true", "sleep 0.3"] and times[1][1] >= 0.3
     lines = (tmp_path / "readme-times.txt").read_text().splitlines()
-    assert [ln.split(" s  ", 1)[1] for ln in lines] == ["true", "sleep 0.3"] and all(ln.startswith("w\t") for ln in lines)
+    assert [ln.split(" s  ", 1)[1] for ln in lines] == ["true", "sleep 0.3"]
+    assert all(ln.startswith("w\t") for ln in lines)
     (tmp_path / "w2").mkdir()
     with pytest.raises(AssertionError, match="exit 3"):
         run_all(["exit 3"], tmp_path / "w2")

@@ -301,7 +301,7 @@ def _merge_parser() -> argparse.ArgumentParser:
                    "(default: the adapter config's model.from_hf)")
     p.add_argument("--format", choices=("moedist", "hf"), default="moedist",
                    help="moedist: full checkpoint (LoRA kept as adapters); hf: transformers directory with "
-                        "LoRA merged into the weights (LoRA-MoE -> Mixtral/Qwen2-MoE)")
+                        "LoRA merged into the weights (LoRA-MoE -> Mixtral/Qwen2-MoE) (default moedist)")
     return p
 
 

@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="ranks (GPUs) of the job; a comma-separated list gives one row each")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--max-mem-gb", type=float, default=None, metavar="G",
-                   help="memory per rank (GiB): exit 2 with one line when a layout does not fit")
+                   help="memory per rank (GiB): exit 2 with one line when a layout does not fit (default: no limit)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="where the job runs (fp16 needs cuda); default cuda")
     return p

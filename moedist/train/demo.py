@@ -45,8 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: demo.yaml)")
     p.add_argument("--retrain-base", action="store_true", help="train the base model even if cached")
     p.add_argument("--gpu", action="store_true", help="run on GPUs (one per process, nccl) instead of CPU")
-    p.add_argument("--base-config", default=str(CONFIGS / "demo_base.yaml"))
-    p.add_argument("--config", default=str(CONFIGS / "demo.yaml"))
+    p.add_argument("--base-config", default=str(CONFIGS / "demo_base.yaml"),
+                   help="YAML of the dense base training (default: configs/demo_base.yaml)")
+    p.add_argument("--config", default=str(CONFIGS / "demo.yaml"),
+                   help="YAML of the LoRA-MoE fine-tune (default: configs/demo.yaml)")
     p.add_argument("--hf", action="store_true", help="the Hugging Face journey instead: a Qwen3-MoE with its own "
                    "tokenizer, JSONL data, LoRA fine-tune at EP=2 under ZeRO-2, generate, export "
                    "(see moedist demo --hf --help)")
