@@ -1,7 +1,8 @@
 """moe.freeze_experts and `moedist grow` (issue 14.3).
 
 Frozen experts (their weights, or LoRA adapters in moe_lora) and router rows are bitwise equal to the
-initial model after training with weight decay at EP 1 and EP 2 while the other experts move. A grown
+initial model after training with weight decay at EP 1 and EP 2 while the other experts move; likewise
+under DeepSpeed ZeRO-1/2 (weight decay 0), whose losses equal the plain runner's. A grown
 checkpoint equals the base on old experts (bitwise), its new experts copy the group's, its new router
 rows are zero, and it trains afterwards at EP 1 and EP 2 with the same losses (old experts frozen).
 """
@@ -60,15 +61,22 @@ def runs(tmp_path_factory):
     frozen = base_cfg(paths, cache, freeze_experts=FROZEN)
     lora = copy.deepcopy(frozen)
     lora["lora"] = {"mode": "moe_lora", "rank": 4}
+    no_decay = copy.deepcopy(frozen)
+    no_decay["train"]["weight_decay"] = 0.0
+    zero = {st: copy.deepcopy(no_decay) for st in (1, 2)}
+    for st, cfg in zero.items():
+        cfg["deepspeed"] = {"enabled": True, "zero_stage": st}
     jobs = [("freeze_ep1", with_world(frozen, 2, 1)), ("freeze_ep2", with_world(frozen, 2, 2)),
-            ("lora_ep2", with_world(lora, 2, 2)), ("base", with_world(base_cfg(paths, cache), 2, 2))]
+            ("lora_ep2", with_world(lora, 2, 2)), ("base", with_world(base_cfg(paths, cache), 2, 2)),
+            ("plain_wd0_ep2", with_world(no_decay, 2, 2)), ("zero1_ep1", with_world(zero[1], 2, 1)),
+            ("zero2_ep2", with_world(zero[2], 2, 2))]
     res = run_workers(_train_export, 2, args=(jobs, str(root / "out")), timeout=400)[0]
     return {"root": root, "paths": paths, "cache": cache, "jobs": dict(jobs), "res": {r["label"]: r for r in res}}
 
 
 @pytest.mark.slow
 def test_frozen_experts_bitwise_unchanged_at_ep1_and_ep2(runs):
-    for label in ("freeze_ep1", "freeze_ep2", "lora_ep2"):
+    for label in ("freeze_ep1", "freeze_ep2", "lora_ep2", "zero1_ep1", "zero2_ep2"):
         cfg = runs["jobs"][label]
         before, after = _full(cfg), _full(cfg, runs["root"] / "out" / label)
         trains = {n for n, t in before.items() if ".mlp.experts." in n or n.endswith("router.weight")}
@@ -80,8 +88,9 @@ def test_frozen_experts_bitwise_unchanged_at_ep1_and_ep2(runs):
             moved = [e for e in range(before[n].shape[0]) if e not in FROZEN
                      and not torch.equal(before[n][e], after[n][e])]
             assert moved, (label, n)           # the other experts (in both groups) train
-    a, b = runs["res"]["freeze_ep1"]["loss"], runs["res"]["freeze_ep2"]["loss"]
-    assert all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(a, b)), (a, b)
+    for got, want in (("freeze_ep2", "freeze_ep1"), ("zero1_ep1", "plain_wd0_ep2"), ("zero2_ep2", "plain_wd0_ep2")):
+        a, b = runs["res"][got]["loss"], runs["res"][want]["loss"]
+        assert all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(a, b)), (got, a, b)
 
 
 def test_deepspeed_freeze_needs_no_weight_decay(runs):
