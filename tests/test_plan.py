@@ -4,7 +4,8 @@ estimate against measured `peak_mem_mb` (summary.json) of real runs.
 Measured comparison (CPU, gloo; peak RSS above the RSS right before the model is built):
 an expert-dominated model (64 experts) with full training and AdamW at EP=1 (1 process)
 and EP=4 (4 processes), and LoRA-MoE under DeepSpeed ZeRO-2 and ZeRO-3 (2 processes):
-the plan's `total_mb` must be within 30% of the measured peak.
+the plan's `total_mb` must be within 30% of the measured peak (ZeRO-3: the parameters it keeps
+gathered through a step and the gloo all-gather's extra copy, `moedist.plan.estimate.zero3_gathered`).
 """
 from __future__ import annotations
 
@@ -168,14 +169,18 @@ def _layout(base: dict, world: int, ep: int, stage=None) -> dict:
     ("full AdamW EP=1", EXPERT_HEAVY, 1, 1, None),
     ("full AdamW EP=4", EXPERT_HEAVY, 4, 4, None),
     ("LoRA-MoE ZeRO-2", LORA_MOE, 2, 2, 2),
-    pytest.param("LoRA-MoE ZeRO-3", LORA_MOE, 2, 2, 3, marks=pytest.mark.xfail(
-        reason="ZeRO-3 on CPU peaks near 3x the plan (measured 492 vs 232 MiB): deepspeed.initialize's "
-               "partitioning transient of a whole-materialized model is not modelled yet", strict=False)),
+    ("LoRA-MoE ZeRO-3", LORA_MOE, 2, 2, 3),
 ])
-def test_plan_within_30_percent_of_measured_peak(label, base, world, ep, stage):
+def test_plan_within_30_percent_of_measured_peak(label, base, world, ep, stage, monkeypatch):
     from moedist.config import config_from_dict
     from moedist.plan import estimate
 
+    if stage is not None:
+        # DeepSpeed frees and allocates gather/reduce buffers of up to the whole model every step; glibc's
+        # dynamic mmap threshold then keeps the freed blocks in the heap, where RSS counts them although
+        # they are free (ZeRO-3 here: 458-501 MiB peak RSS, 351-360 MiB with a fixed threshold). The
+        # plan estimates live bytes, so the DeepSpeed runs measure with a fixed threshold.
+        monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     d = _layout(base, world, ep, stage)
     peaks = run_workers(_peak, world, args=(d,), timeout=280)
     plan = estimate(config_from_dict(d), world, device="cpu")["per_rank"]["total_mb"]

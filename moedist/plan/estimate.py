@@ -9,7 +9,9 @@ What is counted, per rank (MB = 2**20 bytes):
 * params: this rank's share of every parameter. Experts are split over EP
   (E / ep per rank); ZeRO-3 also partitions everything over its data-parallel
   group (dense: the world, experts: the expert-data-parallel group), plus the
-  largest layer gathered for its forward. Frozen base weights are stored in
+  parameters gathered in a step (`zero3_gathered`: with DeepSpeed's default reuse distance and
+  live limit a model below 1e9 elements keeps every gathered parameter until backward used it;
+  on CPU/gloo one fetch bucket is copied once more). Frozen base weights are stored in
   `model.dtype`; trainable ones in fp32, or bf16/fp16 under DeepSpeed mixed precision.
 * grads: trainable parameters only. ZeRO-2/3 keep a 1/dp partition plus the
   reduce bucket in flight.
@@ -38,6 +40,8 @@ MB = float(2 ** 20)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ZERO2_BUCKET = 5e8       # DeepSpeed reduce_bucket_size default (elements)
 ZERO3_PREFETCH = 5e7     # DeepSpeed stage3_prefetch_bucket_size default (elements)
+ZERO3_MAX_LIVE = 1e9     # DeepSpeed stage3_max_live_parameters default (elements)
+ZERO3_REUSE = 1e9        # DeepSpeed stage3_max_reuse_distance default (elements)
 CPU_RUNTIME_MB = {"pytorch": 64.0, "deepspeed": 128.0}  # per-process overhead of a CPU run above the model,
                          # measured with a tiny model (tests/test_plan.py), see estimate
 
@@ -100,6 +104,32 @@ def count_params(cfg) -> ParamCounts:
             largest = n
             largest_exp = sum(p.numel() for p in ps if getattr(p, EXPERT_ATTR, False))
     return ParamCounts(tot, exp, tr, tr_exp, largest, largest_exp)
+
+
+def zero3_gathered(gatherable: float, largest_layer: float, zero: dict, gloo: bool) -> float:
+    """Elements of full (gathered) parameters a ZeRO-3 rank holds at its peak within a step.
+
+    Args:
+        gatherable: this rank's parameters as built (non-expert whole, experts E / ep).
+        largest_layer: the largest decoder layer's share of those.
+        zero: `deepspeed.extra.zero_optimization` (DeepSpeed defaults for missing keys).
+        gloo: the all-gather has no `all_gather_into_tensor` (CPU/gloo): the partitions are gathered
+            into a list and then copied into the flat buffer, one more copy of the bucket in flight.
+
+    DeepSpeed releases a gathered parameter only when it will not be used again within
+    `stage3_max_reuse_distance` elements of fetches and more than `stage3_max_live_parameters`
+    are live; with the defaults (1e9 each) a model below that keeps every parameter it gathered
+    in forward until backward has used it. Otherwise one layer plus the prefetch bucket is live.
+    """
+    prefetch = float(zero.get("stage3_prefetch_bucket_size", ZERO3_PREFETCH))
+    live = float(zero.get("stage3_max_live_parameters", ZERO3_MAX_LIVE))
+    reuse = float(zero.get("stage3_max_reuse_distance", ZERO3_REUSE))
+    in_flight = min(max(prefetch, largest_layer), gatherable)  # one fetch: a prefetch bucket or a layer
+    if reuse >= gatherable:
+        kept = min(gatherable, max(live, largest_layer))
+    else:
+        kept = min(gatherable, largest_layer + in_flight)
+    return kept + (in_flight if gloo else 0.0)
 
 
 def _moe_layers(m) -> int:
@@ -174,8 +204,12 @@ def estimate(cfg, world_size: int, counts: Optional[ParamCounts] = None, device:
     buffers = 0.0
     if stage == 3:
         params = part_tr * train_b + part_frozen * frozen_b
-        gathered = counts.largest_layer - counts.largest_layer_expert + counts.largest_layer_expert / ep
-        buffers += min(max(gathered, ZERO3_PREFETCH), 2 * gathered) * train_b  # one layer + prefetch
+        layer = counts.largest_layer - counts.largest_layer_expert + counts.largest_layer_expert / ep
+        zero = (ds.extra or {}).get("zero_optimization") or {}
+        # gathered parameters are in the compute dtype (frozen and trainable alike under mixed precision)
+        gathered_b = 2 if mixed else (frozen_b * (local_frozen / max(1.0, local_tr + local_frozen))
+                                      + train_b * (local_tr / max(1.0, local_tr + local_frozen)))
+        buffers += zero3_gathered(local_tr + local_frozen, layer, zero, gloo=device == "cpu") * gathered_b
     else:
         params = local_tr * train_b + local_frozen * frozen_b
     if not ds.enabled:  # moedist's own reduction: every gradient bucket in flight at once (a flat copy)
