@@ -41,3 +41,14 @@ def test_mpirun_rank_writes_plain_lines_on_a_pty(tmp_path):
     assert b"step     2/2" in plain and b"\x1b[" not in plain, plain[-2000:]
     fancy = _run_on_a_pty(tmp_path / "tty", {})  # the same on a real terminal: rich styles it
     assert b"\x1b[" in fancy
+
+
+def test_stdout_not_a_terminal_gets_plain_lines(tmp_path):
+    """Redirected to a file or a pipe (`moedist train ... > log`): one plain line per logged step."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), TERM="xterm-256color")
+    res = subprocess.run([sys.executable, "-m", "moedist", "train", str(ROOT / "configs" / "tiny.yaml"),
+                          "train.max_steps=2", "train.plot=false", f"train.output_dir={tmp_path / 'run'}"],
+                         capture_output=True, env=env, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert b"step     2/2" in res.stdout and b"\x1b[" not in res.stdout + res.stderr, res.stdout[-2000:]
