@@ -44,3 +44,10 @@ def test_help_prints_usage_runs_nothing_and_documents_every_flag(argv, capsys):
         if not text or (takes_value and not required and "default" not in text):
             missing.append(f"{flag}: {text!r}")
     assert not missing, f"moedist {' '.join(argv)} --help: " + "; ".join(missing)
+
+
+def test_merge_help_says_what_it_takes(capsys):
+    """It promised run directories and refused them (tests/test_checkpoint_cli.py::test_merge_refusals
+    checks the refusal): the help names the adapter-only checkpoint and `moedist extract`."""
+    out = " ".join(_help(["merge"], capsys).split())
+    assert "adapter-only moedist checkpoint" in out and "extract them first" in out
