@@ -104,17 +104,18 @@ class MoEConfig:
                                                  "batch (all ranks and micro-batches, before capacity dropping); "
                                                  "0.001 as in DeepSeek-V3; 0 = a fixed bias. The bias is a buffer, "
                                                  "saved in checkpoints, not trained by the optimizer.", ge=0)
-    router_type: str = _opt("token_choice", "'token_choice' = each token picks its top_k experts; 'expert_choice' "
+    router_type: str = _opt("token_choice", "Who chooses: 'token_choice' = each token picks its top_k experts; 'expert_choice' "
                                             "= each expert picks its capacity C = ceil(capacity_factor * T * top_k "
                                             "/ E) highest-scoring tokens (Zhou et al. 2022; a token may get 0 to E "
                                             "experts). The choice is made per rank and micro-batch over its own T "
                                             "tokens, before dispatch, as in other implementations; needs a "
                                             "capacity_factor and aux_loss_type=none.",
                              choices=("token_choice", "expert_choice"))
-    second_expert_policy: str = _opt("all", "top_k=2: 'all' = every token goes to both experts; 'random' = in "
+    second_expert_policy: str = _opt("all", "With top_k=2: 'all' = every token goes to both experts; 'random' = in "
                                             "training the second expert is used with probability min(1, 2 * w2) of "
                                             "its weight after renormalisation, w2 = p2 / (p1 + p2) (GShard "
-                                            "Algorithm 1; fairseq Top2Gate second_expert_policy='random'); a skipped "
+                                            "Algorithm 1; fairseq top2gating second_expert_policy='random' with "
+                                            "normalize_gate_prob_before_dropping); a skipped "
                                             "pair does not take capacity and the first weight is not rescaled. "
                                             "Draws from the router's own generator, saved with the RNG state.",
                                      choices=("all", "random"))
