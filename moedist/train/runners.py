@@ -16,7 +16,9 @@ global batch.
 `step(lr, guard)` calls `guard(norm, bad)` once per optimizer step, after the gradients
 are reduced and before the optimizer runs: the PyTorch runner passes the global
 gradient norm (before clipping) and the name of this rank's first parameter whose
-reduced gradient is non-finite (or None); DeepSpeed passes (None, None). A False
+reduced gradient is non-finite (or None); DeepSpeed passes (None, None), and after a step
+whose norm is non-finite `nonfinite_grad()` names the first parameter whose gradient was
+non-finite on this rank (hooks, `moedist.train.nonfinite`). A False
 return skips that update (the guard is collective and agrees over ranks).
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch.nn as nn
 
 from moedist.distributed.grad_sync import clip_grad_norm_, sync_gradients
 from moedist.train import deepspeed_setup as dss
+from moedist.train.nonfinite import GradWatch
 
 
 def build_optimizer(param_groups: List[dict], train_cfg) -> torch.optim.Optimizer:
@@ -100,6 +103,10 @@ class PlainRunner:
     def eval_forward(self, batch):
         return self.forward(batch)
 
+    def nonfinite_grad(self) -> Optional[str]:
+        """The step's guard already got the first non-finite gradient's name (see `step`)."""
+        return None
+
     def optimizer_state_numel(self) -> int:
         return sum(v.numel() for s in self.optimizer.state.values() for k, v in s.items()
                    if torch.is_tensor(v) and k != "step")
@@ -126,6 +133,9 @@ class DeepSpeedRunner:
         self.clips_itself = dss.clips_itself(cfg)
         self._norm: Optional[float] = None
         self.skipped = False  # the last boundary step was dropped by DeepSpeed (non-finite gradients)
+        # DeepSpeed reduces gradients away from p.grad (and zeroes them after an invalid norm):
+        # hooks note which one was non-finite as backward produced it (train.nonfinite=stop names it)
+        self.watch = GradWatch(model)
 
     def forward(self, batch):
         out = self.engine(batch.input_ids, batch.labels, batch.position_ids, batch.segment_ids,
@@ -156,6 +166,8 @@ class DeepSpeedRunner:
         before = self.engine.skipped_steps
         self.engine.step()
         self.skipped = boundary and self.engine.skipped_steps > before
+        if boundary:
+            self.watch.end_window()
         if skip and not self.skipped:
             raise RuntimeError("train.nonfinite=skip: DeepSpeed applied a step whose loss was non-finite")
         if not boundary:
@@ -166,6 +178,11 @@ class DeepSpeedRunner:
 
     def eval_forward(self, batch):
         return self.forward(batch)
+
+    def nonfinite_grad(self) -> Optional[str]:
+        """This rank's first parameter (module order) whose gradient of the last step was non-finite
+        before DeepSpeed reduced it, or None. One host sync: call it only for a step found bad."""
+        return self.watch.first_nonfinite()
 
     def optimizer_state_numel(self) -> int:
         return dss.optimizer_state_numel(self.engine)

@@ -322,9 +322,15 @@ class Trainer:
 
             apply_activation_checkpointing(model, cfg.train.activation_checkpointing, model_generators)
         self.num_moe_layers = len(moe_layers(model))
+        self._poison = None  # test hook (DeepSpeed), see _nan_hook
         if ds:
             from moedist.train.runners import DeepSpeedRunner
 
+            spec = _nan_hook(self.rank)
+            if spec is not None and spec[1] is not None:  # test hook: the NaN enters inside backward
+                from moedist.train.nonfinite import poison_hook
+
+                self._poison = poison_hook(dict(model.named_parameters())[spec[1]])  # before the runner's watch
             self.runner = DeepSpeedRunner(model, cfg, self.dims, self.device)
         else:
             from moedist.train.runners import PlainRunner
@@ -520,6 +526,8 @@ class Trainer:
             if poison is not None and poison[1] is None:
                 loss = loss * float("nan")  # test hook
             self._loss_finite = self._loss_finite and bool(torch.isfinite(loss.detach()))
+            if self._poison is not None:  # test hook (DeepSpeed): ZeRO-1/2/3 hold no p.grad
+                self._poison.armed = poison is not None and poison[1] is not None and a == A - 1
             self.runner.backward(loss)
             if poison is not None and poison[1] is not None and a == A - 1:
                 p = dict(self.model.named_parameters())[poison[1]]  # test hook: KeyError = a typo in the test
@@ -533,7 +541,7 @@ class Trainer:
                 self.frozen.restore(snap)
             norm = got if got is not None else norm
         if norm is not None and not math.isfinite(norm) and not self._skipped_now:  # DeepSpeed: seen after the step
-            if not self._guard(norm, None) and not self.runner.skipped:
+            if not self._guard(norm, self.runner.nonfinite_grad()) and not self.runner.skipped:
                 raise RuntimeError("train.nonfinite=skip: the engine applied a step with non-finite gradients")
         if self._skipped_now:  # no optimizer update, no bias update (the same decision on every rank)
             self.bias_updater.reset()

@@ -92,3 +92,25 @@ def test_deepspeed_skip_drops_the_update(tmp_path, stage):
     assert one.keys() == two.keys()
     for k in one:
         assert torch.equal(one[k], two[k]), k
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_stop_names_first_parameter(tmp_path, stage):
+    """ZeRO-2/3 on 2 gloo processes (EP=2): DeepSpeed reduces gradients away from p.grad and zeroes
+    them after an invalid norm; the runner's gradient hooks still name the planted parameter."""
+    from tests.reliability._runs import free_port, start
+
+    d = cfg_dict(tmp_path / "run", train={"save_every": 1},
+                 deepspeed={"enabled": True, "zero_stage": stage}, parallel={"ep_size": 2})
+    port = free_port()
+    env = {"MOEDIST_TEST_NAN_STEP": f"3:{PARAM}"}
+    procs = [start(["train", *overrides(d)], rank=r, world=2, port=port, env=env) for r in range(2)]
+    outs = [finish(p, timeout=240) for p in procs]
+    want = (f"moedist: error: train.nonfinite=stop: step 3: the gradient of {PARAM} is non-finite "
+            "(NaN/Inf; the first such parameter); nothing was saved for this step (set "
+            "train.nonfinite=skip to drop such steps)")
+    for rc, out in outs:
+        assert rc == 2 and "Traceback" not in out, out[-3000:]
+    lines = [x for x in outs[0][1].splitlines() if x.startswith("moedist: error:")]
+    assert lines == [want], outs[0][1][-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000002"
