@@ -302,11 +302,20 @@ def _merge_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("moedist", "hf"), default="moedist",
                    help="moedist: full checkpoint (LoRA kept as adapters); hf: transformers directory with "
                         "LoRA merged into the weights (LoRA-MoE -> Mixtral/Qwen2-MoE) (default moedist)")
+    p.add_argument("--method", choices=("average", "task_arithmetic", "ties", "lorahub"), default=None,
+                   help="instead combine several fine-tunes of one base: moedist merge --method METHOD [--base BASE] "
+                        "MODEL MODEL ... OUT (flags and defaults: moedist merge --method ties --help); default: "
+                        "apply ADAPTER_CKPT to BASE")
     return p
 
 
 def main_merge(argv: Optional[List[str]] = None) -> int:
     """Entry point of `moedist merge` (argv without the subcommand name). Returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--method" or a.startswith("--method=") for a in argv):  # several fine-tunes: moedist.merge
+        from moedist.merge.cli import main
+
+        return main(argv)
     return _run("moedist merge", _merge_parser(), argv, lambda a: merge(*_no_pickles(a.adapter, a.base), a.out, a.format,
                                                                         a.overwrite))
 
