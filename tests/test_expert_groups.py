@@ -177,3 +177,41 @@ def test_groups_equal_at_ep1_ep2_and_one_process(domains):
             assert res["outside"] == 0 and res["domains"] == [0, 1]
     assert ref["learned"]["outside"] == 0
     assert ref["learned"]["loss"] != ref["random"]["loss"]
+
+
+def test_activation_checkpointing_recomputes_the_same_groups(domains):
+    """The recompute gets the same route (domain and token ids): equal loss and gradients."""
+    from moedist.config import config_from_dict
+    from moedist.models.act_ckpt import apply_activation_checkpointing
+    from moedist.models.build import build_model
+    from moedist.train.rng import model_generators
+
+    x = torch.randint(0, 256, (4, 16))
+    dom = torch.tensor([0, 1, 1, 0])
+    for routing in ("learned", "random"):
+        grads = {}
+        for mode in ("none", "moe", "full"):
+            model = build_model(config_from_dict(base_cfg(*domains, group_routing=routing)))
+            apply_activation_checkpointing(model, mode, model_generators)
+            out = model(x, x, domain_ids=dom)
+            out.loss.backward()
+            grads[mode] = (out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        for mode in ("moe", "full"):
+            assert torch.equal(grads[mode][0], grads["none"][0]), (routing, mode)
+            for n, g in grads["none"][1].items():
+                assert torch.allclose(grads[mode][1][n], g, atol=1e-6, rtol=1e-5), (routing, mode, n)
+
+
+@pytest.mark.slow
+def test_groups_equal_at_ep4(domains):
+    """World 4: EP 1, 2 and 4 (two experts per rank) against one process, learned and random routing."""
+    cfgs = {k: base_cfg(*domains, group_routing=k) for k in ("learned", "random")}
+    jobs = [with_world(cfgs[k], 4, ep) for k in cfgs for ep in (1, 2, 4)]
+    got = run_workers(_train, 4, args=(jobs,), timeout=600)[0]
+    ref = dict(zip(cfgs, run_workers(_train, 1, args=([with_world(c, 1, 1) for c in cfgs.values()],))[0]))
+    for i, res in enumerate(got):
+        want = ref["learned" if i < 3 else "random"]
+        for key in ("loss", "grad_norm"):
+            assert all(abs(g - w) <= 1e-5 * abs(w) for g, w in zip(res[key], want[key])), (i, key)
+        assert all(abs(res["val"][k] - w) <= 1e-5 * abs(w) for k, w in want["val"].items()), i
+        assert res["outside"] == 0
