@@ -93,10 +93,10 @@ def test_frozen_experts_bitwise_unchanged_at_ep1_and_ep2(runs):
         assert all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(a, b)), (got, a, b)
 
 
-def test_deepspeed_freeze_needs_no_weight_decay(runs):
+def test_deepspeed_freeze_needs_no_weight_decay(tmp_path):
     from moedist.config import ConfigError, config_from_dict
 
-    cfg = copy.deepcopy(runs["jobs"]["freeze_ep1"])
+    cfg = base_cfg(write_domains(tmp_path / "text"), str(tmp_path / "cache"), freeze_experts=FROZEN)
     cfg["deepspeed"] = {"enabled": True, "zero_stage": 2}
     with pytest.raises(ConfigError, match="needs train.weight_decay=0"):
         config_from_dict(cfg)
@@ -147,3 +147,25 @@ def test_grow_keeps_old_experts_and_trains_at_ep1_ep2(runs, capsys):
         if ".mlp.experts." in n or n.endswith("router.weight"):
             assert torch.equal(after[n][:8], t), n
             assert not torch.equal(after[n][8:], new[n][8:]), n         # the new experts learn
+
+
+@pytest.mark.slow
+def test_grow_lora_experts_copies_adapters(runs):
+    """moe_lora: the new experts' LoRA adapters copy the group's; the old ones and the shared base are bitwise."""
+    from moedist.checkpoint.grow import main_grow
+
+    src = runs["root"] / "out" / "lora_ep2"
+    out = runs["root"] / "grown_lora"
+    assert main_grow([str(src), "--add-experts", "3", "--group", "prose", str(out)]) == 0
+    cfg = runs["jobs"]["lora_ep2"]
+    grown_cfg = copy.deepcopy(cfg)
+    grown_cfg["moe"].update(num_experts=11, expert_groups={"prose": [0, 1, 2, 8, 9, 10], "code": [4, 5, 6, 7]})
+    old, new = _full(cfg, src), _full(grown_cfg, out)
+    lora = [n for n in old if "lora_" in n and ".mlp.experts." in n]
+    assert lora
+    for n, t in old.items():
+        if n in lora or n.endswith("router.weight"):
+            assert torch.equal(new[n][:8], t), n
+            assert torch.equal(new[n][8:], t[[0, 1, 2]] if n in lora else torch.zeros_like(t[:3])), n
+        else:
+            assert torch.equal(new[n], t), n

@@ -166,9 +166,11 @@ def _grow_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("ckpt", metavar="CKPT", help="full moedist checkpoint, or a run directory (its final/, else "
                    "its latest checkpoint)")
-    p.add_argument("--add-experts", type=int, required=True, metavar="N", help="experts to add per MoE layer (>= 1)")
-    p.add_argument("--group", required=True, metavar="NAME", help="the domain (a moe.expert_groups key or a "
-                   "data.sources name of CKPT's config) that gets the new experts")
+    p.add_argument("--add-experts", type=int, required=True, metavar="N", default=argparse.SUPPRESS,
+                   help="experts to add per MoE layer (>= 1; required)")
+    p.add_argument("--group", required=True, metavar="NAME", default=argparse.SUPPRESS,
+                   help="the domain (a moe.expert_groups key or a data.sources name of CKPT's config) that gets "
+                        "the new experts (required)")
     p.add_argument("out", metavar="OUT", help="output checkpoint directory (must not exist, or be empty)")
     p.add_argument("--overwrite", action="store_true", default=False,
                    help="replace OUT when it exists and is not empty")
