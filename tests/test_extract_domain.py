@@ -106,3 +106,17 @@ def test_bad_domain_is_one_line_and_writes_nothing(domains, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--domain=nope: CKPT's config has no group 'nope'" in err
     assert not out.exists()
+
+
+def test_to_hf_warns_that_groups_are_dropped_unless_extracted(domains, capsys):
+    from moedist.checkpoint.cli import main_extract
+    from moedist.models.convert_cli import main as convert
+
+    root, paths, cache = domains
+    _checkpoint(root, paths, cache, "full_hf")
+    assert main_extract([str(root / "full_hf"), "--domain", "code", str(root / "code_hf")]) == 0
+    capsys.readouterr()
+    assert convert(["to-hf", str(root / "full_hf"), str(root / "hf_full")]) == 0
+    assert "expert_groups / group_routing are not part of the Hugging Face format" in capsys.readouterr().err
+    assert convert(["to-hf", str(root / "code_hf"), str(root / "hf_code")]) == 0
+    assert "expert_groups" not in capsys.readouterr().err

@@ -192,6 +192,12 @@ def _run(args) -> int:
             print(f"moedist convert: warning: the model was trained with moe.capacity_factor={cfg.moe.capacity_factor} "
                   "(over-full experts drop tokens); transformers runs it dropless, so its outputs can differ where "
                   "tokens were dropped", file=sys.stderr, flush=True)
+        every = list(range(cfg.moe.num_experts))
+        if cfg.model.moe_every and (cfg.moe.group_routing != "learned" or any(
+                sorted(ids) != every for ids in cfg.moe.expert_groups.values())):  # an extracted sub-model: no
+            print("moedist convert: warning: moe.expert_groups / group_routing are not part of the Hugging Face "
+                  "format: transformers routes every token over all experts by the router (moedist extract "
+                  "--domain NAME first gives one domain's sub-model)", file=sys.stderr, flush=True)
         config = to_hf(model, args.out, cfg, merge_lora=not args.no_merge)
         _copy_tokenizer(args.src, args.out)
         print(f"wrote {config['model_type']} model to {args.out}")
