@@ -168,9 +168,17 @@ def test_lorahub_searches_within_budget(runs, tmp_path, capsys):
     assert m and int(m.group(1)) == 5 and text.count("lorahub ") >= 5
     w = [float(x) for x in m.group(2).split(",")]
     got = _state(tmp_path / "hub")
+    kinds = set()
     for k in a:
-        want = a[k] if torch.equal(a[k], b[k]) else w[0] * a[k] + w[1] * b[k]
+        if torch.equal(a[k], b[k]):  # frozen
+            want, kind = a[k], "frozen"
+        elif k.endswith((".lora_A", ".lora_B")):  # LoraHub's weighted sum of each factor
+            want, kind = w[0] * a[k] + w[1] * b[k], "lora"
+        else:  # the router, also trained: the equal average
+            want, kind = (a[k] + b[k]) / 2, "other"
+        kinds.add(kind)
         assert torch.allclose(got[k], want, atol=1e-4), k
+    assert kinds == {"frozen", "lora", "other"}
     assert (tmp_path / "hub.md").read_text().startswith("| model | overall | code | prose |")
 
 

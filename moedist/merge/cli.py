@@ -12,11 +12,16 @@ checkpoint), full (not adapter-only), with the same tensor keys and shapes: the 
 that differs is named in a one-line error (exit 2, nothing written). The math is
 `moedist.merge.methods` (fp32, per tensor, every key including LoRA factors, router and
 expert weights by global id). BASE is the checkpoint every MODEL was fine-tuned from with the
-same keys (task_arithmetic, ties). `lorahub` combines only the tensors the models' lora
-config trains (LoRA A/B, routers, ...) as sum_i w_i theta_i, each factor on its own as LoraHub
-does, takes the frozen ones (which must be equal) from the first MODEL, and searches w with
+same keys (task_arithmetic, ties). `lorahub` combines the LoRA factors as sum_i w_i theta_i,
+each factor on its own as LoraHub does, averages the other tensors the lora config trains
+(routers, shared experts: a soup), takes the frozen ones (which must be equal) from the first
+MODEL, and searches w with
 `moedist.merge.lorahub` (nevergrad when installed, else coordinate search) on
---search-batches validation micro-batches of the first MODEL's data (or --set data.*).
+--search-batches validation micro-batches.
+
+Search and evaluation use the first MODEL's config with every named data source of all
+the MODELs (`union_sources`), so each model is measured on every domain; `--set data.*=...`
+replaces that.
 
 OUT is a step-0 moedist checkpoint (the first MODEL's config), loadable by `moedist eval`,
 `generate` and `train model.init_from=`. Afterwards every MODEL and OUT are evaluated per
@@ -135,6 +140,21 @@ def check_same_keys(label: str, state: State, ref_label: str, ref: State) -> Non
             raise ValueError(f"{label}: has {key}, which {ref_label} lacks; merge needs the same architecture")
 
 
+def union_sources(manifests: List[dict]) -> List[str]:
+    """['data.sources=[...]']: every named source of the inputs (first occurrence of each name), so that the
+    search and the evaluation put every model on the same data; [] when an input has byte-level data."""
+    import json
+
+    seen: Dict[str, dict] = {}
+    for m in manifests:
+        sources = ((m.get("config") or {}).get("data") or {}).get("sources") or []
+        if not sources:
+            return []
+        for src in sources:
+            seen.setdefault(src["name"], src)
+    return [f"data.sources={json.dumps(list(seen.values()))}"]
+
+
 def trained_keys(model) -> List[str]:
     """Checkpoint keys of the parameters the model's config trains (LoRA factors, routers, ...)."""
     return [k for k, (_, _, trains) in _expected(model).items() if trains]
@@ -199,6 +219,8 @@ def _merge(args) -> Path:
         _, _, base = read_state("--base", args.base)
         check_same_keys(f"--base {args.base}", base, first_label, inputs[0][2])
     states = [st for _, _, st in inputs]
+    if not any(o.partition("=")[0].strip().startswith("data.") for o in args.overrides):
+        args.overrides = [*union_sources([m for _, m, _ in inputs]), *args.overrides]
     _say(f"[1/3] read {n} models ({len(states[0])} tensors each)" + (f" and base {args.base}" if base else ""))
     model, cfg = _load_model("MODEL", inputs[0][0], inputs[0][1])  # the first model: config, buffers, frozen parts
     what = f"--method {args.method}"
@@ -222,7 +244,7 @@ def _merge(args) -> Path:
         save_model_checkpoint(model, cfg, str(tmp), source=f"moedist merge {what} of {', '.join(args.models)}")
     _say(f"[3/3] wrote {out} in {time.perf_counter() - t0:.1f} s")
     if not args.no_eval:
-        _evaluate([*args.models, os.fspath(out)], args.overrides, args.table)
+        _evaluate([*([args.base] if args.base else []), *args.models, os.fspath(out)], args.overrides, args.table)
     return out
 
 
@@ -233,6 +255,16 @@ def _lorahub(args, cfg, model, states: List[State], weights) -> Tuple[State, Lis
                          "LoRA experts (use average, task_arithmetic or ties for full fine-tunes)")
     keys = trained_keys(model)
     frozen = [k for k in states[0] if k not in set(keys)]
+    lora = [k for k in keys if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")]
+    if not lora:
+        raise ValueError(f"MODEL {args.models[0]}: no LoRA factors (lora_A/lora_B) to combine")
+    # routers, shared experts, ... that the lora config also trains: their equal average (a soup), since
+    # sum_i w_i theta_i with sum_i w_i != 1 would rescale them
+    soup = methods.average([{k: st[k] for k in keys if k not in set(lora)} for st in states])
+
+    def compose(w: List[float]) -> State:
+        return {**methods.linear_combination(states, w, lora), **soup}
+
     for path, st in zip(args.models[1:], states[1:]):
         for k in frozen:
             if not torch.equal(st[k], states[0][k]):
@@ -245,7 +277,7 @@ def _lorahub(args, cfg, model, states: List[State], weights) -> Tuple[State, Lis
     calls: List[Tuple[List[float], float]] = []
 
     def objective(w: List[float]) -> float:
-        load_state_into(trainer.model, methods.linear_combination(states, w, keys))
+        load_state_into(trainer.model, compose(w))
         vals = trainer.evaluate_all()
         if metric not in vals:
             raise ValueError(f"--domain={args.domain}: no data source of that name (have "
@@ -258,7 +290,7 @@ def _lorahub(args, cfg, model, states: List[State], weights) -> Tuple[State, Lis
 
     w, f, used, how = search(objective, len(states), args.budget, weights)
     _say(f"      lorahub ({how}, {used} evaluations): w = [{', '.join(f'{x:+.4f}' for x in w)}], objective {f:.4f}")
-    return methods.linear_combination(states, w, keys), [round(x, 6) for x in w]
+    return compose(w), [round(x, 6) for x in w]
 
 
 def _ensure_dist() -> None:

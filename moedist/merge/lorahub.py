@@ -6,8 +6,8 @@
 `coordinate_search` (used when nevergrad is not installed): start at `init` (default 1/N each);
 sweep the coordinates in order, trying w_i + step then w_i - step (clipped to [-1.5, 1.5],
 LoraHub's bounds) and keeping the first that lowers the objective; after a sweep with no
-improvement halve the step (0.5, 0.25, ... down to 1/64). Deterministic; stops after exactly
-`budget` objective calls at most (the first call is the starting point).
+improvement halve the step (0.5, 0.25, ... down to 1/64). A point already evaluated is not
+evaluated again. Deterministic; at most `budget` objective calls (the first is the starting point).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def coordinate_search(objective: Objective, n: int, budget: int, init: Optional[
     w = [float(x) for x in init] if init is not None else [1.0 / n] * n
     best = objective(w)
     calls = 1
+    seen = {tuple(w): best}  # a point met again is not evaluated (nor counted) again
     while calls < budget and step >= min_step:
         improved = False
         for i in range(n):
@@ -33,8 +34,11 @@ def coordinate_search(objective: Objective, n: int, budget: int, init: Optional[
                 cand[i] = max(-BOUND, min(BOUND, cand[i] + delta))
                 if cand[i] == w[i]:
                     continue
-                f = objective(cand)
-                calls += 1
+                if tuple(cand) in seen:
+                    f = seen[tuple(cand)]
+                else:
+                    f = seen[tuple(cand)] = objective(cand)
+                    calls += 1
                 if f < best:
                     w, best, improved = cand, f, True
                     break
