@@ -54,7 +54,9 @@ def softmax_topk(logits_TE: torch.Tensor, k: int, renormalize: bool = True):
     """
     probs_TE = torch.softmax(_upcast(logits_TE), dim=-1)  # [T, E]
     w_TK, idx_TK = probs_TE.topk(k, dim=-1)  # [T, K]
-    if renormalize:
+    if renormalize and k == 1:  # p / p is 1: its autograd "gradient" would be rounding noise (1/p - p/p^2)
+        w_TK = torch.ones_like(w_TK)
+    elif renormalize:
         w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
     return idx_TK, w_TK, probs_TE
 
