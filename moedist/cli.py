@@ -46,7 +46,8 @@ COMMANDS: dict[str, Command] = {
                     "directories, side by side (same at any world size)", False),
     "bench": Command("moedist.bench.cli:main", "benchmark MoE layers and all-to-all", False),
     "convert": Command("moedist.models.convert_cli:main", "convert Hugging Face <-> moedist checkpoints", False),
-    "merge": Command("moedist.checkpoint.cli:main_merge", "merge LoRA adapters into the base weights", False),
+    "merge": Command("moedist.checkpoint.cli:main_merge", "merge LoRA adapters into the base weights; --method "
+                     "average|task_arithmetic|ties|lorahub: combine several fine-tunes of one base", False),
     "extract": Command("moedist.checkpoint.cli:main_extract", "write an adapter-only checkpoint "
                        "from a full one (PEFT export: moedist convert peft); --domain NAME: one domain's "
                        "sub-model", False),

@@ -4,6 +4,7 @@
     moedist extract CKPT --domain NAME OUT                    # one domain's sub-model (moedist.checkpoint.grow)
     moedist merge ADAPTER --base BASE OUT                     # base + adapter -> full moedist checkpoint
     moedist merge ADAPTER --base BASE OUT --format hf         # ... -> transformers directory, LoRA merged
+    moedist merge --method ties --base BASE A B OUT           # several fine-tunes combined (moedist.merge.cli)
 
 CKPT and ADAPTER are `moedist.checkpoint` checkpoints (manifest.json + safetensors
 keyed by global expert id) or run directories whose ``latest`` names one.

@@ -103,6 +103,8 @@ def summary_table(summary: dict) -> Table:
         ("dropped", f"{100 * summary['dropped_frac']:.2f}% of routed (token, slot) pairs"),
         ("trainable", f"{summary['trainable_params']:,} of {summary['total_params']:,} parameters"),
     ]
+    for kind, got in (summary.get("averages") or {}).items():  # train.ema_decay / swa_start / lawa_k
+        rows.append((f"val loss {kind}", f"{_fmt(got.get('val_loss'))}  ({got.get('what')})"))
     if summary.get("peak_mem_mb") is not None:
         per = [p for p in summary.get("peak_mem_mb_per_rank") or [] if p is not None]
         rest = f"  (ranks: min {min(per):,.0f}, max {max(per):,.0f})" if len(per) > 1 else ""
