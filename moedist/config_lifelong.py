@@ -30,6 +30,9 @@ def validate_lifelong(cfg: Any) -> None:
     groups: Dict[str, Any] = moe.expert_groups
     if groups and cfg.model.moe_every == 0:
         raise ConfigError("moe.expert_groups: needs MoE layers but model.moe_every=0 (dense model)")
+    if (groups or moe.group_routing != "learned") and moe.router_type != "token_choice":
+        raise ConfigError(f"moe.router_type={moe.router_type!r}: expert groups and group_routing=random need "
+                          "token_choice routing (an expert choosing tokens could take ones outside their group)")
     names = [s.get("name") for s in cfg.data.sources]
     if groups and not names:
         raise ConfigError("moe.expert_groups: a group is picked by a sequence's data source, so it needs named "

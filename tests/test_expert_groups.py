@@ -72,7 +72,9 @@ def test_config_errors_are_one_line(domains):
            ({"expert_groups": {"prose": [1]}}, "1 expert(s) < moe.top_k=2"),
            ({"expert_groups": {"prose": [1, 1]}}, "duplicate expert ids"),
            ({"freeze_experts": [9]}, "moe.freeze_experts=[9]: expert id 9 is out of range"),
-           ({"group_routing": "hash"}, "moe.group_routing='hash': must be one of learned|random")]
+           ({"group_routing": "hash"}, "moe.group_routing='hash': must be one of learned|random"),
+           ({"router_type": "expert_choice", "capacity_factor": 1.0, "aux_loss_type": "none"},
+            "moe.router_type='expert_choice': expert groups and group_routing=random need token_choice")]
     for moe, msg in bad:
         cfg = base_cfg(paths, cache)
         cfg["moe"].update(moe)

@@ -186,7 +186,7 @@ class MoELayer(nn.Module):
         if g.mode == "random":
             idx_TK, w_TK = random_group_routing(route.token_T.to(x_TH.device), domain_T, g, self.router.top_k,
                                                 self.route_seed)
-            r = RouterOutput(idx_TK, w_TK.to(r.weight_TK.dtype), r.probs_TE, r.logits_TE, r.noise)
+            r = dataclasses.replace(r, idx_TK=idx_TK, weight_TK=w_TK.to(r.weight_TK.dtype), active_TK=None)
         return r
 
     def _aux(self, r, sel, T: int) -> MoEAux:
