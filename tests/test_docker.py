@@ -44,7 +44,8 @@ def test_readmes_show_the_dockerfile_train_example():
 # base image passed as BASE_IMAGE, the host's torch 2.13.0 CPU wheel and every dependency
 # served to `docker build --network host` as a find-links wheelhouse; then `moedist doctor`,
 # a 2-process EP=2 training in one container, and two containers as two nodes on a
-# user-defined bridge network, whose losses equal the same job on the host (1e-5).
+# user-defined bridge network, whose losses equal the same job on the host (1e-5); and the
+# Dockerfile's own training example, run as written by a host user.
 # Cached under ~/.cache/moedist/docker (base tarball, wheelhouse, image layers in the data root).
 
 import json  # noqa: E402
