@@ -108,8 +108,10 @@ class MoEConfig:
                                             "= each expert picks its capacity C = ceil(capacity_factor * T * top_k "
                                             "/ E) highest-scoring tokens (Zhou et al. 2022; a token may get 0 to E "
                                             "experts). The choice is made per rank and micro-batch over its own T "
-                                            "tokens, before dispatch, as in other implementations; needs a "
-                                            "capacity_factor and aux_loss_type=none.",
+                                            "tokens, before dispatch, as in other implementations, so a token's "
+                                            "experts depend on the other tokens of its micro-batch (not causal: "
+                                            "decoding routes differently from training); needs a capacity_factor "
+                                            "and aux_loss_type=none.",
                              choices=("token_choice", "expert_choice"))
     second_expert_policy: str = _opt("all", "With top_k=2: 'all' = every token goes to both experts; 'random' = in "
                                             "training the second expert is used with probability min(1, 2 * w2) of "

@@ -21,8 +21,8 @@ from moedist.distributed.comm import ExpertParallelComm
 from moedist.moe import (GroupedExperts, LoRAOnExperts, MoELayer, MoELoRAExperts, Router, SharedExperts,
                          TokenDispatcher)
 from moedist.moe.dispatcher import permute_pairs
-from tests.moe_reference import (Leaves, experts_dict, ref_base_ffn, ref_dense_ffn, ref_importance_loss, ref_load_loss, ref_moe,
-                                 ref_switch_loss, ref_z_loss, router_dict, shared_dict)
+from tests.moe_reference import (Leaves, experts_dict, ref_base_ffn, ref_dense_ffn, ref_importance_loss, ref_load_loss,
+                                 ref_moe, ref_switch_loss, ref_z_loss, router_dict, shared_dict)
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 E, H, F, R = 8, 6, 8, 3

@@ -314,3 +314,20 @@ def test_config_accepts_the_options():
     assert cfg.moe.router_type == "expert_choice" and cfg.moe.eval_capacity_factor == 2.0
     cfg = load_config(None, ["moe.second_expert_policy=random", "moe.score_func=sigmoid", "moe.expert_bias=true"])
     assert cfg.moe.expert_bias_update_rate == 0.001 and math.isclose(cfg.moe.expert_bias_update_rate, 1e-3)
+
+
+# ------------------------------------------------------------------ activation checkpointing
+def test_recompute_replays_random_second_expert_and_moe_lora_base():
+    """Activation checkpointing recomputes the MoE forward: the random second-expert draws are replayed
+    from the saved generator state (same routing, same gradients as without recompute)."""
+    from tests.test_act_ckpt import _cfg, _run
+
+    cfg = _cfg({"lora": {"mode": "moe_lora"}, "moe": {"second_expert_policy": "random", "capacity_factor": 1.0,
+                                                      "top_k": 2}})
+    _, ref, ref_grads = _run(cfg, "none")
+    _, got, grads = _run(cfg, "moe")
+    for (l0, t0, _), (l1, t1, _) in zip(ref, got):
+        assert l1 == pytest.approx(l0, rel=1e-6, abs=1e-7)
+        assert all(torch.equal(a, b) for a, b in zip(t0, t1))
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)
