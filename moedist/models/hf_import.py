@@ -105,6 +105,9 @@ class _Loader:
 
     @torch.no_grad()
     def copy(self, dst: torch.Tensor, name: str, transpose: bool = False) -> None:
+        if dst.is_meta and name in self.t:  # not materialized here (ZeRO-3 builds a layer at a time): skip the read
+            self.used.add(name)
+            return
         src = self.take(name)
         src = src.t() if transpose else src
         if tuple(src.shape) != tuple(dst.shape):

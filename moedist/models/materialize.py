@@ -112,7 +112,8 @@ def _nan_check(named: Sequence[Tuple[str, torch.Tensor]]) -> None:
 
 @torch.no_grad()
 def materialize_in_chunks_(model: nn.Module, chunks: Sequence[nn.Module], device="cpu",
-                           partition: Optional[Callable[[List[nn.Parameter]], None]] = None) -> nn.Module:
+                           partition: Optional[Callable[[List[nn.Parameter]], None]] = None,
+                           load: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
     """`materialize_` one chunk of parameters at a time, handing each chunk to `partition` once drawn.
 
     Args:
@@ -122,6 +123,9 @@ def materialize_in_chunks_(model: nn.Module, chunks: Sequence[nn.Module], device
         device: where tensors are allocated. Buffers (small, never partitioned) are allocated first.
         partition: called with each drawn chunk's parameters (e.g. to keep only this rank's
             ZeRO-3 partition); None keeps them whole.
+        load: called with `model` after each chunk is drawn, before `partition`, while only that
+            chunk is real (e.g. `load_hf_weights_into`: copies into the meta parameters of the other
+            chunks are dropped). It runs once per chunk.
 
     Same values as `materialize_`: every `init_weights()` whose module holds a parameter of the
     chunk runs while the parameters of the other chunks are meta (writes to them are dropped, the
@@ -158,6 +162,8 @@ def materialize_in_chunks_(model: nn.Module, chunks: Sequence[nn.Module], device
         for mod, owned in owners:
             if owned & wanted:
                 mod.init_weights()
+        if load is not None:
+            load(model)
         _nan_check([(names.get(i, "?"), q) for i, q in new.items()])
         for mod, name, p in slots:
             mod._parameters[name] = p
@@ -176,9 +182,11 @@ def decoder_layers(model: nn.Module) -> List[nn.Module]:
 
 
 def build_partitioned_model(cfg, partition: Callable[[List[nn.Parameter]], None], ep_rank: int = 0,
-                            ep_size: int = 1, device="cpu", meta_model: Optional[nn.Module] = None) -> nn.Module:
-    """`build_local_model`, but each decoder layer (then the rest) is drawn and handed to `partition`
-    (ZeRO-3: kept as this rank's partition only) before the next is allocated."""
+                            ep_size: int = 1, device="cpu", meta_model: Optional[nn.Module] = None,
+                            load: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
+    """`build_local_model`, but each decoder layer (then the rest) is drawn, given its loaded weights
+    (`load`, see `materialize_in_chunks_`) and handed to `partition` (ZeRO-3: kept as this rank's
+    partition only) before the next is allocated."""
     model = meta_model if meta_model is not None else build_meta_model(cfg)
     shard_meta_(model, ep_rank, ep_size)
-    return materialize_in_chunks_(model, decoder_layers(model), device, partition)
+    return materialize_in_chunks_(model, decoder_layers(model), device, partition, load)

@@ -128,11 +128,13 @@ def _is_fresh(name: str) -> bool:
     return "lora_" in leaf or ".lora." in name or ".router." in name or leaf.startswith("lora")
 
 
-def load_init_weights(model, path: str, names: Optional[Iterable[str]] = None) -> int:
+def load_init_weights(model, path: str, names: Optional[Iterable[str]] = None, verify: bool = True) -> int:
     """Copy the checkpoint's weights into this rank's (sharded or whole) model; returns the tensors loaded.
 
     Expert tensors are read by global expert id, so any EP layout works. Raises ConfigError naming
     the first parameter the checkpoint lacks (other than adapters/routers) or whose shape differs.
+    Meta parameters are checked but not read. verify=False skips the checksums (already verified:
+    ZeRO-3 construction calls this once per decoder layer).
     """
     import torch
 
@@ -141,7 +143,8 @@ def load_init_weights(model, path: str, names: Optional[Iterable[str]] = None) -
 
     ckpt = init_checkpoint(path)
     try:
-        verify_checkpoint(ckpt)
+        if verify:
+            verify_checkpoint(ckpt)
     except CorruptCheckpoint as err:
         raise ConfigError(f"model.init_from={path!r}: {err}") from None
     rd = _Reader(ckpt, read_manifest(ckpt))
@@ -157,6 +160,8 @@ def load_init_weights(model, path: str, names: Optional[Iterable[str]] = None) -
                 if _is_fresh(name):
                     continue
                 raise ConfigError(f"model.init_from={path!r}: {ckpt} has no weights for {name}")
+            if p.is_meta:  # not materialized here (ZeRO-3 builds a layer at a time): nothing to read into
+                continue
             t = torch.stack([rd.get(k) for k in keys]) if name in slots else rd.get(keys[0])
             if t.shape != p.shape:
                 raise ConfigError(f"model.init_from={path!r}: {name}: checkpoint shape {tuple(t.shape)} != model "

@@ -216,6 +216,19 @@ def evaluate_lm(forward: Callable, module: torch.nn.Module, batch_fn: Callable[[
     return float(total[0]), float(total[1])
 
 
+def load_weights(cfg, model, verify: bool = True) -> None:
+    """model.from_hf / model.init_from into this rank's materialized model (experts by global id); verify=False
+    skips init_from's checksums (verified by an earlier call)."""
+    if cfg.model.from_hf is not None:
+        from moedist.models.hf import load_hf_weights_into
+
+        load_hf_weights_into(model, cfg.model.from_hf)  # reads only this rank's experts; moe_lora: FFN = base
+    if cfg.model.init_from is not None:  # a moedist checkpoint (convert from-hf/upcycle, a run): step 0
+        from moedist.train.init_from import load_init_weights
+
+        load_init_weights(model, cfg.model.init_from, verify=verify)  # this rank's experts by global id
+
+
 class NonFiniteError(ConfigError):
     """train.nonfinite=stop: one line naming the step and the first non-finite gradient (or the loss)."""
 
@@ -296,23 +309,22 @@ class Trainer:
         self.total_params = sum(p.numel() for p in meta.parameters())
         self.trainable_params = sum(p.numel() for p in meta.parameters() if p.requires_grad)
         # shard on meta, then allocate and draw only this rank's experts and the replicated parts
-        loads = cfg.model.from_hf is not None or cfg.model.init_from is not None or model_init is not None
-        if ds and cfg.deepspeed.zero_stage == 3 and not loads:  # ZeRO-3: one decoder layer whole at a time
+        if ds and cfg.deepspeed.zero_stage == 3 and model_init is None:  # ZeRO-3: one decoder layer whole at a time
             from moedist.models.materialize import build_partitioned_model
             from moedist.train.deepspeed_setup import zero3_partitioner
 
+            calls = []  # per layer, while only that layer is real; checksums once
+
+            def load(m) -> None:
+                load_weights(cfg, m, verify=not calls)
+                calls.append(1)
+
             model = build_partitioned_model(cfg, zero3_partitioner(cfg, self.dims), self.dims.ep_rank, ep,
-                                            device=self.device, meta_model=meta)
-        else:  # loaders below write whole tensors: ZeRO-3 partitions in deepspeed.initialize
+                                            device=self.device, meta_model=meta,
+                                            load=load if cfg.model.from_hf or cfg.model.init_from else None)
+        else:  # (model_init writes whole tensors: ZeRO-3 then partitions in deepspeed.initialize)
             model = build_local_model(cfg, self.dims.ep_rank, ep, device=self.device, meta_model=meta)
-        if cfg.model.from_hf is not None:
-            from moedist.models.hf import load_hf_weights_into
-
-            load_hf_weights_into(model, cfg.model.from_hf)  # reads only this rank's experts; moe_lora: FFN = base
-        if cfg.model.init_from is not None:  # a moedist checkpoint (convert from-hf/upcycle, a run): step 0
-            from moedist.train.init_from import load_init_weights
-
-            load_init_weights(model, cfg.model.init_from)  # this rank's experts by global id
+            load_weights(cfg, model)
         if model_init is not None:
             model_init(model)
         parallelize(model, self.dims.ep_comm)  # experts are sharded already: wires the dispatchers
