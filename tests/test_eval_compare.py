@@ -1,7 +1,6 @@
 """`moedist eval A B ... --table T.md --plot P.png` (issue 14, Deliver 7): several models side by side, per
 domain; the single-model --json line unchanged; Hugging Face directories; bad input writes nothing."""
 import json
-from pathlib import Path
 
 import pytest
 

@@ -125,7 +125,6 @@ def runs(tmp_path_factory):
     return out
 
 
-@pytest.mark.slow  # the module fixture trains three runs (about a minute on 2 busy cores)
 def test_merge_average_and_task_arithmetic_by_hand(runs, tmp_path, capsys):
     a, b, base = (_state(runs[k] / "final") for k in ("prose", "code", "both"))
     assert main(["merge", "--method", "average", "--weights", "1,3", str(runs["prose"]), str(runs["code"]),
@@ -146,7 +145,6 @@ def test_merge_average_and_task_arithmetic_by_hand(runs, tmp_path, capsys):
     assert "| model | overall | prose |" in text and re.search(rf"\| {re.escape(str(tmp_path / 'ta'))} \| [0-9.]+", text)
 
 
-@pytest.mark.slow  # the module fixture trains three runs (about a minute on 2 busy cores)
 def test_merge_ties_keeps_the_plumbing(runs, tmp_path):
     a, b, base = (_state(runs[k] / "final") for k in ("prose", "code", "both"))
     assert main(["merge", "--method", "ties", "--base", str(runs["both"]), "--density", "0.3",
@@ -156,7 +154,6 @@ def test_merge_ties_keeps_the_plumbing(runs, tmp_path):
         assert torch.equal(got[k], want[k]), k
 
 
-@pytest.mark.slow  # the module fixture trains three runs (about a minute on 2 busy cores)
 def test_lorahub_searches_within_budget(runs, tmp_path, capsys):
     a, b = _state(runs["code"] / "final"), _state(runs["prose"] / "final")
     capsys.readouterr()
@@ -182,7 +179,6 @@ def test_lorahub_searches_within_budget(runs, tmp_path, capsys):
     assert (tmp_path / "hub.md").read_text().startswith("| model | overall | code | prose |")
 
 
-@pytest.mark.slow  # the module fixture trains three runs (about a minute on 2 busy cores)
 def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, capsys):
     from moedist.config import load_config, save_config
 
