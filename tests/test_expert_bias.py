@@ -96,6 +96,26 @@ def test_bias_reduces_imbalance_on_skewed_router():
     assert b[0] < 0 and b[1] < 0 and b.max() > 0  # the favoured experts pushed down, others up
 
 
+def test_bias_is_saved_and_loaded_with_the_checkpoint(tmp_path):
+    from moedist.checkpoint import load_checkpoint, save_checkpoint
+    from moedist.config import load_config
+    from moedist.models import build_model, moe_layers
+
+    cfg = load_config(None, ["model.num_layers=2", "model.hidden_size=32", "model.ffn_size=48", "moe.num_experts=4",
+                             "moe.score_func=sigmoid", "moe.expert_bias=true"])
+    model = build_model(cfg)
+    with torch.no_grad():
+        for i, layer in enumerate(moe_layers(model)):
+            layer.router.expert_bias.copy_(torch.arange(4.0) * 0.001 * (i + 1))
+    names = [n for n, _ in model.named_buffers() if n.endswith("router.expert_bias")]
+    assert len(names) == 2 and not any(n.endswith("expert_bias") for n, _ in model.named_parameters())  # no optimizer
+    save_checkpoint(tmp_path / "c", model, step=1)
+    fresh = build_model(cfg)
+    load_checkpoint(tmp_path / "c", fresh)
+    for a, b in zip(moe_layers(model), moe_layers(fresh)):
+        assert torch.equal(a.router.expert_bias, b.router.expert_bias)
+
+
 # ------------------------------------------------------------------ the trainer, 2 processes
 STEPS, RATE = 3, 0.01
 BASE = {

@@ -124,16 +124,17 @@ def test_expert_choice_same_at_ep1_and_ep2():
 
 
 # ------------------------------------------------------------------ GShard random second expert
-def _random_layer(cf, kind="grouped"):
+def _random_layer(cf, kind="grouped", policy="position"):
     router = Router(H, E, 2, init_std=0.7, seed=1, second_expert_policy="random")
     experts, ref_kind = _experts(kind)
-    layer = MoELayer(router, experts, capacity_factor=cf, drop_policy="position", aux_loss_coef=0.0)
+    layer = MoELayer(router, experts, capacity_factor=cf, drop_policy=policy, aux_loss_coef=0.0)
     return layer, experts, ref_kind
 
 
-@pytest.mark.parametrize("cf, kind", [(None, "grouped"), (0.5, "grouped"), (1.0, "moelora")])
-def test_random_second_expert_matches_reference(cf, kind):
-    layer, experts, ref_kind = _random_layer(cf, kind)
+@pytest.mark.parametrize("cf, kind, policy", [(None, "grouped", "position"), (0.5, "grouped", "position"),
+                                              (0.5, "grouped", "probs"), (1.0, "moelora", "position")])
+def test_random_second_expert_matches_reference(cf, kind, policy):
+    layer, experts, ref_kind = _random_layer(cf, kind, policy)
     layer.train()
     gen = layer.router.named_generators()["second_expert"]
     u = torch.rand(T, generator=torch.Generator().set_state(gen.get_state()))  # the draws the router will make
@@ -145,7 +146,7 @@ def test_random_second_expert_matches_reference(cf, kind):
     leaves = Leaves()
     x64 = x.detach().double().reshape(T, H).requires_grad_(True)
     y_ref, info = ref_moe(x64, router_dict(layer.router, leaves), experts_dict(experts, ref_kind, leaves), 2, "swiglu",
-                          capacity_factor=cf, second_u=u)
+                          capacity_factor=cf, drop_policy=policy, second_u=u)
     (y_ref.reshape(B, S, H) * gy.double()).sum().backward()
     torch.testing.assert_close(y.detach().double(), y_ref.detach().reshape(B, S, H), **TOL)
     _compare_grads(x, x64, leaves, layer)
