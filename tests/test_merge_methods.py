@@ -201,3 +201,14 @@ def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and word in err[0], (args, err)
         assert not (tmp_path / "out").exists()
+
+
+def test_method_help_shows_the_defaults(capsys):
+    assert main(["merge", "--method", "ties", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("--density DENSITY", "(default: 0.2)", "(default: 40)", "(default: 1.0)", "(default: 0.05)",
+                 "MODEL [MODEL ...] OUT"):
+        assert text in out, text
+    assert main(["merge", "--help"]) == 0  # the adapter merge, which names the methods
+    out = " ".join(capsys.readouterr().out.split())
+    assert "ADAPTER_CKPT" in out and "average,task_arithmetic,ties,lorahub" in out

@@ -159,7 +159,8 @@ def lawa_weights(trainer, k: int) -> Tuple[Weights, List[str]]:
     names = [n for n, p in trainer.runner.module.named_parameters() if p.requires_grad]
     total: Optional[Weights] = None
     for path in paths:
-        with torch.random.fork_rng(devices=[]):  # load_checkpoint restores the saved global RNG state
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda):  # load_checkpoint restores the saved global RNG states
             load_checkpoint(path, shadow, dims=trainer.dims, load_optim=False)
         values = dict(shadow.named_parameters())
         if total is None:
