@@ -52,9 +52,20 @@ def test_layer_json_schema_and_a2a_bytes(tmp_path):
         assert r["fwd_bwd_ms_p10"] <= r["fwd_bwd_ms"] <= r["fwd_bwd_ms_p90"]
         assert r["peak_mem_mb"] > 0 and r["act_mem_mb"] > 0
     assert plot.stat().st_size > 1000
-    prof = res["profiles"]["moedist/capacity"]
-    assert prof[-1]["op"] == "(other ops)" and abs(sum(p["share"] for p in prof) - 1.0) < 1e-6
-    assert any(p["op"] == "aten::mm" for p in prof)
+    assert {r["ffn"] for r in res["results"]} == {"plain", "recompute"}  # default: both FFNs, every impl
+    assert len(res["results"]) == 2 * 8
+    for r in res["results"]:
+        assert r["fwd_bwd_ms_min"] <= r["fwd_bwd_ms_q25"] <= r["fwd_bwd_ms"] <= r["fwd_bwd_ms_q75"] <= r["fwd_bwd_ms_max"]
+        assert len(r["fwd_bwd_ms_repeat_medians"]) == r["repeats"] == 3 and r["samples"] == 3 * 2
+        assert r["useful_tflops"] == pytest.approx(r["model_tflops"])
+    for ffn in ("plain", "recompute"):
+        prof = res["profiles"][f"moedist/capacity/{ffn}"]
+        assert prof[-1]["op"] == "(other ops)" and abs(sum(p["share"] for p in prof) - 1.0) < 1e-6
+        assert any(p["op"] == "aten::mm" for p in prof)
+        # ratios compare rows of the same FFN only
+        md = next(r for r in res["results"] if (r["impl"], r["mode"], r["ffn"]) == ("moedist", "capacity", ffn))
+        ds = next(r for r in res["results"] if (r["impl"], r["mode"], r["ffn"]) == ("deepspeed", "capacity", ffn))
+        assert md["ratios"]["fwd_bwd_vs_deepspeed"] == pytest.approx(md["fwd_bwd_ms"] / ds["fwd_bwd_ms"])
 
     cfg = LayerBenchConfig(tokens=T, hidden=H, ffn=F, experts=E, capacity_factor=1.0)
     counts = _routing_counts(cfg)
@@ -70,9 +81,6 @@ def test_layer_json_schema_and_a2a_bytes(tmp_path):
     assert rows[("moedist", "dropless")]["rows_executed"] == T * 2
     # same weights and routing: dropless outputs agree
     assert res["checks"]["dropless"]["max_rel_diff"] < 1e-5
-    r = rows[("moedist", "capacity")]["ratios"]
-    assert r["fwd_bwd_vs_deepspeed"] == pytest.approx(rows[("moedist", "capacity")]["fwd_bwd_ms"]
-                                                      / rows[("deepspeed", "capacity")]["fwd_bwd_ms"])
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -123,7 +131,7 @@ def test_skewed_routing_reaches_target():
 
 def test_sweep_rows_and_linear_fit():
     cfg = LayerBenchConfig(hidden=H, ffn=F, experts=E, iters=1, warmup=0, impls=("moedist", "dense"),
-                           modes=("capacity",), memory=False)
+                           modes=("capacity",), memory=False, ffn_impls=("recompute",), repeats=1)
     res = run_layer_sweep(cfg, tokens=(64, 128, 256), experts=(2, 4))
     assert {r["sweep"] for r in res["results"]} == {"tokens", "experts"}
     assert sorted(r["tokens"] for r in res["results"] if r["sweep"] == "tokens" and r["impl"] == "dense") == [64, 128, 256]
@@ -220,3 +228,151 @@ def test_layer_prints_target_lines_only_with_targets_flag(flag, tmp_path, capsys
         assert not targets, targets
         assert recorded == []
     assert any(ln.startswith("moedist") for ln in lines)  # the table itself is printed either way
+
+
+# --------------------------------------------------------------------------- issue 18.1: fair benchmarks
+
+class _MatmulFlops:
+    """Counts the FLOPs of every matmul that actually runs (mm, addmm, addmm_, bmm), forward and backward."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                t = [a for a in args if isinstance(a, torch.Tensor)]
+                if name == "mm":
+                    outer.flops += 2 * t[0].shape[0] * t[0].shape[1] * t[1].shape[1]
+                elif name in ("addmm", "addmm_"):
+                    outer.flops += 2 * t[1].shape[0] * t[1].shape[1] * t[2].shape[1]
+                elif name == "bmm":
+                    outer.flops += 2 * t[0].shape[0] * t[0].shape[1] * t[0].shape[2] * t[1].shape[2]
+                return func(*args, **(kwargs or {}))
+
+        self.flops, self.mode = 0, _Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def test_useful_flops_hand_count():
+    """T=4, K=2, H=3, F=5, r=2, SwiGLU, worked out by hand (2mkn per matmul)."""
+    from moedist.bench.flops import useful_flops
+
+    # frozen FFN on 4 rows: 3 projections x 2*4*3*5 = 360 forward, + 360 input gradients (no weight gradients)
+    # LoRA on 4 rows: per projection 2*4*3*2 + 2*4*2*5 = 128, x3 projections = 384 forward, x3 with backward = 1152
+    assert useful_flops("dense-lora", "-", 4, 2, 3, 5, True, 2) == 720 + 1152
+    # fused LoRA-MoE: frozen FFN once per TOKEN (720 as above), LoRA per PAIR (8 rows: 2304)
+    assert useful_flops("moedist-lora", "fused", 4, 2, 3, 5, True, 2) == 720 + 2304
+    # naive: frozen FFN per pair (8 rows: 1440) + LoRA per pair
+    assert useful_flops("moedist-lora", "naive", 4, 2, 3, 5, True, 2) == 1440 + 2304
+    # trainable experts on the 8 pairs: 3 x 2*8*3*5 = 720 forward, x3 with input + weight gradients
+    for impl in ("moedist", "deepspeed", "floor", "fairscale"):
+        assert useful_flops(impl, "capacity", 4, 2, 3, 5, True) == 2160
+    assert useful_flops("dense", "-", 4, 2, 3, 5, True) == 2160  # one FFN of size K*F on 4 rows
+    assert useful_flops("dense", "-", 4, 2, 3, 5, False, backward=False) == 2 * 2 * 4 * 3 * 10  # plain act: 2 projections
+
+
+@pytest.mark.parametrize("ffn", ["plain", "recompute"])
+def test_useful_flops_equal_the_matmuls_that_run(ffn):
+    """The formula against the matmuls each LoRA row and the MoE layer really run (router FLOPs removed)."""
+    from moedist.bench.cases import _BenchExperts, _UnfusedMoELoRAExperts
+    from moedist.bench.flops import useful_flops
+    from moedist.moe import MoELoRAExperts
+
+    t, k, h, f, e, r = 32, 2, 16, 24, 4, 2
+    x = torch.randn(t, h, requires_grad=True)
+    g = torch.randn(t, h)
+    router_flops = 3 * 2 * t * h * e  # logits forward, input and weight gradients
+    base = peers.DenseFFN(h, f, "swiglu", seed=1)
+    ref = peers.DenseLoRA(base.w_gate, base.w_up, base.w_down, r, "swiglu", seed=2, ffn_impl=ffn)
+    with _MatmulFlops() as c:
+        ref(x).backward(g)
+    assert c.flops == useful_flops("dense-lora", "-", t, k, h, f, True, r)
+    cls = MoELoRAExperts if ffn == "recompute" else _UnfusedMoELoRAExperts
+    lora = cls(e, h, f, r, activation="swiglu", seed=3)
+    lora.load_base(base.w_gate, base.w_up, base.w_down)
+    with _MatmulFlops() as c:
+        y, _ = MoELayer(Router(h, e, k, renormalize=True), lora)(x)
+        y.backward(g)
+    assert c.flops - router_flops == useful_flops("moedist-lora", "fused", t, k, h, f, True, r)
+    experts = _BenchExperts(GroupedExperts(e, h, f, seed=4), ffn)
+    with _MatmulFlops() as c:
+        y, _ = MoELayer(Router(h, e, k, renormalize=True), experts)(x)  # dropless: every pair computed
+        y.backward(g)
+    assert c.flops - router_flops == useful_flops("moedist", "dropless", t, k, h, f, True)
+
+
+def test_plain_and_recompute_ffn_agree():
+    """The two expert FFNs are the same math: outputs and every gradient equal (LoRA down, frozen weight)."""
+    from moedist.bench.ffns import ffn_forward
+
+    torch.manual_seed(0)
+    ws = [torch.randn(8, 12, requires_grad=True), torch.randn(8, 12, requires_grad=True),
+          torch.randn(12, 8, requires_grad=True)]
+    lora = (torch.randn(12, 3, requires_grad=True), torch.randn(3, 8, requires_grad=True))
+    x = torch.randn(2, 5, 8)  # DeepSpeed hands its experts 3-D chunks
+    g = torch.randn(2, 5, 8)
+    outs = []
+    for impl in ("plain", "recompute"):
+        xi = x.clone().requires_grad_(True)
+        y = ffn_forward(xi, *ws, "swiglu", impl, lora_down=lora, scaling=0.5)
+        grads = torch.autograd.grad(y, [xi, *ws, *lora], g)
+        outs.append((y, grads))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b)
+    w_frozen = ws[2].detach()  # frozen down weight: no gradient asked, none computed
+    xi = torch.randn(5, 8, requires_grad=True)
+    y = ffn_forward(xi, ws[0], ws[1], w_frozen, "gelu", "recompute")
+    y2 = ffn_forward(xi, ws[0], ws[1], w_frozen, "gelu", "plain")
+    torch.testing.assert_close(torch.autograd.grad(y, xi, torch.ones_like(y))[0],
+                               torch.autograd.grad(y2, xi, torch.ones_like(y2))[0])
+
+
+def test_round_robin_order_is_reshuffled_every_round():
+    from moedist.bench.timing import round_orders, run_interleaved
+
+    names = [f"impl{i}" for i in range(6)]
+    orders = round_orders(names, 8, seed=1)
+    assert all(sorted(o) == names for o in orders)
+    assert len({tuple(o) for o in orders}) > 1  # not one fixed order
+    assert orders == round_orders(names, 8, seed=1)  # seeded
+    assert round_orders(names, 2, seed=None) == [names, names]
+    seen = []
+    run_interleaved({n: (lambda n=n: seen.append(n)) for n in names}, iters=3, warmup=0,
+                    device=torch.device("cpu"), order_seed=1)
+    assert seen == [n for o in round_orders(names, 3, seed=1) for n in o]
+
+
+def test_layer_bf16_smoke(tmp_path, capsys):
+    """`moedist bench layer --dtype bfloat16` runs on CPU end to end (issue 18.3): every impl that can
+    run does, fairscale (fp32 dispatch mask einsum'd with bf16 input) is listed as skipped with the reason."""
+    import time
+
+    out = tmp_path / "bf16.json"
+    t0 = time.time()
+    rc = main(["layer", "--dtype", "bfloat16", "--tokens", "32", "--hidden", "16", "--ffn", "16", "--experts", "4",
+               "--iters", "1", "--warmup", "0", "--repeats", "1", "--ffn-impl", "recompute", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["config"]["dtype"] == "bfloat16"
+    rows = {(r["impl"], r["mode"]): r for r in res["results"]}
+    assert {("moedist", "capacity"), ("moedist", "dropless"), ("deepspeed", "capacity"), ("deepspeed", "dropless"),
+            ("dense", "-"), ("floor", "capacity"), ("floor", "dropless")} <= set(rows)
+    for r in res["results"]:
+        assert r["ffn"] == "recompute" and r["fwd_bwd_ms"] > 0 and r["useful_flops"] > 0
+        assert r["peak_mem_mb"] is not None
+    ran_or_skipped = {r["impl"] for r in res["results"]} | {k.split("/")[0] for k in res["skipped"]}
+    assert "fairscale" in ran_or_skipped
+    for name, why in res["skipped"].items():
+        assert isinstance(why, str) and why, name
+    assert "skipped" in capsys.readouterr().out or not res["skipped"]
+    assert time.time() - t0 < 30  # the suite's smoke test: tiny sizes

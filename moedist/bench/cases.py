@@ -1,5 +1,13 @@
 """The (impl, mode) cases of `moedist bench layer`: each builds one implementation on the
 shared inputs and weights and exposes forward / backward / clear (see layer.py).
+
+Every case is built for one expert-FFN implementation (`ffn`: plain | recompute,
+see ffns.py) and every impl of a run gets the same one:
+    moedist       plain: per-expert plain autograd FFN (`_BenchExperts`); recompute: moedist's own
+                  grouped FFN kernel (`moe.ffn._GroupedGatedFFN`, keeps gate/up, recomputes h)
+    deepspeed, fairscale, floor, dense, dense-lora   their FFN built by `ffns.ffn_forward(..., ffn)`
+    moedist-lora  fused: recompute = its fused kernel (`_MoELoRAHidden`), plain = the same
+                  once-per-token path with plain autograd hidden rows; naive: plain only
 """
 from __future__ import annotations
 
@@ -10,9 +18,11 @@ import torch
 import torch.nn as nn
 
 from moedist.bench import peers
+from moedist.bench.ffns import ffn_forward
 from moedist.moe import GroupedExperts, MoELayer, MoELoRAExperts, Router
 from moedist.moe.capacity import compute_capacity, select_tokens
 from moedist.moe.dispatcher import permute_pairs
+from moedist.moe.ffn import GATED, _GroupedGatedFFN
 
 if TYPE_CHECKING:
     from moedist.bench.layer import LayerBenchConfig
@@ -31,10 +41,60 @@ class Case:
     rows_executed: Callable[[], int]
     capacity: Callable[[], Optional[int]] = lambda: None
     notes: dict = field(default_factory=dict)
+    ffn: str = "plain"
+    """the expert-FFN implementation this case runs (plain | recompute)."""
 
     @property
     def name(self) -> str:
-        return f"{self.impl}/{self.mode}"
+        return f"{self.impl}/{self.mode}/{self.ffn}"
+
+
+class _BenchExperts(nn.Module):
+    """moedist's GroupedExperts (same parameters) with the bench's chosen expert FFN.
+
+    plain: each expert's slice through `ffns.ffn_forward(..., "plain")` (weights unbound once);
+    recompute: moedist's `_GroupedGatedFFN` for gated activations in any dtype (so also in bf16,
+    where GroupedExperts itself would take `torch._grouped_mm`, which keeps its activations),
+    else GroupedExperts as is. `path` says which one runs (the JSON's `expert_ffn`).
+    """
+
+    def __init__(self, inner: GroupedExperts, ffn: str):
+        super().__init__()
+        self.inner, self.ffn = inner, ffn
+        self.num_local, self.first_expert = inner.num_local, inner.first_expert
+
+    def path(self, x: torch.Tensor) -> str:
+        e = self.inner
+        if self.ffn == "plain":
+            return "per-expert plain autograd (bench ffns.py)"
+        if self._recompute_ok():
+            return "moedist _GroupedGatedFFN (recompute)"
+        return "moedist GroupedExperts as is (not gated: no recompute kernel)"
+
+    def _recompute_ok(self) -> bool:
+        e = self.inner
+        return e.activation in GATED and e.w_gate.dtype == e.w_up.dtype == e.w_down.dtype
+
+    def forward(self, x_NH: torch.Tensor, counts_L) -> torch.Tensor:
+        e = self.inner
+        x_NH = x_NH.to(e.w_up.dtype)
+        counts = [int(c) for c in counts_L]
+        if self.ffn == "recompute":
+            if self._recompute_ok() and x_NH.shape[0] and len(counts) > 1:
+                return _GroupedGatedFFN.apply(x_NH, e.w_gate, e.w_up, e.w_down, tuple(counts), e.activation)
+            return e(x_NH, counts)
+        wg = e.w_gate.unbind(0) if e.w_gate is not None else [None] * len(counts)
+        wu, wd = e.w_up.unbind(0), e.w_down.unbind(0)
+        outs = [ffn_forward(xs, wg[l], wu[l], wd[l], e.activation, "plain")
+                for l, xs in enumerate(x_NH.split(counts)) if counts[l] > 0]
+        return torch.cat(outs) if outs else x_NH.new_zeros(x_NH.shape) + 0.0 * e.w_up.sum()
+
+
+class _UnfusedMoELoRAExperts(MoELoRAExperts):
+    """MoELoRAExperts whose once-per-token path never takes the fused recompute kernel (the plain form)."""
+
+    def _fused_ok(self, x_NH: torch.Tensor) -> bool:
+        return False
 
 
 
@@ -55,13 +115,14 @@ def _tensor_backward(grad: torch.Tensor) -> Callable[[object], None]:
     return backward
 
 
-def _moedist_case(mode, router_w, experts, x, grad, cfg, elem) -> Case:
+def _moedist_case(mode, router_w, experts, x, grad, cfg, elem, ffn) -> Case:
     E, K = cfg.experts, cfg.topk
-    router = Router(cfg.hidden, E, K, renormalize=K > 1).to(x.device)
+    router = Router(cfg.hidden, E, K, renormalize=K > 1).to(x.device)  # fp32 router whatever the dtype
     with torch.no_grad():
         router.weight.copy_(router_w)
     cf = cfg.capacity_factor if mode == "capacity" else None
-    layer = MoELayer(router, experts, capacity_factor=cf, min_capacity=cfg.min_capacity)
+    bench_experts = _BenchExperts(experts, ffn)
+    layer = MoELayer(router, bench_experts, capacity_factor=cf, min_capacity=cfg.min_capacity)
     last = {}
 
     def forward():
@@ -77,13 +138,15 @@ def _moedist_case(mode, router_w, experts, x, grad, cfg, elem) -> Case:
     kept = lambda: int(last["aux"].tokens_per_expert.sum())  # noqa: E731
     return Case("moedist", mode, forward, _tensor_backward(grad), clear,
                 a2a_bytes=lambda: kept() * cfg.hidden * elem, rows_executed=kept,
-                capacity=lambda: last["aux"].capacity, notes=dict(layer=layer))
+                capacity=lambda: last["aux"].capacity, notes=dict(layer=layer, expert_ffn=bench_experts.path(x)),
+                ffn=ffn)
 
 
-def _deepspeed_case(mode, router_w, experts, x, grad, cfg, elem, dtype) -> Case:
+def _deepspeed_case(mode, router_w, experts, x, grad, cfg, elem, dtype, ffn) -> Case:
     m = peers.DeepSpeedMoE(router_w, experts, cfg.topk, cfg.capacity_factor, drop_tokens=(mode == "capacity"),
-                           min_capacity=cfg.min_capacity).to(x.device)
+                           min_capacity=cfg.min_capacity, ffn_impl=ffn).to(x.device)
     m.moe.deepspeed_moe.experts.to(dtype)
+    m.moe.deepspeed_moe.gate.float()  # its gate computes in fp32 (it casts the input itself)
 
     def clear():
         x.grad = None
@@ -92,12 +155,14 @@ def _deepspeed_case(mode, router_w, experts, x, grad, cfg, elem, dtype) -> Case:
 
     return Case("deepspeed", mode, lambda: m(x), _tensor_backward(grad), clear,
                 a2a_bytes=lambda: m.a2a_bytes(elem), rows_executed=lambda: cfg.experts * m.capacity,
-                capacity=lambda: m.capacity, notes=dict(module=m))
+                capacity=lambda: m.capacity, notes=dict(module=m, expert_ffn=f"per-expert {ffn} (bench ffns.py)"),
+                ffn=ffn)
 
 
-def _fairscale_case(router_w, experts, x, grad, cfg, elem, dtype) -> Case:
-    m = peers.FairscaleMoE(router_w, experts).to(x.device)
+def _fairscale_case(router_w, experts, x, grad, cfg, elem, dtype, ffn) -> Case:
+    m = peers.FairscaleMoE(router_w, experts, ffn_impl=ffn).to(x.device)
     m.layer.experts.to(dtype)
+    m.layer.gate.to(dtype)  # Top2Gate has no fp32 path: its Linear must match the input's dtype
 
     def clear():
         x.grad = None
@@ -108,21 +173,23 @@ def _fairscale_case(router_w, experts, x, grad, cfg, elem, dtype) -> Case:
     return Case("fairscale", "capacity", lambda: m(x), _tensor_backward(grad), clear,
                 a2a_bytes=lambda: m.a2a_bytes(T, elem), rows_executed=lambda: cfg.experts * m.capacity(T),
                 capacity=lambda: m.capacity(T),
-                notes=dict(capacity_factor=1.0, routing="Top2Gate: 2nd expert sampled with Gumbel noise"))
+                notes=dict(capacity_factor=1.0, routing="Top2Gate: 2nd expert sampled with Gumbel noise",
+                           expert_ffn=f"per-expert {ffn} (bench ffns.py)"), ffn=ffn)
 
 
-def _dense_case(x, grad, cfg, dtype) -> Case:
-    m = peers.DenseFFN(cfg.hidden, cfg.topk * cfg.ffn, cfg.activation, seed=cfg.seed + 3, dtype=dtype, device=x.device)
+def _dense_case(x, grad, cfg, dtype, ffn) -> Case:
+    m = peers.DenseFFN(cfg.hidden, cfg.topk * cfg.ffn, cfg.activation, seed=cfg.seed + 3, dtype=dtype, device=x.device,
+                       ffn_impl=ffn)
 
     def clear():
         x.grad = None
         _params_clear(m)()
 
     return Case("dense", "-", lambda: m(x), _tensor_backward(grad), clear, a2a_bytes=lambda: 0,
-                rows_executed=lambda: cfg.tokens * cfg.topk, notes=dict(ffn_size=cfg.topk * cfg.ffn))
+                rows_executed=lambda: cfg.tokens * cfg.topk, notes=dict(ffn_size=cfg.topk * cfg.ffn), ffn=ffn)
 
 
-def _floor_case(mode, router_w, experts, x, grad, cfg) -> Case:
+def _floor_case(mode, router_w, experts, x, grad, cfg, ffn) -> Case:
     E, K = cfg.experts, cfg.topk
     r = Router(cfg.hidden, E, K, renormalize=K > 1).to(x.device)
     with torch.no_grad():
@@ -134,7 +201,7 @@ def _floor_case(mode, router_w, experts, x, grad, cfg) -> Case:
         x_sorted = x.index_select(0, perm.token_N)
         g_sorted = grad.index_select(0, perm.token_N)
     counts = perm.counts_E.tolist()
-    m = peers.FloorExperts(experts, counts, x_sorted)
+    m = peers.FloorExperts(experts, counts, x_sorted, ffn_impl=ffn)
     grads = [gs for gs, c in zip(g_sorted.split(counts), counts) if c > 0]
 
     def backward(outs):
@@ -145,7 +212,7 @@ def _floor_case(mode, router_w, experts, x, grad, cfg) -> Case:
         _params_clear(m)()
 
     n = sum(counts)
-    return Case("floor", mode, m, backward, clear, a2a_bytes=lambda: 0, rows_executed=lambda: n)
+    return Case("floor", mode, m, backward, clear, a2a_bytes=lambda: 0, rows_executed=lambda: n, ffn=ffn)
 
 
 class _PerPairExperts(nn.Module):
@@ -159,14 +226,18 @@ class _PerPairExperts(nn.Module):
         return self.inner(x_NH, counts_L)
 
 
-def _lora_cases(router_w, x, grad, cfg, elem, dtype) -> List[Case]:
+def _lora_cases(router_w, x, grad, cfg, elem, dtype, ffn, skipped: Dict[str, str]) -> List[Case]:
     E, K, H, F, r = cfg.experts, cfg.topk, cfg.hidden, cfg.ffn, cfg.lora_rank
     base = peers.DenseFFN(H, F, cfg.activation, seed=cfg.seed + 5, dtype=dtype, device=x.device)
-    ref = peers.DenseLoRA(base.w_gate, base.w_up, base.w_down, r, cfg.activation, seed=cfg.seed + 6)
+    ref = peers.DenseLoRA(base.w_gate, base.w_up, base.w_down, r, cfg.activation, seed=cfg.seed + 6, ffn_impl=ffn)
     cases = []
-    for form in ("fused", "naive"):
-        lora_experts = MoELoRAExperts(E, H, F, r, activation=cfg.activation, seed=cfg.seed + 7, dtype=dtype,
-                                      device=x.device)
+    forms = ("fused", "naive") if ffn == "plain" else ("fused",)
+    if ffn != "plain":
+        skipped[f"moedist-lora/naive/{ffn}"] = ("the per-pair (naive) LoRA path has plain autograd only; "
+                                                "its plain row is the naive reference")
+    for form in forms:
+        cls = MoELoRAExperts if ffn == "recompute" else _UnfusedMoELoRAExperts
+        lora_experts = cls(E, H, F, r, activation=cfg.activation, seed=cfg.seed + 7, dtype=dtype, device=x.device)
         lora_experts.load_base(base.w_gate, base.w_up, base.w_down)
         router = Router(H, E, K, renormalize=K > 1).to(x.device)
         with torch.no_grad():
@@ -186,43 +257,61 @@ def _lora_cases(router_w, x, grad, cfg, elem, dtype) -> List[Case]:
                 p.grad = None
 
         kept = lambda last=last: int(last["aux"].tokens_per_expert.sum())  # noqa: E731
+        fused = ffn == "recompute" and lora_experts._fused_ok(x)
+        path = ("per-pair plain autograd" if form == "naive" else
+                "once per token, fused recompute kernel (_MoELoRAHidden)" if fused else
+                "once per token, unfused hidden rows (no recompute kernel for this dtype)" if ffn == "recompute" else
+                "once per token, plain autograd hidden rows")
         cases.append(Case("moedist-lora", form, forward, _tensor_backward(grad), clear,
                           a2a_bytes=lambda kept=kept: kept() * H * elem, rows_executed=kept,
-                          notes=dict(lora_rank=r, frozen_ffn=F)))
+                          notes=dict(lora_rank=r, frozen_ffn=F, expert_ffn=path), ffn=ffn))
 
     def clear_ref():
         x.grad = None
         _params_clear(ref)()
 
     cases.append(Case("dense-lora", "-", lambda: ref(x), _tensor_backward(grad), clear_ref, a2a_bytes=lambda: 0,
-                      rows_executed=lambda: cfg.tokens, notes=dict(lora_rank=r, frozen_ffn=F)))
+                      rows_executed=lambda: cfg.tokens, notes=dict(lora_rank=r, frozen_ffn=F), ffn=ffn))
     return cases
 
 
-def build_cases(cfg: LayerBenchConfig, device: torch.device, dtype: torch.dtype, x, grad, router_w) -> tuple:
-    """All (impl, mode) cases of this config, plus the reasons for any impl skipped."""
+def one_line(e: BaseException, limit: int = 240) -> str:
+    """`Type: message` on one line (the reason recorded for a skipped impl)."""
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg[:limit]}"
+
+
+def build_cases(cfg: LayerBenchConfig, device: torch.device, dtype: torch.dtype, x, grad, router_w,
+                ffn: str = "plain") -> tuple:
+    """All (impl, mode) cases of this config for one expert-FFN implementation, plus the reasons
+    for any impl skipped (a peer that cannot be built for this setting is skipped, never fatal)."""
     elem = torch.tensor([], dtype=dtype).element_size()
     experts = GroupedExperts(cfg.experts, cfg.hidden, cfg.ffn, activation=cfg.activation, seed=cfg.seed + 2,
                              dtype=dtype, device=device)
     cases: List[Case] = []
     skipped: Dict[str, str] = {}
     for impl in cfg.impls:
-        if impl == "moedist":
-            cases += [_moedist_case(m, router_w, experts, x, grad, cfg, elem) for m in cfg.modes]
-        elif impl == "deepspeed":
-            cases += [_deepspeed_case(m, router_w, experts, x, grad, cfg, elem, dtype) for m in cfg.modes]
-        elif impl == "fairscale":
-            why = peers.fairscale_supports(cfg.tokens, cfg.experts, cfg.topk)
-            if why:
-                skipped["fairscale"] = why
-            else:
-                cases.append(_fairscale_case(router_w, experts, x, grad, cfg, elem, dtype))
-        elif impl == "dense":
-            cases.append(_dense_case(x, grad, cfg, dtype))
-        elif impl == "floor":
-            cases += [_floor_case(m, router_w, experts, x, grad, cfg) for m in cfg.modes]
-        elif impl == "lora":
-            cases += _lora_cases(router_w, x, grad, cfg, elem, dtype)
+        try:
+            if impl == "moedist":
+                cases += [_moedist_case(m, router_w, experts, x, grad, cfg, elem, ffn) for m in cfg.modes]
+            elif impl == "deepspeed":
+                cases += [_deepspeed_case(m, router_w, experts, x, grad, cfg, elem, dtype, ffn) for m in cfg.modes]
+            elif impl == "fairscale":
+                why = peers.fairscale_supports(cfg.tokens, cfg.experts, cfg.topk)
+                if why:
+                    skipped["fairscale"] = why
+                else:
+                    cases.append(_fairscale_case(router_w, experts, x, grad, cfg, elem, dtype, ffn))
+            elif impl == "dense":
+                cases.append(_dense_case(x, grad, cfg, dtype, ffn))
+            elif impl == "floor":
+                cases += [_floor_case(m, router_w, experts, x, grad, cfg, ffn) for m in cfg.modes]
+            elif impl == "lora":
+                cases += _lora_cases(router_w, x, grad, cfg, elem, dtype, ffn, skipped)
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run this setting is reported, not fatal
+            if impl == "moedist":
+                raise
+            skipped[f"{impl}/{ffn}"] = f"could not be built: {one_line(e)}"
     return cases, skipped
 
 

@@ -23,10 +23,34 @@ def _str_list(s: str) -> List[str]:
     return [v.strip() for v in s.split(",") if v.strip()]
 
 
+FFN_CHOICES = {"plain": ["plain"], "recompute": ["recompute"], "both": ["plain", "recompute"]}
+
+
+def _ffn_impls(s: str) -> List[str]:
+    if s not in FFN_CHOICES:
+        raise argparse.ArgumentTypeError(f"{s!r}: allowed plain, recompute, both")
+    return FFN_CHOICES[s]
+
+
+class _FfnAction(argparse.Action):
+    """`--ffn N` is the FFN size F (as always); `--ffn plain|recompute|both` picks the expert-FFN
+    implementation (the same as --ffn-impl). Both may be given: `--ffn 1024 --ffn recompute`."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if value in FFN_CHOICES:
+            namespace.ffn_impl = FFN_CHOICES[value]
+            return
+        try:
+            namespace.ffn = int(value)
+        except ValueError:
+            raise argparse.ArgumentError(self, f"{value!r}: an integer FFN size, or plain | recompute | both") from None
+
+
 def _add_shape_args(p: argparse.ArgumentParser, tokens: int) -> None:
     p.add_argument("--tokens", type=int, default=tokens, help="T, tokens per step (per rank for ep)")
     p.add_argument("--hidden", type=int, default=512, help="H")
-    p.add_argument("--ffn", type=int, default=1024, help="F, FFN size of one expert")
+    p.add_argument("--ffn", action=_FfnAction, default=1024, metavar="F|plain|recompute|both",
+                   help="an integer: F, the FFN size of one expert; plain | recompute | both: the same as --ffn-impl")
     p.add_argument("--experts", type=int, default=8, help="E")
     p.add_argument("--topk", type=int, default=2, help="K")
     p.add_argument("--capacity-factor", type=float, default=1.25)
@@ -67,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     lay = add("layer", help="one MoE layer vs DeepSpeed, fairscale, a dense FFN and the matmul floor")
     _add_shape_args(lay, 4096)
+    lay.add_argument("--ffn-impl", type=_ffn_impls, default=["plain", "recompute"], metavar="plain|recompute|both",
+                     help="the expert FFN given to EVERY impl (moedist, DeepSpeed, fairscale, floor, dense, LoRA rows): "
+                          "plain = plain autograd, keeps 4 [rows, F] tensors; recompute = keeps gate/up, recomputes "
+                          "phi(gate)*up in backward (moedist's kernel); both = one row per impl and FFN (default: both)")
+    lay.add_argument("--repeats", type=int, default=3,
+                     help="independent timing rounds of --iters each (impl order reshuffled every iteration); the "
+                          "JSON and table give median, IQR and min-max over all samples and each repeat's median")
     lay.add_argument("--impls", type=_str_list, default=None,
                      help="comma list of moedist,deepspeed,fairscale,dense,floor,lora (default all but lora)")
     lay.add_argument("--modes", type=_str_list, default=["capacity", "dropless"], help="capacity,dropless")
@@ -114,20 +145,30 @@ def _fmt(v, spec=".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _span(r: dict, lo: str, hi: str) -> str:
+    a, b = r.get(lo), r.get(hi)
+    return "-" if a is None or b is None else f"{a:.0f}-{b:.0f}"
+
+
 def format_layer_table(res: dict) -> str:
-    """A fixed-width table of one `bench layer` result (what RESULTS.md shows)."""
-    head = f"{'impl':<13}{'mode':<10}{'fwd ms':>9}{'fwd+bwd ms':>12}{'p10-p90':>16}{'x dense':>9}{'x DS':>7}" \
-           f"{'cpu ms':>9}{'x dense':>8}{'x DS':>7}{'act MB':>9}{'peak MB':>9}{'a2a MB':>9}{'tok/s':>9}"
+    """A fixed-width table of one `bench layer` result (what RESULTS.md shows).
+
+    fwd+bwd ms: median over every sample of every repeat; IQR: q25-q75; min-max over all samples;
+    x dense / x DS / x floor: against the row of the same expert FFN; useful TF/s: flops.py.
+    """
+    head = f"{'impl':<13}{'mode':<10}{'ffn':<10}{'fwd ms':>9}{'fwd+bwd ms':>12}{'IQR':>12}{'min-max':>12}" \
+           f"{'x dense':>8}{'x DS':>7}{'x floor':>8}{'cpu ms':>9}{'act MB':>9}{'peak MB':>9}{'a2a MB':>9}" \
+           f"{'tok/s':>9}{'useful TF/s':>12}"
     lines = [head, "-" * len(head)]
     for r in res["results"]:
         rat = r.get("ratios", {})
-        lines.append(f"{r['impl']:<13}{r['mode']:<10}{r['fwd_ms']:>9.1f}{r['fwd_bwd_ms']:>12.1f}"
-                     f"{r['fwd_bwd_ms_p10']:>8.0f}-{r['fwd_bwd_ms_p90']:<7.0f}"
-                     f"{_fmt(rat.get('fwd_bwd_vs_dense'), '.2f'):>9}{_fmt(rat.get('fwd_bwd_vs_deepspeed'), '.2f'):>7}"
-                     f"{_fmt(r.get('fwd_bwd_cpu_ms')):>9}{_fmt(rat.get('cpu_fwd_bwd_vs_dense'), '.2f'):>8}"
-                     f"{_fmt(rat.get('cpu_fwd_bwd_vs_deepspeed'), '.2f'):>7}"
+        lines.append(f"{r['impl']:<13}{r['mode']:<10}{r.get('ffn', '-'):<10}{r['fwd_ms']:>9.1f}{r['fwd_bwd_ms']:>12.1f}"
+                     f"{_span(r, 'fwd_bwd_ms_q25', 'fwd_bwd_ms_q75'):>12}{_span(r, 'fwd_bwd_ms_min', 'fwd_bwd_ms_max'):>12}"
+                     f"{_fmt(rat.get('fwd_bwd_vs_dense', rat.get('fwd_bwd_vs_dense_lora')), '.2f'):>8}"
+                     f"{_fmt(rat.get('fwd_bwd_vs_deepspeed'), '.2f'):>7}{_fmt(rat.get('fwd_bwd_vs_floor'), '.2f'):>8}"
+                     f"{_fmt(r.get('fwd_bwd_cpu_ms')):>9}"
                      f"{_fmt(r.get('act_mem_mb')):>9}{_fmt(r.get('peak_mem_mb')):>9}{r['a2a_bytes'] / 2**20:>9.1f}"
-                     f"{r['tokens_per_s']:>9.0f}")
+                     f"{r['tokens_per_s']:>9.0f}{_fmt(r.get('useful_tflops'), '.4f'):>12}")
     return "\n".join(lines)
 
 
@@ -140,7 +181,7 @@ def _layer(args) -> dict:
                            impls=impls, modes=args.modes, skew=args.skew, lora_rank=args.lora_rank,
                            activation=args.activation, min_capacity=args.min_capacity, seed=args.seed,
                            device=args.device, threads=args.threads, memory=not args.no_memory,
-                           profile=tuple(args.profile))
+                           profile=tuple(args.profile), ffn_impls=tuple(args.ffn_impl), repeats=args.repeats)
     log = lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True)  # noqa: E731
     if args.sweep:
         res = run_layer_sweep(cfg, args.sweep_tokens or SWEEP_TOKENS, args.sweep_experts or SWEEP_EXPERTS, log=log)

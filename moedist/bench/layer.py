@@ -4,7 +4,12 @@ Every implementation gets the same input x [T, H] (requires grad, as inside a
 model), the same output gradient, the same router weight and the same expert
 weights (copied from one moedist `GroupedExperts`). Each is timed for a
 training forward (graph built, then dropped) and for forward + backward, round
-robin (see timing.py), and measured for memory once (see memory.py).
+robin in an order drawn afresh each round, `repeats` times over (see
+timing.py), and measured for memory once (see memory.py). Every impl of a run
+gets the same expert FFN (`ffn_impls`: plain and/or recompute, see ffns.py);
+rows carry `ffn`, and ratios and targets compare rows of the same `ffn` only.
+A peer that cannot run a setting (dtype, top-k, shape) is listed in `skipped`
+with the reason, never a crash.
 
 Rows of the result (impl, mode):
     moedist   capacity | dropless   our MoELayer (Router + GroupedExperts + TokenDispatcher)
@@ -27,9 +32,11 @@ from typing import Callable, List, Sequence
 import torch
 
 from moedist.bench import peers
-from moedist.bench.cases import Case, build_cases  # noqa: F401 (Case is part of this module's API)
+from moedist.bench.cases import Case, build_cases, one_line  # noqa: F401 (Case is part of this module's API)
+from moedist.bench.ffns import FFN_IMPLS
+from moedist.bench.flops import useful_flops
 from moedist.bench.memory import measure_step_memory
-from moedist.bench.timing import ffn_flops, gpu_peak_tflops, linear_fit, run_interleaved, summarize, synchronize
+from moedist.bench.timing import gpu_peak_tflops, linear_fit, run_interleaved, summarize, synchronize
 from moedist.moe import Router
 from moedist.moe.capacity import compute_capacity, select_tokens
 from moedist.moe.ffn import GATED
@@ -82,9 +89,13 @@ class LayerBenchConfig:
     """measure memory (one extra step per impl)."""
     profile: Sequence[str] = ()
     """impl/mode names (e.g. moedist/capacity) to profile op by op for 2 extra steps each."""
+    ffn_impls: Sequence[str] = FFN_IMPLS
+    """expert-FFN implementations, each given to every impl: plain and/or recompute (ffns.py)."""
+    repeats: int = 3
+    """independent timing rounds of `iters` iterations each (impl order reshuffled every iteration)."""
 
     def validate(self) -> None:
-        for name in ("tokens", "hidden", "ffn", "experts", "topk", "iters", "lora_rank"):
+        for name in ("tokens", "hidden", "ffn", "experts", "topk", "iters", "lora_rank", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}={getattr(self, name)}: must be >= 1")
         if self.warmup < 0:
@@ -106,6 +117,9 @@ class LayerBenchConfig:
                              "(an expert takes each token at most once)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device={self.device!r}: allowed auto, cpu, cuda")
+        bad = [f for f in self.ffn_impls if f not in FFN_IMPLS]
+        if bad or not self.ffn_impls:
+            raise ValueError(f"--ffn-impl={','.join(self.ffn_impls)}: allowed plain, recompute or both")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -174,14 +188,18 @@ def consistency_checks(cases: List[Case]) -> dict:
     out = {}
     with torch.no_grad():
         for mode in MODES:
-            a, b = by.get(f"moedist/{mode}"), by.get(f"deepspeed/{mode}")
-            if a is None or b is None:
-                continue
-            ya, yb = a.forward().float(), b.forward().float()
-            diff = (ya - yb).abs()
-            scale = ya.abs().max().clamp_min(1e-30)
-            out[mode] = dict(max_rel_diff=float(diff.max() / scale),
-                             tokens_differing_frac=float((diff.amax(1) > 1e-4 * float(scale)).float().mean()))
+            for ffn in FFN_IMPLS:
+                a, b = by.get(f"moedist/{mode}/{ffn}"), by.get(f"deepspeed/{mode}/{ffn}")
+                if a is None or b is None:
+                    continue
+                ya, yb = a.forward().float(), b.forward().float()
+                diff = (ya - yb).abs()
+                scale = ya.abs().max().clamp_min(1e-30)
+                one = dict(max_rel_diff=float(diff.max() / scale),
+                           tokens_differing_frac=float((diff.amax(1) > 1e-4 * float(scale)).float().mean()))
+                out[f"{mode}/{ffn}"] = one
+                prev = out.get(mode)  # `mode`: the worst over the FFN implementations
+                out[mode] = one if prev is None else {k: max(prev[k], one[k]) for k in one}
     return out
 
 
@@ -237,10 +255,22 @@ def _run(cfg: LayerBenchConfig, device: torch.device, dtype: torch.dtype, log) -
     routing = routing_stats(router_w, x.detach(), cfg)
     log(f"routing: max/mean expert load {routing['load_max_over_mean']:.2f}, capacity {routing['capacity']}, "
         f"dropped at cf {cfg.capacity_factor}: {routing['dropped_frac_at_capacity']:.3%}")
-    cases, skipped = build_cases(cfg, device, dtype, x, grad, router_w)
-    for c in cases:  # one untimed step each: first-call costs out of the way
+    cases, skipped = [], {}
+    for ffn in cfg.ffn_impls:
+        got, why = build_cases(cfg, device, dtype, x, grad, router_w, ffn)
+        cases += got
+        skipped.update(why)
+    for c in list(cases):  # one untimed step each: first-call costs out of the way, and a peer that fails is skipped
         c.clear()
-        c.backward(c.forward())
+        try:
+            c.backward(c.forward())
+        except Exception as e:  # noqa: BLE001 - e.g. fairscale's einsum of an fp32 mask with bf16 input
+            if c.impl in ("moedist", "moedist-lora"):
+                raise
+            skipped[c.name] = f"failed in its first step: {one_line(e)}"
+            log(f"skipped {c.name}: {skipped[c.name]}")
+            cases.remove(c)
+            c.clear()
     checks = consistency_checks(cases)
     mem = {}
     if cfg.memory:
@@ -253,25 +283,18 @@ def _run(cfg: LayerBenchConfig, device: torch.device, dtype: torch.dtype, log) -
         with torch.no_grad():
             c.forward()
         stats[c.name] = dict(a2a_bytes=int(c.a2a_bytes()), rows_executed=int(c.rows_executed()), capacity=c.capacity())
-    log(f"timing forward: {len(cases)} impls x {cfg.iters} iters")
-    fwd = run_interleaved({c.name: c.forward for c in cases}, cfg.iters, cfg.warmup, device,
-                          before_each={c.name: c.clear for c in cases})
-    log(f"timing forward+backward: {len(cases)} impls x {cfg.iters} iters")
-    fwd_bwd = run_interleaved({c.name: (lambda c=c: c.backward(c.forward())) for c in cases}, cfg.iters, cfg.warmup,
-                              device, before_each={c.name: c.clear for c in cases})
+    fwd, fwd_bwd = _timed_repeats(cases, cfg, device, log)
     synchronize(device)
-    profiles = {c.name: profile_case(c, device) for c in cases if c.name in cfg.profile}
+    profiles = {_profile_key(c, cfg): profile_case(c, device) for c in cases if _profile_key(c, cfg)}
     results = []
     gated = cfg.activation in GATED
-    active_rows = cfg.tokens * cfg.topk
     peak = gpu_peak_tflops(device, dtype)
     for c in cases:
         f, fb = summarize(fwd[c.name]["wall"]), summarize(fwd_bwd[c.name]["wall"])
         fc, fbc = summarize(fwd[c.name]["cpu"]), summarize(fwd_bwd[c.name]["cpu"])
-        ffn_size = cfg.ffn
-        model_flops = ffn_flops(active_rows if c.impl != "dense-lora" else cfg.tokens, cfg.hidden,
-                                ffn_size, gated, backward=True)
-        row = dict(impl=c.impl, mode=c.mode, tokens=cfg.tokens, experts=cfg.experts,
+        flops = useful_flops(c.impl, c.mode, cfg.tokens, cfg.topk, cfg.hidden, cfg.ffn, gated, cfg.lora_rank)
+        reps = [summarize(s)["median"] for s in fwd_bwd[c.name]["per_repeat"]]
+        row = dict(impl=c.impl, mode=c.mode, ffn=c.ffn, tokens=cfg.tokens, experts=cfg.experts,
                    fwd_ms=f["median"], fwd_ms_p10=f["p10"], fwd_ms_p90=f["p90"],
                    fwd_bwd_ms=fb["median"], fwd_bwd_ms_p10=fb["p10"], fwd_bwd_ms_p90=fb["p90"],
                    fwd_cpu_ms=fc["median"] if fc["n"] else None, fwd_bwd_cpu_ms=fbc["median"] if fbc["n"] else None,
@@ -279,9 +302,13 @@ def _run(cfg: LayerBenchConfig, device: torch.device, dtype: torch.dtype, log) -
                    peak_mem_mb=mem.get(c.name, {}).get("peak_mem_mb"), act_mem_mb=mem.get(c.name, {}).get("act_mem_mb"),
                    a2a_bytes=stats[c.name]["a2a_bytes"], rows_executed=stats[c.name]["rows_executed"],
                    capacity=stats[c.name]["capacity"], tokens_per_s=cfg.tokens / (fb["median"] / 1e3),
-                   model_tflops=model_flops / (fb["median"] / 1e3) / 1e12)
+                   fwd_bwd_ms_q25=fb["q25"], fwd_bwd_ms_q75=fb["q75"], fwd_bwd_ms_min=fb["min"],
+                   fwd_bwd_ms_max=fb["max"], fwd_ms_q25=f["q25"], fwd_ms_q75=f["q75"],
+                   fwd_bwd_ms_repeat_medians=reps, repeats=cfg.repeats, samples=fb["n"],
+                   useful_flops=flops, useful_tflops=flops / (fb["median"] / 1e3) / 1e12,
+                   model_tflops=flops / (fb["median"] / 1e3) / 1e12)
         if peak:
-            row["pct_of_peak"] = 100.0 * row["model_tflops"] / peak
+            row["pct_of_peak"] = 100.0 * row["useful_tflops"] / peak
         row.update({k: v for k, v in c.notes.items() if isinstance(v, (int, float, str))})
         results.append(row)
     add_ratios(results)
@@ -290,10 +317,45 @@ def _run(cfg: LayerBenchConfig, device: torch.device, dtype: torch.dtype, log) -
     return dict(config=config, environment=environment(device), routing=routing, checks=checks, skipped=skipped,
                 timing=dict(fwd="training forward (autograd graph built, then dropped)",
                             fwd_bwd="forward + backward of a fixed output gradient; x requires grad",
+                            order=f"round robin, order reshuffled every iteration (seeded), {cfg.repeats} repeats x "
+                                  f"{cfg.iters} iterations; medians over all samples, q25-q75 = IQR, min-max, and "
+                                  "the median of each repeat (fwd_bwd_ms_repeat_medians)",
+                            useful_flops="expert-FFN matmuls of the T*K routed pairs (no padding, no router); frozen "
+                                         "weights: forward + input gradient only; LoRA-MoE fused: frozen FFN once per "
+                                         "token (flops.py)",
                             a2a_bytes="bytes of the dispatch all-to-all payload (one direction): moedist = kept pairs x H x "
                                       "element size, deepspeed/fairscale = E x C x H x element size",
                             memory=(next(iter(mem.values()))["mem_method"] if mem else None)),
                 results=results, targets=evaluate_targets(results, routing, cfg), profiles=profiles)
+
+
+def _timed_repeats(cases: List[Case], cfg: LayerBenchConfig, device: torch.device, log) -> tuple:
+    """`cfg.repeats` rounds of interleaved timing (forward, then forward+backward), each with
+    its own order seed. Returns (fwd, fwd_bwd): name -> {"wall", "cpu", "per_repeat": [[ms], ...]}."""
+    out = []
+    for what, step in (("forward", lambda c: c.forward), ("forward+backward", lambda c: (lambda: c.backward(c.forward())))):
+        merged = {c.name: dict(wall=[], cpu=[], per_repeat=[]) for c in cases}
+        for rep in range(cfg.repeats):
+            log(f"timing {what}: {len(cases)} impls x {cfg.iters} iters, repeat {rep + 1}/{cfg.repeats}")
+            got = run_interleaved({c.name: step(c) for c in cases}, cfg.iters, cfg.warmup, device,
+                                  before_each={c.name: c.clear for c in cases},
+                                  order_seed=cfg.seed * 1009 + rep * 2 + (what == "forward"))
+            for name, v in got.items():
+                merged[name]["wall"] += v["wall"]
+                merged[name]["cpu"] += v["cpu"]
+                merged[name]["per_repeat"].append(v["wall"])
+        out.append(merged)
+    return out[0], out[1]
+
+
+def _profile_key(c: Case, cfg: LayerBenchConfig):
+    """The profile name of a case if --profile asked for it: impl/mode (one FFN run) or impl/mode/ffn."""
+    short = f"{c.impl}/{c.mode}"
+    if c.name in cfg.profile:
+        return c.name
+    if short in cfg.profile:
+        return short if len(cfg.ffn_impls) == 1 else c.name
+    return None
 
 
 def profile_case(c: Case, device: torch.device, steps: int = 2, top: int = 14) -> List[dict]:
@@ -318,9 +380,9 @@ def profile_case(c: Case, device: torch.device, steps: int = 2, top: int = 14) -
     return out
 
 
-def _find(results, impl, mode=None):
+def _find(results, impl, mode=None, ffn=None):
     for r in results:
-        if r["impl"] == impl and (mode is None or r["mode"] == mode):
+        if r["impl"] == impl and (mode is None or r["mode"] == mode) and (ffn is None or r.get("ffn") == ffn):
             return r
     return None
 
@@ -334,15 +396,14 @@ def add_ratios(results: List[dict]) -> None:
 
     Time ratios from wall-clock medians (`*_vs_*`) and from CPU-time medians (`cpu_*_vs_*`).
     """
-    dense = _find(results, "dense")
-    dlora = _find(results, "dense-lora")
     for r in results:
         rat = {}
-        refs = [("dense", dense)]
-        ds = _find(results, "deepspeed", r["mode"])
-        refs.append(("deepspeed", ds))
+        ffn = r.get("ffn")  # compare rows of the same expert FFN only
+        refs = [("dense", _find(results, "dense", ffn=ffn)), ("deepspeed", _find(results, "deepspeed", r["mode"], ffn))]
+        if r["impl"] == "moedist":
+            refs.append(("floor", _find(results, "floor", r["mode"], ffn)))
         if r["impl"].endswith("lora"):
-            refs.append(("dense_lora", dlora))
+            refs.append(("dense_lora", _find(results, "dense-lora", ffn=ffn)))
         for tag, ref in refs:
             if ref is None:
                 continue
@@ -372,18 +433,28 @@ def evaluate_targets(results: List[dict], routing: dict, cfg: LayerBenchConfig) 
             t["cpu_ok"] = bool(t["cpu_value"] <= limit)
         out.append(t)
 
-    cap, drop = _find(results, "moedist", "capacity"), _find(results, "moedist", "dropless")
-    add(f"capacity cf {cfg.capacity_factor}: moedist / deepspeed fwd+bwd time", cap, "fwd_bwd_vs_deepspeed", 0.8)
-    add(f"capacity cf {cfg.capacity_factor}: moedist / deepspeed activation memory", cap, "act_mem_vs_deepspeed", 0.7)
-    if routing["load_max_over_mean"] >= 4:
-        add("dropless skewed: moedist / deepspeed(drop_tokens=False) fwd+bwd time", drop, "fwd_bwd_vs_deepspeed", 0.25)
-        add("dropless skewed: moedist / deepspeed(drop_tokens=False) peak memory", drop, "peak_mem_vs_deepspeed", 0.25)
-    if not cfg.skew:
+    for ffn in cfg.ffn_impls:
+        tag = f"[ffn {ffn}] "
+        cap, drop = _find(results, "moedist", "capacity", ffn), _find(results, "moedist", "dropless", ffn)
+        add(f"{tag}capacity cf {cfg.capacity_factor}: moedist / deepspeed fwd+bwd time", cap, "fwd_bwd_vs_deepspeed", 0.8)
+        add(f"{tag}capacity cf {cfg.capacity_factor}: moedist / deepspeed activation memory", cap,
+            "act_mem_vs_deepspeed", 0.7)
+        add(f"{tag}capacity cf {cfg.capacity_factor}: moedist / deepspeed peak memory", cap, "peak_mem_vs_deepspeed", 0.9)
         for r in (cap, drop):
             if r:
-                add(f"{r['mode']}: moedist / dense FFN (equal active FLOPs) fwd+bwd time", r, "fwd_bwd_vs_dense", 1.15)
-    add("LoRA-MoE (fused) / frozen FFN + one LoRA fwd+bwd time", _find(results, "moedist-lora", "fused"),
-        "fwd_bwd_vs_dense_lora", 1.3)
+                add(f"{tag}{r['mode']}: moedist / floor fwd+bwd time", r, "fwd_bwd_vs_floor", 1.10)
+        if routing["load_max_over_mean"] >= 4:
+            add(f"{tag}dropless skewed: moedist / deepspeed(drop_tokens=False) fwd+bwd time", drop,
+                "fwd_bwd_vs_deepspeed", 0.25)
+            add(f"{tag}dropless skewed: moedist / deepspeed(drop_tokens=False) peak memory", drop,
+                "peak_mem_vs_deepspeed", 0.25)
+        if not cfg.skew:
+            for r in (cap, drop):
+                if r:
+                    add(f"{tag}{r['mode']}: moedist / dense FFN (equal active FLOPs) fwd+bwd time", r,
+                        "fwd_bwd_vs_dense", 1.15)
+        add(f"{tag}LoRA-MoE (fused) / frozen FFN + one LoRA fwd+bwd time", _find(results, "moedist-lora", "fused", ffn),
+            "fwd_bwd_vs_dense_lora", 1.3)
     return out
 
 
@@ -421,11 +492,13 @@ def run_layer_sweep(cfg: LayerBenchConfig, tokens: Sequence[int] = SWEEP_TOKENS,
         if created:
             peers.teardown_process_group(created)
     fits = {}
-    for key in sorted({(r["impl"], r["mode"]) for r in rows if r["sweep"] == "tokens"}):
-        pts = [(r["tokens"], r["fwd_bwd_ms"]) for r in rows if r["sweep"] == "tokens" and (r["impl"], r["mode"]) == key]
+    for key in sorted({(r["impl"], r["mode"], r["ffn"]) for r in rows if r["sweep"] == "tokens"}):
+        pts = [(r["tokens"], r["fwd_bwd_ms"]) for r in rows
+               if r["sweep"] == "tokens" and (r["impl"], r["mode"], r["ffn"]) == key]
         if len(pts) >= 2:
             fit = linear_fit([p[0] for p in pts], [p[1] for p in pts])
-            fits[f"{key[0]}/{key[1]}"] = dict(ms_per_1k_tokens=fit["slope"] * 1024, intercept_ms=fit["intercept"],
+            name = f"{key[0]}/{key[1]}" if len(cfg.ffn_impls) == 1 else f"{key[0]}/{key[1]}/{key[2]}"
+            fits[name] = dict(ms_per_1k_tokens=fit["slope"] * 1024, intercept_ms=fit["intercept"],
                                               r2=fit["r2"], points=len(pts))
     config = dataclasses.asdict(cfg)
     config.update(impls=list(cfg.impls), modes=list(cfg.modes), sweep_tokens=list(tokens), sweep_experts=list(experts))

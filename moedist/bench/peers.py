@@ -14,7 +14,8 @@ Peers:
     dense-lora a frozen FFN plus one LoRA adapter of rank r (the LoRA-MoE reference).
 
 Expert and FFN forward passes here are written with plain torch ops (no moedist
-code), so optimising moedist never changes a peer.
+code), so optimising moedist never changes a peer. Each takes `ffn_impl`
+("plain" or "recompute", see ffns.py): the bench gives every impl the same one.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F_
 
+from moedist.bench.ffns import _HiddenDown, ffn_forward
 from moedist.moe.ffn import GATED, PLAIN
 
 
@@ -35,11 +37,9 @@ def _act(activation: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return GATED[activation] if activation in GATED else PLAIN[activation]
 
 
-def plain_ffn(x, w_gate, w_up, w_down, activation: str) -> torch.Tensor:
-    """(phi(x @ gate) * (x @ up)) @ down, or phi(x @ up) @ down, in plain autograd ops."""
-    if activation in GATED:
-        return (_act(activation)(x @ w_gate) * (x @ w_up)) @ w_down
-    return _act(activation)(x @ w_up) @ w_down
+def plain_ffn(x, w_gate, w_up, w_down, activation: str, ffn_impl: str = "plain") -> torch.Tensor:
+    """(phi(x @ gate) * (x @ up)) @ down, or phi(x @ up) @ down; `ffn_impl` plain | recompute (ffns.py)."""
+    return ffn_forward(x, w_gate, w_up, w_down, activation, ffn_impl)
 
 
 # --------------------------------------------------------------------------- process groups
@@ -106,15 +106,16 @@ def _reset_deepspeed_groups() -> None:
 class PlainExpert(nn.Module):
     """One FFN expert in math orientation: w_gate/w_up [H, F], w_down [F, H]."""
 
-    def __init__(self, w_gate: Optional[torch.Tensor], w_up: torch.Tensor, w_down: torch.Tensor, activation: str):
+    def __init__(self, w_gate: Optional[torch.Tensor], w_up: torch.Tensor, w_down: torch.Tensor, activation: str,
+                 ffn_impl: str = "plain"):
         super().__init__()
-        self.activation = activation
+        self.activation, self.ffn_impl = activation, ffn_impl
         self.w_gate = nn.Parameter(w_gate.detach().clone()) if w_gate is not None else None
         self.w_up = nn.Parameter(w_up.detach().clone())
         self.w_down = nn.Parameter(w_down.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return plain_ffn(x, self.w_gate, self.w_up, self.w_down, self.activation)
+        return plain_ffn(x, self.w_gate, self.w_up, self.w_down, self.activation, self.ffn_impl)
 
 
 def expert_weights(experts, local: int):
@@ -136,13 +137,14 @@ class DeepSpeedMoE(nn.Module):
     """
 
     def __init__(self, router_weight_EH: torch.Tensor, experts, top_k: int, capacity_factor: Optional[float],
-                 drop_tokens: bool, min_capacity: int = 4, ep_size: int = 1, ep_rank: int = 0, set_groups: bool = True):
+                 drop_tokens: bool, min_capacity: int = 4, ep_size: int = 1, ep_rank: int = 0, set_groups: bool = True,
+                 ffn_impl: str = "plain"):
         super().__init__()
         from deepspeed.moe.layer import MoE
 
         E, H = router_weight_EH.shape
         L = E // ep_size
-        template = PlainExpert(*expert_weights(experts, 0), activation=experts.activation)
+        template = PlainExpert(*expert_weights(experts, 0), activation=experts.activation, ffn_impl=ffn_impl)
         cf = capacity_factor or 1.0  # unused when drop_tokens=False
         self.moe = MoE(H, template, num_experts=E, ep_size=ep_size, k=top_k,
                        capacity_factor=cf, eval_capacity_factor=cf,
@@ -245,7 +247,7 @@ class FairscaleMoE(nn.Module):
     expert with Gumbel noise, so its routing differs from the others'.
     """
 
-    def __init__(self, router_weight_EH: torch.Tensor, experts):
+    def __init__(self, router_weight_EH: torch.Tensor, experts, ffn_impl: str = "plain"):
         super().__init__()
         import torch.distributed as dist
         from fairscale.nn.moe import MOELayer, Top2Gate
@@ -254,7 +256,8 @@ class FairscaleMoE(nn.Module):
         gate = Top2Gate(H, E)
         with torch.no_grad():
             gate.wg.weight.copy_(router_weight_EH)
-        mods = nn.ModuleList([PlainExpert(*expert_weights(experts, e), activation=experts.activation) for e in range(E)])
+        mods = nn.ModuleList([PlainExpert(*expert_weights(experts, e), activation=experts.activation, ffn_impl=ffn_impl)
+                              for e in range(E)])
         self.layer = MOELayer(gate, mods, group=dist.group.WORLD)
         self.num_experts, self.hidden = E, H
 
@@ -277,10 +280,10 @@ class DenseFFN(nn.Module):
     """One FFN of size ffn_size (= K * F for the MoE of top-K experts of size F)."""
 
     def __init__(self, hidden: int, ffn_size: int, activation: str, init_std: float = 0.02, seed: int = 0,
-                 dtype=torch.float32, device=None):
+                 dtype=torch.float32, device=None, ffn_impl: str = "plain"):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.activation = activation
+        self.activation, self.ffn_impl = activation, ffn_impl
 
         def draw(*shape):
             return nn.Parameter((torch.randn(*shape, generator=g) * init_std).to(dtype=dtype, device=device))
@@ -290,7 +293,7 @@ class DenseFFN(nn.Module):
         self.w_down = draw(ffn_size, hidden)
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        return plain_ffn(x_TH, self.w_gate, self.w_up, self.w_down, self.activation)
+        return plain_ffn(x_TH, self.w_gate, self.w_up, self.w_down, self.activation, self.ffn_impl)
 
 
 class FloorExperts(nn.Module):
@@ -300,10 +303,11 @@ class FloorExperts(nn.Module):
     tensor per expert; forward returns the list of per-expert outputs.
     """
 
-    def __init__(self, experts, counts: Sequence[int], x_sorted_NH: torch.Tensor):
+    def __init__(self, experts, counts: Sequence[int], x_sorted_NH: torch.Tensor, ffn_impl: str = "plain"):
         super().__init__()
         self.activation = experts.activation
-        self.blocks = nn.ModuleList([PlainExpert(*expert_weights(experts, e), activation=experts.activation)
+        self.blocks = nn.ModuleList([PlainExpert(*expert_weights(experts, e), activation=experts.activation,
+                                                 ffn_impl=ffn_impl)
                                      for e in range(len(counts))])
         self.counts = [int(c) for c in counts]
         self.inputs: List[torch.Tensor] = [xs.detach().clone().requires_grad_(True)
@@ -321,9 +325,11 @@ class DenseLoRA(nn.Module):
     """Frozen FFN (w_gate/w_up [H, F], w_down [F, H]) with one LoRA adapter of rank r
     on each projection: W x + (alpha / r) x A B. The LoRA-MoE cost reference."""
 
-    def __init__(self, w_gate, w_up, w_down, rank: int, activation: str, alpha: Optional[float] = None, seed: int = 0):
+    def __init__(self, w_gate, w_up, w_down, rank: int, activation: str, alpha: Optional[float] = None, seed: int = 0,
+                 ffn_impl: str = "plain"):
         super().__init__()
         self.activation, self.scaling = activation, float(rank if alpha is None else alpha) / rank
+        self.ffn_impl = ffn_impl
         self.w_gate = nn.Parameter(w_gate.detach().clone(), requires_grad=False) if w_gate is not None else None
         self.w_up = nn.Parameter(w_up.detach().clone(), requires_grad=False)
         self.w_down = nn.Parameter(w_down.detach().clone(), requires_grad=False)
@@ -345,6 +351,10 @@ class DenseLoRA(nn.Module):
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         up = self._proj(x_TH, self.w_up, self.lora_A_up, self.lora_B_up)
+        if self.ffn_impl == "recompute":  # h and the down projection (+ its LoRA) in one node that recomputes h
+            gate = self._proj(x_TH, self.w_gate, self.lora_A_gate, self.lora_B_gate) if self.w_gate is not None else None
+            return _HiddenDown.apply(gate, up, self.w_down, self.lora_A_down, self.lora_B_down, self.scaling,
+                                     self.activation)
         if self.w_gate is not None:
             h = _act(self.activation)(self._proj(x_TH, self.w_gate, self.lora_A_gate, self.lora_B_gate)) * up
         else:

@@ -18,7 +18,8 @@ def _pyplot():
 
 
 def _label(r: dict) -> str:
-    return r["impl"] if r["mode"] == "-" else f"{r['impl']}\n{r['mode']}"
+    name = r["impl"] if r["mode"] == "-" else f"{r['impl']}\n{r['mode']}"
+    return f"{name}\n{r['ffn']}" if r.get("ffn") else name
 
 
 def plot_layer(res: dict, path: str) -> str:
@@ -27,10 +28,10 @@ def plot_layer(res: dict, path: str) -> str:
     plt = _pyplot()
     rows: List[dict] = res["results"]
     ref = next((r for r in rows if r["impl"] == "dense"), None) or rows[0]
-    lref = next((r for r in rows if r["impl"] == "dense-lora"), ref)
 
-    def base(r):
-        return lref if r["impl"].endswith("lora") else ref
+    def base(r):  # the reference of the same expert FFN (plain | recompute)
+        want = "dense-lora" if r["impl"].endswith("lora") else "dense"
+        return next((q for q in rows if q["impl"] == want and q.get("ffn") == r.get("ffn")), ref)
 
     metrics = [("fwd_bwd_ms", "fwd+bwd time (wall)"), ("fwd_bwd_cpu_ms", "fwd+bwd time (CPU)"),
                ("act_mem_mb", "memory after forward"), ("peak_mem_mb", "peak memory")]
@@ -65,13 +66,15 @@ def plot_sweep(res: dict, path: str) -> str:
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for col, (which, xkey) in enumerate((("tokens", "tokens"), ("experts", "experts"))):
         rows = [r for r in res["results"] if r.get("sweep") == which]
-        keys = sorted({(r["impl"], r["mode"]) for r in rows})
-        dense = {r[xkey]: r for r in rows if r["impl"] == "dense"}
-        for impl, mode in keys:
-            pts = sorted((r[xkey], r) for r in rows if (r["impl"], r["mode"]) == (impl, mode))
+        keys = sorted({(r["impl"], r["mode"], r.get("ffn") or "") for r in rows})
+        for impl, mode, ffn in keys:
+            dense = {r[xkey]: r for r in rows if r["impl"] == "dense" and (r.get("ffn") or "") == ffn}
+            pts = sorted(((r[xkey], r) for r in rows if (r["impl"], r["mode"], r.get("ffn") or "") == (impl, mode, ffn)),
+                         key=lambda p: p[0])
             xs = [p[0] for p in pts]
-            label = impl if mode == "-" else f"{impl}/{mode}"
-            style = dict(color=COLORS.get(impl, "#333333"), marker="o", ls="-" if mode in ("capacity", "-") else "--")
+            label = (impl if mode == "-" else f"{impl}/{mode}") + (f" ({ffn})" if ffn else "")
+            style = dict(color=COLORS.get(impl, "#333333"), marker="o" if ffn != "plain" else "s",
+                         ls="-" if mode in ("capacity", "-") else "--")
             axes[0][col].plot(xs, [p[1]["fwd_bwd_ms"] for p in pts], label=label, **style)
             if dense:
                 axes[1][col].plot(xs, [p[1]["fwd_bwd_ms"] / dense[x]["fwd_bwd_ms"] for x, p in zip(xs, pts) if x in dense],

@@ -16,20 +16,30 @@ def _head(cols: List[str]) -> List[str]:
     return ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
 
 
+def _span(r: dict, lo: str, hi: str) -> str:
+    return "–" if r.get(lo) is None or r.get(hi) is None else f"{r[lo]:.0f}–{r[hi]:.0f}"
+
+
 def layer_table(res: dict) -> str:
-    cols = ["impl", "mode", "fwd ms", "fwd+bwd ms (p10–p90)", "× dense", "× DS", "CPU ms", "CPU × dense",
-            "CPU × DS", "act MB", "peak MB", "a2a MB", "tokens/s"]
+    """One row per (impl, mode, ffn); ratios are against the row of the same expert FFN (`ffn`)."""
+    cols = ["impl", "mode", "fwd ms", "fwd+bwd ms (p10–p90)", "IQR", "min–max", "× dense", "× DS", "× floor",
+            "CPU ms", "CPU × dense", "CPU × DS", "act MB", "peak MB", "a2a MB", "tokens/s", "useful TFLOP/s", "ffn"]
     lines = _head(cols)
     for r in res["results"]:
         rat = r.get("ratios", {})
         lines.append("| " + " | ".join([
             r["impl"], r["mode"], _f(r["fwd_ms"]),
             f"{r['fwd_bwd_ms']:.1f} ({r['fwd_bwd_ms_p10']:.0f}–{r['fwd_bwd_ms_p90']:.0f})",
+            _span(r, "fwd_bwd_ms_q25", "fwd_bwd_ms_q75"), _span(r, "fwd_bwd_ms_min", "fwd_bwd_ms_max"),
             _f(rat.get("fwd_bwd_vs_dense", rat.get("fwd_bwd_vs_dense_lora")), ".2f"),
-            _f(rat.get("fwd_bwd_vs_deepspeed"), ".2f"), _f(r.get("fwd_bwd_cpu_ms")),
+            _f(rat.get("fwd_bwd_vs_deepspeed"), ".2f"), _f(rat.get("fwd_bwd_vs_floor"), ".2f"),
+            _f(r.get("fwd_bwd_cpu_ms")),
             _f(rat.get("cpu_fwd_bwd_vs_dense", rat.get("cpu_fwd_bwd_vs_dense_lora")), ".2f"),
             _f(rat.get("cpu_fwd_bwd_vs_deepspeed"), ".2f"), _f(r.get("act_mem_mb")), _f(r.get("peak_mem_mb")),
-            _f(r["a2a_bytes"] / 2**20, ".2f"), f"{r['tokens_per_s']:.0f}"]) + " |")
+            _f(r["a2a_bytes"] / 2**20, ".2f"), f"{r['tokens_per_s']:.0f}", _f(r.get("useful_tflops"), ".4f"),
+            r.get("ffn", "–")]) + " |")
+    for name, why in (res.get("skipped") or {}).items():
+        lines.append(f"\nskipped {name}: {why}")
     return "\n".join(lines)
 
 

@@ -2,11 +2,14 @@
 
 Implementations are timed round-robin (iteration i of every impl before
 iteration i+1 of any), so a burst of load from other processes on a shared
-machine hits every impl alike and the ratios stay meaningful.
+machine hits every impl alike and the ratios stay meaningful. The order within
+an iteration is drawn afresh each iteration (seeded), so no impl always runs
+right after the same neighbour (warm caches, an allocator state it left).
 """
 from __future__ import annotations
 
 import math
+import random
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -69,18 +72,35 @@ class StepTimer:
         return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
 
 
+def round_orders(names: Sequence[str], rounds: int, seed: Optional[int]) -> List[List[str]]:
+    """The order of the impls in each round: a fresh permutation per round from
+    `random.Random(seed)`; seed None keeps the given order (the old behaviour)."""
+    if seed is None:
+        return [list(names) for _ in range(rounds)]
+    rng = random.Random(seed)
+    out = []
+    for _ in range(rounds):
+        order = list(names)
+        rng.shuffle(order)
+        out.append(order)
+    return out
+
+
 def run_interleaved(steps: Dict[str, Callable[[], object]], iters: int, warmup: int, device: torch.device,
-                    before_each: Optional[Dict[str, Callable[[], None]]] = None) -> Dict[str, dict]:
+                    before_each: Optional[Dict[str, Callable[[], None]]] = None,
+                    order_seed: Optional[int] = None) -> Dict[str, dict]:
     """Time every step `iters` times (after `warmup` untimed rounds), round-robin.
 
     `before_each[name]` (untimed) runs before each call, e.g. to clear gradients.
+    `order_seed`: shuffle the order of the steps in every round (see `round_orders`).
     Returns name -> {"wall": [ms, ...], "cpu": [ms, ...] or []}.
     """
     timer = StepTimer(device)
     before_each = before_each or {}
     samples: Dict[str, dict] = {k: dict(wall=[], cpu=[]) for k in steps}
-    for i in range(warmup + iters):
-        for name, fn in steps.items():
+    for i, order in enumerate(round_orders(list(steps), warmup + iters, order_seed)):
+        for name in order:
+            fn = steps[name]
             if name in before_each:
                 before_each[name]()
             wall, cpu = timer(fn)
@@ -102,16 +122,18 @@ def percentile(xs: Sequence[float], q: float) -> float:
 
 
 def summarize(samples: Sequence[float]) -> dict:
-    """median, p10, p90, min, n of a list of milliseconds."""
+    """median, p10, p90, q25, q75 (the IQR), min, max, n of a list of milliseconds."""
+    nan = float("nan")
     return dict(median=percentile(samples, 50), p10=percentile(samples, 10), p90=percentile(samples, 90),
-                min=min(samples) if samples else float("nan"), n=len(samples))
+                q25=percentile(samples, 25), q75=percentile(samples, 75),
+                min=min(samples) if samples else nan, max=max(samples) if samples else nan, n=len(samples))
 
 
 def ffn_flops(rows: int, hidden: int, ffn: int, gated: bool, backward: bool) -> float:
-    """Matmul FLOPs of an FFN on `rows` rows: 2*rows*H*F per projection (3 gated, 2 plain);
-    backward adds twice that (input and weight gradients)."""
-    fwd = 2.0 * rows * hidden * ffn * (3 if gated else 2)
-    return fwd * 3 if backward else fwd
+    """Matmul FLOPs of a trainable FFN on `rows` rows (kept for callers; see flops.py)."""
+    from moedist.bench.flops import ffn_flops as _ffn_flops
+
+    return _ffn_flops(rows, hidden, ffn, gated, backward)
 
 
 def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict:
