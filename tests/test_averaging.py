@@ -145,11 +145,13 @@ def test_nonsense_is_one_line(extra, key, capsys, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_averages_under_deepspeed_zero2_match_a_hand_computation(tmp_path):
-    out = tmp_path / "zero2"
+@pytest.mark.parametrize("stage, bf16", [(0, False), (1, False), (2, False), (2, True)])
+def test_averages_under_deepspeed_match_a_hand_computation(stage, bf16, tmp_path):
+    """bf16: the module holds bf16 copies; the averages follow the fp32 master weights the checkpoints hold."""
+    out = tmp_path / f"zero{stage}"
     # AdamW: moedist's DeepSpeed checkpoints read Adam state (SGD under ZeRO-2 cannot save a step checkpoint)
     w0 = run_workers(_train_job, 1, args=([*SMALL, f"train.max_steps={STEPS}", "train.optimizer=adamw",
-                                           "train.lr=0.01", "deepspeed.enabled=true", "deepspeed.zero_stage=2",
+                                           "train.lr=0.01", "deepspeed.enabled=true", f"deepspeed.zero_stage={stage}", f"deepspeed.bf16={str(bf16).lower()}",
                                            f"train.output_dir={out}"],))[0]
     _check_by_hand(out, w0, {"ema": _weights(out / "final_ema"), "swa": _weights(out / "final_swa"),
                              "lawa": _weights(out / "final_lawa")})
