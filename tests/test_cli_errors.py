@@ -206,7 +206,7 @@ def test_broken_import_inside_a_command_is_not_hidden(tmp_path, monkeypatch):
 
 def test_every_subcommand_is_registered():
     assert set(cli.COMMANDS) == {"train", "bench", "convert", "merge", "extract", "eval", "doctor", "demo",
-                                 "generate", "data", "plan"}
+                                 "generate", "data", "plan", "grow"}
     assert cli.COMMANDS["train"].target == "moedist.train.run:main_train" and cli.COMMANDS["train"].takes_config
     assert cli.COMMANDS["bench"].target == "moedist.bench.cli:main"
 
