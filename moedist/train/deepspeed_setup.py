@@ -493,6 +493,12 @@ def materialize_optimizer_state(engine) -> None:
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
 
+def optimizer_state_keys(engine) -> tuple:
+    """The per-parameter state tensors the engine's optimizer keeps: Adam's two moments, or none (SGD)."""
+    inner = inner_optimizer(engine)
+    return ADAM_STATES if isinstance(inner, torch.optim.AdamW) or _is_cpu_adam(inner) else ()
+
+
 def _unfused_masters(engine) -> Optional[Dict[int, torch.Tensor]]:
     """ZeRO-0 with bf16/fp16 and a torch optimizer: {id(model parameter): its fp32 master}, else None.
 
@@ -556,13 +562,16 @@ def get_full_optimizer_state(module: nn.Module, engine) -> Dict[str, Dict[str, t
     Collective (DeepSpeed's `safe_get_full_optimizer_state` gathers partitions):
     every rank calls it for the same parameters in the same order.
     """
+    keys = optimizer_state_keys(engine)
+    if not keys:
+        return {}
     materialize_optimizer_state(engine)  # links the state to each parameter's fragment
     step = next((int(st["step"]) for st in inner_optimizer(engine).state.values() if "step" in st), 0)
     out: Dict[str, Dict[str, torch.Tensor]] = {}
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        st = {s: v.detach().float().cpu().clone() for s in ADAM_STATES
+        st = {s: v.detach().float().cpu().clone() for s in keys
               if (v := _get_state(engine, p, s)) is not None}
         if st:
             st["step"] = torch.tensor(float(step))
@@ -572,10 +581,13 @@ def get_full_optimizer_state(module: nn.Module, engine) -> Dict[str, Dict[str, t
 
 def set_full_optimizer_state(module: nn.Module, engine, state: Dict[str, Dict[str, torch.Tensor]]) -> None:
     """Write full per-parameter Adam state (as `get_full_optimizer_state` returns) into the engine."""
+    keys = optimizer_state_keys(engine)
+    if not keys:
+        return
     materialize_optimizer_state(engine)
     for name, p in module.named_parameters():
         if p.requires_grad and name in state:
-            for s in ADAM_STATES:
+            for s in keys:
                 if s in state[name]:
                     _set_state(engine, p, state[name][s].to(p.device), s)
     steps = [int(st["step"]) for st in state.values() if "step" in st]
