@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from moedist import choices as C
+from moedist.choices import LORA_TARGETS, SOURCE_FORMATS
 from moedist.config_yaml import ConfigError, YamlDumper, dump_yaml, parse_yaml  # noqa: F401 (re-exported)
 
 
@@ -37,8 +39,6 @@ def _opt(default, help, *, choices=None, ge=None, gt=None, le=None, lt=None):
     return field(default=default, metadata=md)
 
 
-LORA_TARGETS = ("gate", "up", "down")
-SOURCE_FORMATS = ("text", "jsonl", "prompt_completion", "chat", "parquet")
 SOURCE_KEYS = ("name", "path", "format", "weight", "text_field")
 
 
@@ -64,7 +64,7 @@ class ModelConfig:
     dtype: str = _opt("float32", "Dtype of the frozen weights in the LoRA modes: bfloat16 stores and runs the base "
                       "in bf16 while adapters (and any other trainable parameter) keep fp32 master weights and "
                       "optimizer state and routers compute in fp32; with lora.mode=none it needs deepspeed.bf16. "
-                      "float16 is refused.", choices=("float32", "bfloat16", "float16"))
+                      "float16 is refused.", choices=C.DTYPES)
     init_std: float = _opt(0.02, "Std of the normal init of linear and embedding weights.", gt=0)
     head_dim: int | None = _opt(None, "Attention head dimension; null = hidden_size / num_heads (set by HF import).", ge=1)
     attention_bias: bool = _opt(False, "Bias on the q/k/v projections (Qwen2).")
@@ -85,14 +85,14 @@ class MoEConfig:
     shared_expert_ffn_size: int | None = _opt(None, "Total hidden size of the shared experts; null = "
                                                     "num_shared_experts * expert FFN size.", ge=1)
     drop_policy: str = _opt("probs", "Which tokens an over-full expert keeps: 'position' = first come, "
-                                     "'probs' = highest router probability.", choices=("position", "probs"))
+                                     "'probs' = highest router probability.", choices=C.DROP_POLICIES)
     aux_loss_type: str = _opt("switch", "Load-balancing loss: 'switch' (fraction x probability, Switch "
                                         "Transformer), 'importance' (squared CV of importance), 'none'.",
-                              choices=("switch", "importance", "none"))
+                              choices=C.AUX_LOSS_TYPES)
     aux_loss_coef: float = _opt(0.01, "Weight of the load-balancing loss.", ge=0)
     z_loss_coef: float = _opt(0.0, "Weight of the router z-loss (ST-MoE); 0 = off.", ge=0)
     score_func: str = _opt("softmax", "Router scores: softmax over experts or per-expert sigmoid.",
-                           choices=("softmax", "sigmoid"))
+                           choices=C.SCORE_FUNCS)
     renormalize: bool = _opt(True, "Rescale the top-k weights of a token to sum to 1.")
     noisy_gating: bool = _opt(False, "Add Gaussian noise to router logits while training (noisy top-k).")
     jitter_eps: float = _opt(0.0, "Multiplicative jitter 1 +- eps on router inputs while training; 0 = off.", ge=0)
@@ -112,7 +112,7 @@ class MoEConfig:
                                             "experts depend on the other tokens of its micro-batch (not causal: "
                                             "decoding routes differently from training); needs a capacity_factor "
                                             "and aux_loss_type=none.",
-                             choices=("token_choice", "expert_choice"))
+                             choices=C.ROUTER_TYPES)
     second_expert_policy: str = _opt("all", "With top_k=2: 'all' = every token goes to both experts; 'random' = in "
                                             "training the second expert is used with probability min(1, 2 * w2) of "
                                             "its weight after renormalisation, w2 = p2 / (p1 + p2) (GShard "
@@ -120,11 +120,11 @@ class MoEConfig:
                                             "normalize_gate_prob_before_dropping); a skipped "
                                             "pair does not take capacity and the first weight is not rescaled. "
                                             "Draws from the router's own generator, saved with the RNG state.",
-                                     choices=("all", "random"))
+                                     choices=C.SECOND_EXPERT_POLICIES)
     eval_capacity_factor: float | None = _opt(None, "Capacity factor used in evaluation (model.eval()); null = the "
                                                     "same as capacity_factor, 0 = dropless in evaluation.", ge=0)
     expert_ffn_size: int | None = _opt(None, "Hidden size of each routed expert; null = model.ffn_size.", ge=1)
-    activation: str = _opt("swiglu", "Expert and FFN activation.", choices=("swiglu", "gelu", "relu"))
+    activation: str = _opt("swiglu", "Expert and FFN activation.", choices=C.MODEL_ACTIVATIONS)
     expert_groups: dict[str, Any] = _opt({}, "Per-domain expert groups (PanGu-Sigma): {source name: [expert ids]}; "
                                              "tokens of a data.sources entry route only to its group's experts "
                                              "(router scores outside it are masked before top-k; a group needs >= "
@@ -133,7 +133,7 @@ class MoEConfig:
     group_routing: str = _opt("learned", "Routing inside a group: 'learned' = the router's top-k; 'random' = "
                                          "PanGu-Sigma random-routed experts: a fixed hash of (token id, layer) "
                                          "picks top_k consecutive experts of the group, combine weights 1/top_k.",
-                              choices=("learned", "random"))
+                              choices=C.GROUP_ROUTING)
     freeze_experts: list[int] = _opt([], "Expert ids whose weights (their LoRA adapters in lora.mode moe_lora/"
                                          "expert_lora) and router rows stay bitwise unchanged in training; [] = none. "
                                          "Under DeepSpeed needs train.weight_decay=0 and zero_stage <= 2.")
@@ -147,7 +147,7 @@ class LoRAConfig:
     mode: str = _opt("none", "Adapter mode: 'none' = no adapters, all weights train; 'moe_lora' = frozen "
                              "base whose FFNs gain a router over moe.num_experts LoRA experts; "
                              "'expert_lora' = LoRA on each real expert; 'full' = LoRA on attention and "
-                             "every FFN/expert.", choices=("none", "moe_lora", "expert_lora", "full"))
+                             "every FFN/expert.", choices=C.LORA_MODES)
     targets: list[str] = _opt(list(LORA_TARGETS), "FFN projections that get LoRA adapters.", choices=LORA_TARGETS)
     train_router: bool = _opt(True, "Train the router weights when the base is frozen.")
     train_shared_experts: bool = _opt(False, "Train the shared experts when the base is frozen.")
@@ -168,7 +168,7 @@ class TrainConfig:
     min_lr: float = _opt(0.0, "Final learning rate of the cosine/linear decay.", ge=0)
     warmup_steps: int = _opt(10, "Linear warm-up steps; more than max_steps is clamped to max_steps with a "
                                  "warning.", ge=0)
-    lr_schedule: str = _opt("cosine", "Learning-rate schedule after warm-up.", choices=("cosine", "constant", "linear"))
+    lr_schedule: str = _opt("cosine", "Learning-rate schedule after warm-up.", choices=C.LR_SCHEDULES)
     weight_decay: float = _opt(0.1, "Decoupled weight decay.", ge=0)
     adam_betas: tuple[float, float] = _opt((0.9, 0.95), "AdamW betas [beta1, beta2], each in [0, 1).")
     grad_clip: float = _opt(1.0, "Clip the global gradient norm to this value; 0 = off.", ge=0)
@@ -186,7 +186,7 @@ class TrainConfig:
                                     "or start fresh if there is none; or a checkpoint directory.")
     tensorboard: bool = _opt(False, "Write TensorBoard event files to output_dir.")
     plot: bool = _opt(False, "Save loss/throughput plots (PNG) to output_dir at the end.")
-    optimizer: str = _opt("adamw", "Optimizer.", choices=("adamw", "sgd"))
+    optimizer: str = _opt("adamw", "Optimizer.", choices=C.OPTIMIZERS)
     save_on_interrupt: bool = _opt(True, "Ctrl-C (SIGINT) finishes the current step, saves a checkpoint, prints "
                                          "the resume command and exits 130; false = stop without saving.")
     keep_last: int = _opt(3, "Step checkpoints kept under output_dir/checkpoints (older ones are deleted after "
@@ -194,11 +194,11 @@ class TrainConfig:
     nonfinite: str = _opt("stop", "A NaN/Inf loss or gradient: 'stop' = exit with one line naming the step and the "
                                   "first non-finite parameter gradient (or the loss); 'skip' = drop that step on every "
                                   "rank (no optimizer update) and count it in metrics (skipped_steps); under DeepSpeed "
-                                  "needs zero_stage >= 1.", choices=("stop", "skip"))
+                                  "needs zero_stage >= 1.", choices=C.NONFINITE_POLICIES)
     activation_checkpointing: str = _opt("none", "Recompute activations in backward instead of keeping them: "
                                                "'none'; 'moe' = only the MoE FFNs (router, all-to-all, experts); "
                                                "'full' = every decoder layer. Same losses, less activation memory, "
-                                               "about one extra forward of compute.", choices=("none", "moe", "full"))
+                                               "about one extra forward of compute.", choices=C.ACT_CKPT_MODES)
     ema_decay: float = _opt(0.0, "Keep an exponential moving average of the trainable weights (fp32, from the step-0 "
                                  "weights, updated after every optimizer step: ema = d*ema + (1-d)*w), evaluated and "
                                  "saved as output_dir/final_ema/ at the end; 0 = off. Typical 0.99-0.9999.", ge=0, lt=1)
@@ -214,7 +214,7 @@ class TrainConfig:
 class DataConfig:
     source: str = _opt("pydoc", "Training text: 'pydoc' = English prose of pydoc_data.topics, 'stdlib' = "
                                 "the standard library's .py sources, 'file' = a UTF-8 text file at "
-                                "data.path.", choices=("pydoc", "stdlib", "file"))
+                                "data.path.", choices=C.DATA_SOURCES)
     path: str | None = _opt(None, "Text file for source=file.")
     seq_len: int = _opt(64, "Tokens per training sequence (<= model.max_seq_len).", ge=2)
     val_fraction: float = _opt(0.1, "Share of the data held out for validation, in (0, 1).", gt=0, lt=1)
@@ -237,14 +237,14 @@ class DataConfig:
 @dataclass
 class DeepSpeedConfig:
     enabled: bool = _opt(False, "Run under a DeepSpeed engine.")
-    zero_stage: int = _opt(0, "ZeRO stage.", choices=(0, 1, 2, 3))
+    zero_stage: int = _opt(0, "ZeRO stage.", choices=C.ZERO_STAGES)
     bf16: bool = _opt(False, "DeepSpeed bf16 mixed precision.")
     fp16: bool = _opt(False, "DeepSpeed fp16 mixed precision with loss scaling.")
     offload_optimizer: str = _opt("none", "ZeRO-Offload: keep optimizer state and fp32 master weights in CPU memory "
                                           "and step them with DeepSpeed's CPU Adam ('cpu'; needs zero_stage >= 1 and "
-                                          "train.optimizer=adamw).", choices=("none", "cpu"))
+                                          "train.optimizer=adamw).", choices=C.OFFLOAD_DEVICES)
     offload_param: str = _opt("none", "ZeRO-Infinity parameter offload: keep this rank's parameter partition in CPU "
-                                      "memory ('cpu'; zero_stage=3 only).", choices=("none", "cpu"))
+                                      "memory ('cpu'; zero_stage=3 only).", choices=C.OFFLOAD_DEVICES)
     extra: dict[str, Any] = _opt({}, "Mapping deep-merged into the generated DeepSpeed JSON (wins on conflict).")
 
 

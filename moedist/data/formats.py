@@ -25,7 +25,7 @@ import json
 import os
 from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from moedist.config import SOURCE_FORMATS
+from moedist.choices import SOURCE_FORMATS
 from moedist.config_yaml import ConfigError
 from moedist.data.chat import ChatError, chat_ids_and_mask
 from moedist.data.tokenizer import Tokenizer

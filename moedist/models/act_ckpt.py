@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-MODES = ("none", "moe", "full")
+from moedist.choices import ACT_CKPT_MODES as MODES
 
 
 class Recompute:

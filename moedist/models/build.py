@@ -11,11 +11,11 @@ from typing import Iterable, List
 import torch
 import torch.nn as nn
 
+from moedist.choices import LORA_MODES
 from moedist.models.llama import Attention, CausalLM, DecoderLayer, DenseFFN
 from moedist.models.lora import LoRAFFN, LoRALinear
 from moedist.moe import GroupedExperts, LoRAOnExperts, MoELayer, MoELoRAExperts, Router, SharedExperts, TokenDispatcher
 
-LORA_MODES = ("none", "moe_lora", "expert_lora", "full")
 
 
 def _seed(seed: int, layer: int, part: int) -> int:

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-DROP_POLICIES = ("position", "probs")
+from moedist.choices import DROP_POLICIES
 
 
 @dataclass

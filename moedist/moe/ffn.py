@@ -11,9 +11,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F_
 
+from moedist.choices import ACTIVATIONS
+
 GATED = {"swiglu": F_.silu, "geglu": lambda t: F_.gelu(t)}
 PLAIN = {"gelu": lambda t: F_.gelu(t), "relu": F_.relu, "silu": F_.silu}
-ACTIVATIONS = tuple(GATED) + tuple(PLAIN)
 
 
 def check_activation(activation: str) -> None:

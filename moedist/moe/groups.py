@@ -24,7 +24,7 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-GROUP_ROUTING = ("learned", "random")
+from moedist.choices import GROUP_ROUTING
 _HASH_A = 2654435761     # Knuth's multiplicative hash constant (odd, ~2^32)
 _HASH_B = 40503
 

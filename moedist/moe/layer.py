@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from moedist.moe.capacity import DROP_POLICIES, compute_capacity, select_tokens
+from moedist.choices import AUX_LOSS_TYPES, DROP_POLICIES, ROUTER_TYPES
+from moedist.moe.capacity import compute_capacity, select_tokens
 from moedist.moe.dispatcher import TokenDispatcher, combine_pairs, permute_pairs
 from moedist.moe.expert_choice import expert_choice
 from moedist.moe.experts import FrozenBaseExperts
@@ -26,8 +27,6 @@ from moedist.moe.losses import importance_loss, load_loss, router_entropy, route
 from moedist.moe.groups import GroupTable, RouteInfo, random_group_routing
 from moedist.moe.router import Router, RouterOutput
 
-AUX_LOSS_TYPES = ("switch", "importance", "none")
-ROUTER_TYPES = ("token_choice", "expert_choice")
 
 
 @dataclass
@@ -67,6 +66,10 @@ class MoELayer(nn.Module):
         drop_policy: "position" or "probs".
         aux_loss_type: "switch", "importance" (Shazeer importance + load) or "none".
         aux_loss_coef, z_loss_coef: weights of the returned aux loss.
+
+    The keyword defaults are the textbook layer (first-come dropping, no capacity floor, no aux
+    loss); a training run's defaults differ on purpose and live in the config (`moe.drop_policy`
+    "probs", `moe.min_capacity` 4, `moe.aux_loss_coef` 0.01), which `models/build.py` passes in.
         eval_capacity_factor: the capacity factor in eval mode; None = capacity_factor, 0 = dropless.
         router_type: "token_choice", or "expert_choice" (`moedist.moe.expert_choice`; needs a
             capacity factor, softmax scoring and aux_loss_type "none").

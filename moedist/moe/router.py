@@ -16,11 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F_
 
+from moedist.choices import SCORE_FUNCS, SECOND_EXPERT_POLICIES
 from moedist.moe.groups import mask_bias, mask_logits
 from moedist.moe.init import is_meta
 
-SCORE_FUNCS = ("softmax", "sigmoid")
-SECOND_EXPERT_POLICIES = ("all", "random")
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,39 @@
+"""Every closed set of names a config key or a part accepts, in one torch-free module.
+
+`moedist.config` takes its `choices=` from here and the parts that check their arguments
+(`moe/`, `models/`) import the same tuples, so a new routing type or drop policy is added once.
+"""
+from __future__ import annotations
+
+# model
+DTYPES = ("float32", "bfloat16", "float16")
+GATED_ACTIVATIONS = ("swiglu", "geglu")        # phi(gate) * up
+PLAIN_ACTIVATIONS = ("gelu", "relu", "silu")   # phi(up)
+ACTIVATIONS = GATED_ACTIVATIONS + PLAIN_ACTIVATIONS    # what the FFN kernels compute
+MODEL_ACTIVATIONS = ("swiglu", "gelu", "relu")         # what `moe.activation` offers (the HF import sets others)
+
+# routing and capacity
+SCORE_FUNCS = ("softmax", "sigmoid")
+ROUTER_TYPES = ("token_choice", "expert_choice")
+SECOND_EXPERT_POLICIES = ("all", "random")
+DROP_POLICIES = ("position", "probs")
+AUX_LOSS_TYPES = ("switch", "importance", "none")
+GROUP_ROUTING = ("learned", "random")
+
+# adapters
+LORA_MODES = ("none", "moe_lora", "expert_lora", "full")
+LORA_TARGETS = ("gate", "up", "down")
+
+# training
+LR_SCHEDULES = ("cosine", "constant", "linear")
+OPTIMIZERS = ("adamw", "sgd")
+NONFINITE_POLICIES = ("stop", "skip")
+ACT_CKPT_MODES = ("none", "moe", "full")
+
+# data
+DATA_SOURCES = ("pydoc", "stdlib", "file")
+SOURCE_FORMATS = ("text", "jsonl", "prompt_completion", "chat", "parquet")
+
+# DeepSpeed
+ZERO_STAGES = (0, 1, 2, 3)
+OFFLOAD_DEVICES = ("none", "cpu")
