@@ -20,8 +20,6 @@ torch.distributed would silently read as "the whole world".
 """
 from __future__ import annotations
 
-import os
-
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -45,7 +43,7 @@ class ParallelDims:
     world_size: int
     ep_size: int
     rank: int
-    # Filled by build() / from_deepspeed().
+    # Filled by build() / adopt().
     _ep_group: Any = field(default=None, init=False, repr=False, compare=False)
     _edp_group: Any = field(default=None, init=False, repr=False, compare=False)
     _world_group: Any = field(default=None, init=False, repr=False, compare=False)
@@ -163,20 +161,17 @@ class ParallelDims:
                              f"process group (world_size={dist.get_world_size()}, rank={dist.get_rank()})")
 
     @classmethod
-    def from_deepspeed(cls, ep_size: int) -> "ParallelDims":
-        """Adopt DeepSpeed's expert groups instead of creating our own.
-
-        Use this when the model trains under a DeepSpeed engine: the engine reduces
-        expert gradients over its own EDP group, looked up by `ep_group_name`, so the
-        all-to-all must run over DeepSpeed's EP group too. Collective; call after
-        torch.distributed (or deepspeed.init_distributed) is initialised.
+    def adopt(cls, ep_group, edp_group) -> "ParallelDims":
+        """Use process groups created elsewhere (DeepSpeed's, see `train/deepspeed_setup.py`) instead
+        of creating our own, so that the all-to-all and the engine's expert-gradient reduction run over
+        the same ranks. Call after torch.distributed is initialised; the EP size is the EP group's size.
         """
         import torch.distributed as dist
 
         if not dist.is_initialized():
             raise ValueError("torch.distributed is not initialised; call moedist.distributed.init_distributed() first")
+        ep_size = dist.get_world_size(ep_group)
         dims = cls(world_size=dist.get_world_size(), ep_size=ep_size, rank=dist.get_rank())
-        ep_group, edp_group = _deepspeed_expert_groups(ep_size, dist.get_backend())
         dims._world_group = dist.group.WORLD
         dims._ep_group, dims._edp_group = ep_group, edp_group
         dims._ep_comm = ExpertParallelComm(ep_group) if ep_size > 1 else ExpertParallelComm.single()
@@ -188,7 +183,7 @@ class ParallelDims:
 
     def _built(self, value):
         if not self.is_built:
-            raise ValueError("ParallelDims groups are not created yet; call .build() (or from_deepspeed) first")
+            raise ValueError("ParallelDims groups are not created yet; call .build() (or adopt) first")
         return value
 
     @property
@@ -210,54 +205,3 @@ class ParallelDims:
     def ep_comm(self) -> ExpertParallelComm:
         """Communicator handed to the MoE layers; `ExpertParallelComm.single()` at ep_size 1."""
         return self._built(self._ep_comm)
-
-
-def _deepspeed_expert_groups(ep_size: int, backend: str):
-    """(EP group, EDP group) of this rank, created by DeepSpeed.
-
-    Every DeepSpeed internal that moedist touches for process groups is here.
-    `deepspeed.utils.groups._create_expert_and_data_parallel` and the two
-    `_get_expert_*_group` getters are private API (checked with DeepSpeed 0.19.8;
-    setup.py pins <0.20). The function only creates the groups for a name that does
-    not exist yet, so calling it again is harmless.
-    """
-    import deepspeed
-    import deepspeed.comm as ds_comm
-    from deepspeed.utils import groups
-
-    quiet_deepspeed()
-    if not ds_comm.is_initialized():
-        # torch.distributed is up already: DeepSpeed only wraps the existing group.
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    groups._create_expert_and_data_parallel(ep_size)
-    name = f"ep_size_{ep_size}"
-    return groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name)
-
-
-def quiet_deepspeed() -> None:
-    """Before DeepSpeed's comm layer starts: skip its CPU shared-memory all-reduce op and
-    its INFO logs.
-
-    The op is JIT-compiled with ninja on first use (about a minute on 2 cores, and
-    again whenever another checkout's sources share ~/.cache/torch_extensions);
-    gloo does the same reductions. Probing op compatibility runs compilers too,
-    so the probe result is set rather than computed (it is read only for this op).
-    Set MOEDIST_DS_VERBOSE=1 to keep DeepSpeed's INFO logs.
-    """
-    import logging
-    import warnings
-
-    import deepspeed.ops as ops
-
-    # DeepSpeed calls the deprecated name once per ZeRO all-gather.
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-
-    compat = ops.__dict__.get("__compatible_ops__")
-    if compat is None:
-        ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
-    else:
-        compat["deepspeed_shm_comm"] = False
-    if os.environ.get("MOEDIST_DS_VERBOSE", "0") != "1":
-        from deepspeed.utils import logger
-
-        logger.setLevel(logging.WARNING)

@@ -66,7 +66,6 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from moedist.distributed.parallel_dims import quiet_deepspeed  # noqa: F401 (re-exported)
 from moedist.moe.experts import EXPERT_ATTR
 from moedist.moe.layer import MoELayer
 
@@ -107,7 +106,55 @@ def init_expert_groups(ep_size: int):
     # The engine asserts LOCAL_RANK is set; every launcher sets it, a plain process does not.
     if "LOCAL_RANK" not in os.environ and dist.is_initialized() and dist.get_world_size() == 1:
         os.environ["LOCAL_RANK"] = "0"
-    return ParallelDims.from_deepspeed(ep_size)
+    if not dist.is_initialized():
+        raise ValueError("torch.distributed is not initialised; call moedist.distributed.init_distributed() first")
+    return ParallelDims.adopt(*_expert_groups(ep_size, dist.get_backend()))
+
+
+def _expert_groups(ep_size: int, backend: str):
+    """(EP group, EDP group) of this rank, created by DeepSpeed.
+
+    `deepspeed.utils.groups._create_expert_and_data_parallel` and the two `_get_expert_*_group`
+    getters are private API (checked with DeepSpeed 0.19.8; setup.py pins <0.20). The function only
+    creates the groups for a name that does not exist yet, so calling it again is harmless.
+    """
+    import deepspeed
+    import deepspeed.comm as ds_comm
+    from deepspeed.utils import groups
+
+    if not ds_comm.is_initialized():
+        # torch.distributed is up already: DeepSpeed only wraps the existing group.
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    groups._create_expert_and_data_parallel(ep_size)
+    name = group_name(ep_size)
+    return groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name)
+
+
+def quiet_deepspeed() -> None:
+    """Before DeepSpeed's comm layer starts: skip its CPU shared-memory all-reduce op and its INFO logs.
+
+    The op is JIT-compiled with ninja on first use (about a minute on 2 cores, and again whenever
+    another checkout's sources share ~/.cache/torch_extensions); gloo does the same reductions.
+    Probing op compatibility runs compilers too, so the probe result is set rather than computed
+    (it is read only for this op). Set MOEDIST_DS_VERBOSE=1 to keep DeepSpeed's INFO logs.
+    """
+    import logging
+    import warnings
+
+    import deepspeed.ops as ops
+
+    # DeepSpeed calls the deprecated name once per ZeRO all-gather.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+    compat = ops.__dict__.get("__compatible_ops__")
+    if compat is None:
+        ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+    else:
+        compat["deepspeed_shm_comm"] = False
+    if os.environ.get("MOEDIST_DS_VERBOSE", "0") != "1":
+        from deepspeed.utils import logger
+
+        logger.setLevel(logging.WARNING)
 
 
 # ------------------------------------------------------------------ model tagging
