@@ -376,3 +376,63 @@ def test_layer_bf16_smoke(tmp_path, capsys):
         assert isinstance(why, str) and why, name
     assert "skipped" in capsys.readouterr().out or not res["skipped"]
     assert time.time() - t0 < 30  # the suite's smoke test: tiny sizes
+
+
+def test_autoep_config_and_support(monkeypatch):
+    """The AutoEP DeepSpeed config carries moedist's layout and optimizer; a DeepSpeed without AutoEP
+    gives one reason naming its version and the missing module."""
+    import importlib
+
+    from moedist.bench import autoep
+
+    cfg = autoep.autoep_ds_config(4, 2, 2, "qwen3_moe", 3e-4, (0.9, 0.95), 0.1, 1.0)
+    assert cfg["expert_parallel"] == {"enabled": True, "autoep_size": 2, "preset_model": "qwen3_moe"}
+    assert cfg["zero_optimization"]["stage"] == 2 and cfg["train_micro_batch_size_per_gpu"] == 4
+    assert cfg["optimizer"]["params"]["lr"] == 3e-4 and cfg["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert cfg["gradient_clipping"] == 1.0
+    assert torch.equal(autoep.batch_ids(3, 1, 2, 8, 50, 0), autoep.batch_ids(3, 1, 2, 8, 50, 0))
+    assert not torch.equal(autoep.batch_ids(3, 0, 2, 8, 50, 0), autoep.batch_ids(3, 1, 2, 8, 50, 0))
+    assert autoep.autoep_support() is None  # deepspeed 0.19.x ships AutoEP
+    real = importlib.import_module
+
+    def no_autoep(name, *a, **k):
+        if name.startswith("deepspeed.module_inject.auto_ep"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", no_autoep)
+    why = autoep.autoep_support()
+    import deepspeed
+
+    assert why.startswith(f"deepspeed {deepspeed.__version__} has no AutoEP") and "auto_ep" in why
+
+
+def test_bench_train_autoep_tiny(tmp_path):
+    """`bench train --peer autoep` end to end on a tiny Qwen3-MoE (1 process, ZeRO-2): both sides train."""
+    from moedist.models.toy_hf import make_toy_hf_model
+
+    hf = make_toy_hf_model(str(tmp_path / "hf"), hidden_size=32, num_layers=1, num_experts=4, vocab_size=300)
+    out = tmp_path / "autoep.json"
+    rc = main(["train", "--peer", "autoep", "--hf", hf, "--steps", "2", "--warmup", "0", "--zero-stage", "2",
+               "--set", f"train.output_dir={tmp_path / 'run'}", "--set", "data.seq_len=16", "--set",
+               "train.micro_batch_size=2", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert [r["impl"] for r in res["results"]] == ["moedist", "autoep"] and not res["skipped"]
+    for r in res["results"]:
+        assert r["step_ms"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 and math.isfinite(r["loss_last"])
+        assert r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"]
+    a, b = (r["loss_first"] for r in res["results"])  # same weights, same first batch
+    assert abs(a - b) < 0.1
+    assert res["config"]["autoep_preset"] == "qwen3_moe" and res["environment"]["cpu_allocator"] == "default"
+    from moedist.bench.report import render
+
+    assert "| autoep |" in render(str(out))
+    assert main(["train", "--peer", "autoep", "--hf", str(tmp_path / "nope")]) == 2
+
+
+def test_every_bench_subcommand_defaults_to_the_default_allocator():
+    from moedist.bench.cli import build_parser
+
+    for what in ("layer", "ep", "train"):
+        assert build_parser().parse_args([what]).cpu_allocator == "default", what

@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep = add("report", help="markdown tables of bench JSON files")
     rep.add_argument("paths", nargs="+", metavar="JSON")
 
-    tr = add("train", help="end-to-end tokens/s of the tiny model: moedist vs DeepSpeed native MoE")
+    tr = add("train", help="end-to-end tokens/s: moedist vs DeepSpeed native MoE (tiny model) or vs DeepSpeed AutoEP "
+                           "(a Hugging Face MoE model, --peer autoep)")
     tr.add_argument("--config", default="configs/tiny.yaml", help="model/data config (YAML)")
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable")
     tr.add_argument("--steps", type=int, default=20, help="timed steps per model")
@@ -133,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--ep-size", type=int, default=1)
     tr.add_argument("--threads", type=int, default=0)
     tr.add_argument("--json", metavar="PATH")
+    tr.add_argument("--peer", choices=("deepspeed", "autoep"), default="deepspeed",
+                    help="deepspeed: the tiny model with DeepSpeed's native MoE layers; autoep: the Hugging Face MoE "
+                         "model of --hf under DeepSpeed AutoEP (expert_parallel config) vs moedist's model.from_hf run")
+    tr.add_argument("--hf", metavar="DIR", default=None,
+                    help="--peer autoep: the Hugging Face MoE model directory (e.g. from python -m moedist.models.toy_hf)")
     _add_allocator_arg(tr)
 
     from moedist.bench.data import add_arguments as add_data_arguments

@@ -102,6 +102,16 @@ def ep_table(res: dict) -> str:
 
 
 def train_table(res: dict) -> str:
+    """`bench train` rows: against DeepSpeed native MoE (default) or AutoEP (--peer autoep, with peak memory)."""
+    if res.get("config", {}).get("peer") == "autoep":
+        lines = _head(["impl", "step ms (IQR)", "min–max", "tokens/s", "peak MB", "× AutoEP", "loss first → last"])
+        for r in res["results"]:
+            lines.append(f"| {r['impl']} | {r['step_ms']:.1f} ({_span(r, 'step_ms_q25', 'step_ms_q75')}) | "
+                         f"{_span(r, 'step_ms_min', 'step_ms_max')} | {r['tokens_per_s']:.0f} | "
+                         f"{_f(r.get('peak_mem_mb'))} | {_f(r.get('step_time_vs_autoep'), '.2f')} | "
+                         f"{r['loss_first']:.3f} → {r['loss_last']:.3f} |")
+        lines += [f"\nskipped {k}: {v}" for k, v in res.get("skipped", {}).items()]
+        return "\n".join(lines)
     lines = _head(["impl", "step ms (p10–p90)", "tokens/s", "× DeepSpeed", "loss first → last"])
     for r in res["results"]:
         lines.append(f"| {r['impl']} | {r['step_ms']:.1f} ({r['step_ms_p10']:.0f}–{r['step_ms_p90']:.0f}) | "

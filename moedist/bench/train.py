@@ -170,6 +170,14 @@ def run_train_from_args(args) -> Optional[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     log = lambda s: print(f"[bench train] {s}", file=sys.stderr, flush=True)  # noqa: E731
+    if getattr(args, "peer", "deepspeed") == "autoep":
+        from moedist.bench.autoep import run_autoep_bench
+
+        res = run_autoep_bench(args.config, args.set or [], args.steps, args.warmup, args.zero_stage, args.ep_size,
+                               args.hf, log=log)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(format_autoep(res))
+        return res if int(os.environ.get("RANK", "0")) == 0 else None
     res = run_train_bench(args.config, args.set or [], args.steps, args.warmup, args.zero_stage, args.ep_size, log=log)
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
@@ -183,3 +191,22 @@ def run_train_from_args(args) -> Optional[dict]:
               f"{r['tokens_per_s']:9.0f} tokens/s  x DS {r['step_time_vs_deepspeed']:.2f}  "
               f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}")
     return res
+
+
+def format_autoep(res: dict) -> str:
+    """The printed table of `bench train --peer autoep` (step time median, IQR, tokens/s, peak memory)."""
+    c = res["config"]
+    lines = [f"{c['model_type']} from {c['hf']}: {c['layers']} layers, H={c['hidden']}, {c['experts']} experts "
+             f"top-{c['topk']}, dropless, batch {c['micro_batch_size']}x{c['seq_len']} per rank, {c['world_size']} "
+             f"rank(s), EP {c['ep_size']}, ZeRO-{c['zero_stage']}"]
+    for r in res["results"]:
+        vs = r.get("step_time_vs_autoep")
+        lines.append(f"{r['impl']:<8} step {r['step_ms']:8.1f} ms (IQR {r['step_ms_q25']:.1f}-{r['step_ms_q75']:.1f}, "
+                     f"min-max {r['step_ms_min']:.1f}-{r['step_ms_max']:.1f})  {r['tokens_per_s']:9.0f} tokens/s  "
+                     f"peak {r['peak_mem_mb']:.1f} MB  x AutoEP {'-' if vs is None else format(vs, '.2f')}  "
+                     f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}")
+    for t in res.get("targets", []):
+        lines.append(f"target {'OK  ' if t['ok'] else 'MISS'} {t['target']}: {t['value']:.3f} (<= {t['limit']})")
+    for k, v in res.get("skipped", {}).items():
+        lines.append(f"skipped {k}: {v}")
+    return "\n".join(lines)
