@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from moedist.bench import peers
 from moedist.bench.layer import DTYPES, LayerBenchConfig, environment, make_inputs, resolve_device
-from moedist.bench.timing import summarize, synchronize
+from moedist.bench.timing import round_orders, summarize, synchronize
 from moedist.distributed.comm import ExpertParallelComm
 from moedist.moe import GroupedExperts, MoELayer, Router, TokenDispatcher
 
@@ -177,9 +177,12 @@ def _run(cfg, device, dtype, log) -> Optional[dict]:
         return info
 
     samples: Dict[str, Dict[str, List[dict]]] = {n: dict(fwd=[], fwd_bwd=[]) for n in cases}
+    # the impl order is reshuffled every iteration; the seed is the same on every rank (collectives line up)
+    orders = round_orders(list(cases), 2 * (cfg.warmup + cfg.iters), cfg.seed)
     for i in range(cfg.warmup + cfg.iters):
-        for kind in ("fwd", "fwd_bwd"):
-            for name, mod in cases.items():
+        for j, kind in enumerate(("fwd", "fwd_bwd")):
+            for name in orders[2 * i + j]:
+                mod = cases[name]
                 info = step(name, mod, backward=(kind == "fwd_bwd"))
                 if i >= cfg.warmup:
                     samples[name][kind].append(info)

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from moedist.bench import peers
 from moedist.bench.layer import environment
-from moedist.bench.timing import summarize, synchronize
+from moedist.bench.timing import round_orders, summarize, synchronize
 
 
 class DeepSpeedNativeBlock(nn.Module):
@@ -124,9 +124,11 @@ def run_train_bench(config: Optional[str], overrides: List[str], steps: int, war
         times = {k: [] for k in runners}
         losses = {k: [] for k in runners}
         lr = cfg.train.lr
-        for i in range(warmup + steps):
+        # the order of the two engines is reshuffled every step (same seed on every rank)
+        for i, order in enumerate(round_orders(list(runners), warmup + steps, cfg.train.seed)):
             batch = data.train_micro((i * world + rank) * M, M).to(device)
-            for name, r in runners.items():
+            for name in order:
+                r = runners[name]
                 synchronize(device)
                 t0 = time.perf_counter()
                 out = r.forward(batch)
@@ -144,6 +146,7 @@ def run_train_bench(config: Optional[str], overrides: List[str], steps: int, war
             s = summarize(times[name])
             # every rank steps in lock-step: global tokens / median step time
             results.append(dict(impl=name, step_ms=s["median"], step_ms_p10=s["p10"], step_ms_p90=s["p90"],
+                                step_ms_q25=s["q25"], step_ms_q75=s["q75"], step_ms_min=s["min"], step_ms_max=s["max"],
                                 tokens_per_s=M * S * world / (s["median"] / 1e3), loss_first=losses[name][0],
                                 loss_last=losses[name][-1]))
         ref = results[1]["step_ms"]
