@@ -213,20 +213,27 @@ def resolve_checkpoint(path) -> Optional[Path]:
     """
     from moedist.checkpoint.safety import refuse_pickles
 
-    p = Path(path)
+    p = _moved_aside(Path(path))
     if p.exists():
         refuse_pickles(os.fspath(p), "checkpoint")
     if (p / "manifest.json").exists():
         return p
-    if (p / "final" / "manifest.json").exists():
-        return p / "final"
+    if (_moved_aside(p / "final") / "manifest.json").exists():
+        return _moved_aside(p / "final")
     for folder in (p, p / "checkpoints"):
         latest = folder / "latest"
         if latest.is_file():
-            cand = folder / latest.read_text().strip()
+            cand = _moved_aside(folder / latest.read_text().strip())
             if (cand / "manifest.json").exists():
                 return cand
     return None
+
+
+def _moved_aside(path: Path) -> Path:
+    """`path`, or the complete checkpoint a re-save of that name moved aside (`.old-<name>`) when the
+    process died between the save's two renames (old aside, new in); None of the bytes are lost."""
+    old = path.parent / f".old-{path.name}"
+    return old if not path.exists() and (old / "manifest.json").exists() else path
 
 
 def read_manifest(ckpt_dir) -> dict:

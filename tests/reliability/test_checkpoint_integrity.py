@@ -153,3 +153,22 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path):
     import torch
 
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_kill_between_the_renames_of_a_resave_loses_nothing(saved_run, tmp_path):
+    """Re-saving a name that exists moves the old one to `.old-<name>`, then the new one in. A process killed
+    between the two renames leaves only `.old-<name>`: every reader finds that complete checkpoint."""
+    from moedist.checkpoint.io import resolve_checkpoint
+    from moedist.train.evaluate import main_eval
+
+    run = _copy(saved_run, tmp_path / "run")
+    (run / "final").rename(run / ".old-final")                          # the state after the first rename
+    assert resolve_checkpoint(run) == run / ".old-final"
+    ck = run / "checkpoints"
+    (ck / "step_000004").rename(ck / ".old-step_000004")
+    assert resolve_checkpoint(ck) == ck / ".old-step_000004"             # via `latest`
+    assert resolve_checkpoint(ck / "step_000004") == ck / ".old-step_000004"
+    verify_checkpoint(resolve_checkpoint(run))
+    assert main_eval([str(run), "--json"]) == 0
+    (run / ".old-final" / "manifest.json").unlink()                      # an incomplete leftover is not used
+    assert resolve_checkpoint(run) == ck / ".old-step_000004"
