@@ -75,3 +75,19 @@ def test_eval_a_converted_model_and_errors(tmp_path, capsys):
     assert len(err) == 1 and "no checkpoint found" in err[0]
     assert main(["eval", str(tmp_path / "nope")]) == 2
     assert "no such run or checkpoint directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, names", [("model.num_layers=3", "layers.2.input_layernorm.weight: not in"),
+                                             ("model.hidden_size=32", "embed_tokens.weight: checkpoint"),
+                                             ("moe.num_experts=2", "layers.0.mlp.router.weight: checkpoint")])
+def test_an_architecture_override_that_does_not_fit_is_one_line(run, tmp_path, override, names):
+    """A checkpoint that does not fit the model the overrides build: one line naming the tensor, exit 2,
+    for eval and for train.resume (it used to be a KeyError/ValueError traceback)."""
+    resume = ["train", TINY, *SMALL, f"train.output_dir={tmp_path / 'again'}", f"train.resume={run / 'final'}",
+              "moe.num_experts=4", override]
+    for argv in [["eval", str(run), override]] + ([resume] if override.startswith("model.hidden") else []):
+        p = subprocess.run([sys.executable, "-m", "moedist", *argv], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 2, p.stderr[-2000:]
+        err = p.stderr.strip().splitlines()
+        assert len(err) == 1 and names in err[0] and "Traceback" not in p.stderr, p.stderr[-2000:]

@@ -47,6 +47,14 @@ class CorruptCheckpoint(ConfigError):
     """A checkpoint whose files do not match its manifest; one line naming the bad file."""
 
 
+class CheckpointMismatch(ConfigError):
+    """A checkpoint that does not fit the model built from the config (a tensor missing or of another
+    shape), usually an override of an architecture key; one line naming the tensor."""
+
+
+_MISMATCH_HINT = "(the model built from the config differs from the saved one: drop architecture overrides)"
+
+
 @dataclass
 class Layout:
     """Who this rank is: global rank/world, EP rank/size, and whether it writes its experts."""
@@ -304,11 +312,12 @@ def load_checkpoint(ckpt_dir, model: nn.Module, *, dims=None, strict: bool = Tru
             keys = global_keys_for(name, slots[name]) if name in slots else [name]
             if not rd.has(keys[0]):
                 if strict and not m["adapter_only"]:
-                    raise KeyError(f"{name}: not in checkpoint {ckpt_dir}")
+                    raise CheckpointMismatch(f"{name}: not in checkpoint {ckpt_dir} {_MISMATCH_HINT}")
                 continue
             t = torch.stack([rd.get(k) for k in keys]) if name in slots else rd.get(name)
             if t.shape != p.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model shape {tuple(p.shape)}")
+                raise CheckpointMismatch(f"{name}: checkpoint {ckpt_dir} has shape {tuple(t.shape)}, the model "
+                                         f"{tuple(p.shape)} {_MISMATCH_HINT}")
             p.copy_(t.to(p.dtype))
             if load_optim:
                 for s in state_names:

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from moedist.choices import DROP_POLICIES
+from moedist.moe.counts import count_ids
 
 
 @dataclass
@@ -75,12 +76,12 @@ def select_tokens(idx_TK: torch.Tensor, weight_TK: torch.Tensor, num_experts: in
         w_P = weight_TK.detach().t().reshape(-1)  # [K*T]
         by_w = torch.argsort(w_P, descending=True, stable=True)
         order = by_w[torch.argsort(e_P[by_w], stable=True)]  # by expert, then weight desc
-    counts_E = torch.bincount(e_P, minlength=num_experts + 1)  # [E + 1] (the last: inactive pairs)
+    counts_E = count_ids(e_P, num_experts + 1)  # [E + 1] (the last: inactive pairs)
     start_E = torch.cumsum(counts_E, 0) - counts_E  # [E + 1]
     rank_sorted = torch.arange(e_P.numel(), device=e_P.device) - start_E[e_P[order]]  # place within its expert
     rank_P = torch.empty_like(rank_sorted)
     rank_P[order] = rank_sorted
     keep_P = (rank_P < capacity) & (e_P < num_experts)  # [K*T]
     keep_TK = keep_P.view(K, T).t().contiguous()  # [T, K]
-    kept_E = torch.bincount(e_P[keep_P], minlength=num_experts)
+    kept_E = count_ids(e_P, num_experts + 1, keep_P)[:num_experts]  # (no boolean indexing: no host sync)
     return CapacityResult(keep_TK, counts_E[:num_experts] - kept_E, capacity)

@@ -21,29 +21,47 @@ from typing import List, Optional
 import torch
 
 from moedist.distributed.comm import ExpertParallelComm
+from moedist.moe.counts import count_ids
 
 
 @dataclass
 class LocalPermutation:
     """Kept pairs sorted by global expert (stable: flat pair order t*K + k inside an expert).
 
-    pair_N: flat pair ids t*K + k; token_N: their token ids; counts_E: [E] pairs per expert.
+    pair_N: flat pair ids t*K + k; token_N: their token ids; counts_E: [E] pairs per expert (device).
+    counts_host: counts_E as Python ints (read once, for the row count and per-expert loops), or
+    None when the counts stay on the device: then N = T*K and the rows past sum(counts_E) are
+    padding (dropped or inactive pairs) that the experts must not compute (`padding_N`).
     """
 
     pair_N: torch.Tensor
     token_N: torch.Tensor
     counts_E: torch.Tensor
+    counts_host: Optional[List[int]] = None
+
+    def padding_N(self) -> torch.Tensor:
+        """[N] bool: True for the padding rows (past sum(counts_E)); all False with host counts."""
+        return torch.arange(self.pair_N.shape[0], device=self.pair_N.device) >= self.counts_E.sum()
 
 
-def permute_pairs(idx_TK: torch.Tensor, keep_TK: torch.Tensor, num_experts: int) -> LocalPermutation:
-    """Sort the kept (token, slot) pairs of this rank by expert (pure function)."""
-    K = idx_TK.shape[1]
-    pair_ids = keep_TK.reshape(-1).nonzero().squeeze(1)  # [N] flat t*K + k
-    expert_N = idx_TK.reshape(-1).index_select(0, pair_ids)  # [N]
-    order = torch.argsort(expert_N, stable=True)
-    pair_N = pair_ids.index_select(0, order)
-    counts_E = torch.bincount(expert_N, minlength=num_experts)  # [E]
-    return LocalPermutation(pair_N, torch.div(pair_N, K, rounding_mode="floor"), counts_E)
+def permute_pairs(idx_TK: torch.Tensor, keep_TK: torch.Tensor, num_experts: int,
+                  host_counts: bool = True) -> LocalPermutation:
+    """Sort the kept (token, slot) pairs of this rank by expert (pure function).
+
+    host_counts=True reads counts_E to the host: the ONE device->host sync of a layer's forward
+    (the row count N and per-expert loops need it). host_counts=False reads nothing: every pair
+    is sorted, refused ones last (as a virtual expert E), so the shapes are static and only the
+    device counts say where the kept rows end (for grouped GEMM kernels that take device offsets).
+    """
+    K, E = idx_TK.shape[1], num_experts
+    e_P = torch.where(keep_TK.reshape(-1), idx_TK.reshape(-1), E)  # [T*K] refused pairs -> virtual expert E
+    order_P = torch.argsort(e_P, stable=True)  # [T*K] by expert, then flat pair order
+    counts_E = count_ids(e_P, E + 1)[:E]  # [E]
+    if not host_counts:
+        return LocalPermutation(order_P, torch.div(order_P, K, rounding_mode="floor"), counts_E)
+    counts = counts_E.tolist()  # the host sync
+    pair_N = order_P[:sum(counts)]  # [N] the kept pairs
+    return LocalPermutation(pair_N, torch.div(pair_N, K, rounding_mode="floor"), counts_E, counts)
 
 
 @dataclass
@@ -81,33 +99,49 @@ class TokenDispatcher:
         self.first_expert = self.ep_rank * self.num_local_experts
         self.last_stats: dict = {}
 
-    def dispatch(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, keep_TK: torch.Tensor):
+    def dispatch(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, keep_TK: torch.Tensor, host_counts: bool = True):
         """Send each kept pair's token row to its expert's rank.
 
-        Returns (x_NH rows for my local experts sorted by local expert,
-        counts_L list of rows per local expert, state for combine()).
+        Returns (x_NH rows for my local experts sorted by local expert, counts_L rows per local
+        expert, state for combine()). counts_L is a list of ints read with ONE device->host sync
+        (EP > 1: after the count exchange, so splits, row counts and expert counts come in one
+        read); with host_counts=False (EP size 1 only) it is the [L] device tensor and x_NH holds
+        T*K rows, the padding last (`LocalPermutation.padding_N`): no sync at all.
         """
-        perm = permute_pairs(idx_TK, keep_TK, self.num_experts)
-        x_perm = x_TH.index_select(0, perm.token_N)  # [N, H]
         P, L = self.ep_size, self.num_local_experts
-        state = DispatchState(perm, x_TH.shape[0])
-        row_bytes = x_TH.shape[1] * x_TH.element_size()
         if P == 1:
+            perm = permute_pairs(idx_TK, keep_TK, self.num_experts, host_counts)
             self.last_stats = dict(a2a_rows=0, a2a_bytes=0, a2a_bytes_remote=0)
-            return x_perm, perm.counts_E.tolist(), state
+            counts_L = perm.counts_host if host_counts else perm.counts_E
+            return x_TH.index_select(0, perm.token_N), counts_L, DispatchState(perm, x_TH.shape[0])
+        if not host_counts:
+            raise ValueError("dispatch: host_counts=False needs EP size 1 (the all-to-all splits are host ints)")
+        perm = permute_pairs(idx_TK, keep_TK, self.num_experts, host_counts=False)
         counts_PL = perm.counts_E.view(P, L)  # rows I send to rank p, per its local expert
         recv_PL = self.comm.exchange_counts(counts_PL)  # rows rank p sends me, per my local expert
-        state.in_splits = counts_PL.sum(1).tolist()
-        state.out_splits = recv_PL.sum(1).tolist()
+        host = torch.cat([counts_PL.reshape(-1), recv_PL.reshape(-1)]).tolist()  # the one host sync
+        send_PL = torch.tensor(host[:P * L]).view(P, L)
+        got_PL = torch.tensor(host[P * L:]).view(P, L)
+        counts = send_PL.reshape(-1).tolist()
+        N = sum(counts)
+        pair_N = perm.pair_N[:N]
+        perm = LocalPermutation(pair_N, perm.token_N[:N], perm.counts_E, counts)
+        state = DispatchState(perm, x_TH.shape[0])
+        state.in_splits = send_PL.sum(1).tolist()
+        state.out_splits = got_PL.sum(1).tolist()
+        x_perm = x_TH.index_select(0, perm.token_N)  # [N, H]
         x_recv = self.comm.all_to_all(x_perm, state.out_splits, state.in_splits)  # [M, H] (source, expert) order
-        local_M = torch.arange(L, device=recv_PL.device).repeat(P).repeat_interleave(recv_PL.reshape(-1))  # [M]
+        M = sum(state.out_splits)
+        local_M = torch.arange(L, device=recv_PL.device).repeat(P).repeat_interleave(
+            recv_PL.reshape(-1), output_size=M)  # [M]
         state.to_local = torch.argsort(local_M, stable=True)
         state.from_local = torch.argsort(state.to_local)
+        row_bytes = x_TH.shape[1] * x_TH.element_size()
         sent = sum(state.in_splits)
         self.last_stats = dict(a2a_rows=sent, a2a_bytes=sent * row_bytes,
                                a2a_bytes_remote=(sent - state.in_splits[self.ep_rank]) * row_bytes)
         x_local = x_recv.index_select(0, state.to_local)  # [M, H] sorted by local expert
-        return x_local, recv_PL.sum(0).tolist(), state
+        return x_local, got_PL.sum(0).tolist(), state
 
     def combine(self, y_NH: torch.Tensor, state: DispatchState, weight_TK: torch.Tensor) -> torch.Tensor:
         """Bring expert outputs home and sum them per token, weighted. Returns [T, H]."""

@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 
 from moedist.moe.dispatcher import weighted_scatter_add
-from moedist.moe.ffn import (GATED, _use_grouped_kernel, check_activation, gather_lora_proj, grouped_ffn, grouped_mm,
-                             hidden_act, moe_lora_hidden)
+from moedist.moe.ffn import (GATED, Counts, _use_grouped_kernel, check_activation, gather_lora_proj, grouped_ffn,
+                             grouped_kernel_applies, grouped_mm, hidden_act, moe_lora_hidden)
 from moedist.moe.init import is_meta, normal_
 from moedist.moe.lora_math import lora_dropout, lora_scale
 
@@ -31,6 +31,16 @@ class FrozenBaseExperts(Protocol):
 
     def base_forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         """The frozen FFN on every token, [T, H] -> [T, H]."""
+        ...
+
+
+@runtime_checkable
+class DeviceCountExperts(Protocol):
+    """Experts that can take their per-expert counts as an [L] device tensor (no host sync):
+    `forward(x_NH, counts_L)` then gets T*K rows, the padding rows last (`MoELayer` masks them)."""
+
+    def takes_device_counts(self, x_NH: torch.Tensor) -> bool:
+        """True when forward(x_NH, counts) accepts counts as a device tensor for these rows."""
         ...
 
 
@@ -98,7 +108,11 @@ class GroupedExperts(nn.Module):
         self.w_up[local].copy_(w_up)
         self.w_down[local].copy_(w_down)
 
-    def forward(self, x_NH: torch.Tensor, counts_L: Sequence[int]) -> torch.Tensor:
+    def takes_device_counts(self, x_NH: torch.Tensor) -> bool:
+        """The grouped kernel runs these rows (bf16 on CPU, or a Hopper GPU): counts may stay on the device."""
+        return grouped_kernel_applies(x_NH, self.w_up)
+
+    def forward(self, x_NH: torch.Tensor, counts_L: Counts) -> torch.Tensor:
         x_NH = x_NH.to(self.w_up.dtype)
         return grouped_ffn(x_NH, self.w_gate, self.w_up, self.w_down, counts_L, self.activation)  # [N, H]
 
@@ -192,6 +206,10 @@ class LoRAOnExperts(_LoRAMixin, GroupedExperts):
         self.reset_parameters()
         for st in self.lora.values():
             st.reset(self.first_expert)
+
+    def takes_device_counts(self, x_NH: torch.Tensor) -> bool:
+        """Host counts: the adapters' low-rank products are not checked for the grouped kernel here."""
+        return False
 
     def _proj(self, name: str, x_NI: torch.Tensor, w: torch.Tensor, counts_L) -> torch.Tensor:
         y = grouped_mm(x_NI, w, counts_L)

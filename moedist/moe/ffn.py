@@ -6,12 +6,15 @@ Gated activations (`swiglu`, `geglu`) use gate and up; plain ones (`gelu`,
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F_
 
 from moedist.choices import ACTIVATIONS
+
+# rows per group: host ints (per-expert loops), or an [L] int64 device tensor (grouped kernel only)
+Counts = Union[Sequence[int], torch.Tensor]
 
 GATED = {"swiglu": F_.silu, "geglu": lambda t: F_.gelu(t)}
 PLAIN = {"gelu": lambda t: F_.gelu(t), "relu": F_.relu, "silu": F_.silu}
@@ -36,15 +39,19 @@ def ffn(x_NH: torch.Tensor, w_gate_HF: Optional[torch.Tensor], w_up_HF: torch.Te
     return hidden_act(gate, x_NH @ w_up_HF, activation) @ w_down_FH  # [N, H]
 
 
-def grouped_mm(x_NI: torch.Tensor, w_LIO: torch.Tensor, counts_L: Sequence[int]) -> torch.Tensor:
+def grouped_mm(x_NI: torch.Tensor, w_LIO: torch.Tensor, counts_L: Counts) -> torch.Tensor:
     """Per-group matmul on contiguous row slices: rows of group l use w[l].
 
-    x_NI: [N, I] rows sorted by group; w_LIO: [L, I, O]; counts_L: rows per group.
+    x_NI: [N, I] rows sorted by group; w_LIO: [L, I, O]; counts_L: rows per group, as ints, or as
+    an [L] device tensor where `grouped_kernel_applies` (then rows past sum(counts) are padding whose
+    output and input gradient are undefined: the caller masks them, see `MoELayer`).
     Returns [N, O]. The stacked weight is unbound ONCE (never indexed per group
     in a loop, whose backward would materialise L full-size gradients). On CUDA,
     and on CPU in bfloat16, `torch._grouped_mm` does it in one kernel.
     """
     L = w_LIO.shape[0]
+    if isinstance(counts_L, torch.Tensor):  # [L] device counts: offsets stay on the device (no host sync)
+        return _grouped_mm_device(x_NI, w_LIO, counts_L)
     counts = [int(c) for c in counts_L]
     if len(counts) != L or sum(counts) != x_NI.shape[0]:
         raise ValueError(f"grouped_mm: counts {counts} do not match {L} groups and {x_NI.shape[0]} rows")
@@ -57,6 +64,21 @@ def grouped_mm(x_NI: torch.Tensor, w_LIO: torch.Tensor, counts_L: Sequence[int])
         # no rows: keep x and w in the graph (zero grads, not None: a rank with no tokens must still reduce)
         return x_NI.new_zeros((0, w_LIO.shape[-1])) + 0.0 * (x_NI.sum() + w_LIO.sum())
     return _GroupedMM.apply(x_NI, w_LIO, tuple(counts))
+
+
+def _grouped_mm_device(x_NI: torch.Tensor, w_LIO: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
+    """`torch._grouped_mm` with offsets computed on the device from [L] counts (CUDA-graph safe)."""
+    if counts_L.shape != (w_LIO.shape[0],) or not _use_grouped_kernel(x_NI, w_LIO):
+        raise ValueError(f"grouped_mm: device counts {tuple(counts_L.shape)} need {w_LIO.shape[0]} groups and the "
+                         "grouped kernel (bf16 on CPU or Hopper); pass host ints otherwise")
+    return torch._grouped_mm(x_NI, w_LIO, offs=counts_L.cumsum(0).to(torch.int32))
+
+
+def grouped_kernel_applies(x_NH: torch.Tensor, w_LIO: torch.Tensor) -> bool:
+    """`torch._grouped_mm` runs x (cast to w's dtype, as the experts do) against w: device counts work."""
+    if x_NH.dtype != w_LIO.dtype:
+        x_NH = x_NH[:1].to(w_LIO.dtype)  # one row: only dtype, device and strides matter
+    return _use_grouped_kernel(x_NH, w_LIO)
 
 
 def _bounds(counts: Sequence[int]):
@@ -130,13 +152,18 @@ def _use_grouped_kernel(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def grouped_ffn(x_NH: torch.Tensor, w_gate: Optional[torch.Tensor], w_up: torch.Tensor, w_down: torch.Tensor,
-                counts_L: Sequence[int], activation: str) -> torch.Tensor:
+                counts_L: Counts, activation: str) -> torch.Tensor:
     """FFN per expert on contiguous slices: weights [L, H, F], [L, H, F], [L, F, H]. Returns [N, H].
+
+    counts_L: host ints, or an [L] device tensor for the grouped kernel (`grouped_mm`).
 
     Gated activations without the grouped kernel (fp32 on CPU, or no Hopper GPU)
     go through `_GroupedGatedFFN`, which keeps 2 [N, F] tensors for backward
     instead of 4 and writes every per-expert product in place.
     """
+    if isinstance(counts_L, torch.Tensor):  # device counts: the grouped kernel, no per-expert Python
+        gate = grouped_mm(x_NH, w_gate, counts_L) if activation in GATED else None  # [N, F]
+        return grouped_mm(hidden_act(gate, grouped_mm(x_NH, w_up, counts_L), activation), w_down, counts_L)
     counts = [int(c) for c in counts_L]
     if (activation in _GATED_GRAD and w_up.shape[0] > 1 and x_NH.shape[0] > 0 and len(counts) == w_up.shape[0]
             and sum(counts) == x_NH.shape[0] and not _use_grouped_kernel(x_NH, w_up)

@@ -7,6 +7,15 @@
 Returns (y, MoEAux): the weighted auxiliary loss to add to the task loss, its
 parts, and per-step diagnostics (tokens per expert, drops, router entropy,
 all-to-all bytes).
+
+Host syncs (device->host reads, counted by `moedist.moe.host_sync.HostSyncCounter`): the
+statistics stay on the device as tensors (the trainer reads them once per logging step).
+A forward reads the device at most ONCE: the per-expert counts, as host ints, when the
+experts loop over experts (fp32, LoRA) or the all-to-all needs split sizes (EP > 1, one
+read after the count exchange). At EP size 1 with experts that take device counts
+(`DeviceCountExperts`: the grouped kernel, bf16 on CPU or a Hopper GPU) it reads nothing:
+every (token, slot) pair is sorted, refused ones last as padding rows that are masked to
+zero, so shapes are static and the forward can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -22,7 +31,8 @@ from moedist.choices import AUX_LOSS_TYPES, DROP_POLICIES, ROUTER_TYPES
 from moedist.moe.capacity import compute_capacity, select_tokens
 from moedist.moe.dispatcher import TokenDispatcher, combine_pairs, permute_pairs
 from moedist.moe.expert_choice import expert_choice
-from moedist.moe.experts import FrozenBaseExperts
+from moedist.moe.counts import count_ids
+from moedist.moe.experts import DeviceCountExperts, FrozenBaseExperts
 from moedist.moe.losses import importance_loss, load_loss, router_entropy, router_z_loss, switch_load_balancing_loss
 from moedist.moe.groups import GroupTable, RouteInfo, random_group_routing
 from moedist.moe.router import Router, RouterOutput
@@ -37,8 +47,12 @@ class MoEAux:
     aux_loss, z_loss: the unweighted parts (fp32 scalars).
     tokens_per_expert: [E] int64 kept pairs per global expert from this rank's tokens.
     dropped_per_expert: [E] int64 pairs refused by capacity, this rank's tokens.
-    dropped_frac: dropped pairs / routed pairs on this rank.
-    router_entropy: mean routing entropy (nats). a2a_bytes: bytes this rank sent in dispatch.
+    dropped_frac: 0-d fp32 tensor, dropped pairs / routed pairs on this rank.
+    router_entropy: 0-d fp32 tensor, mean routing entropy (nats).
+    All tensors stay on the device (reading them is a host sync: once per logging step).
+    dropped_frac and router_entropy are None when the layer runs without statistics (`stats=False`).
+    a2a_bytes: bytes this rank sent in dispatch, a host int (from the split sizes the all-to-all
+    already read; 0 at EP size 1).
     """
 
     loss: torch.Tensor
@@ -46,8 +60,8 @@ class MoEAux:
     z_loss: torch.Tensor
     tokens_per_expert: torch.Tensor
     dropped_per_expert: torch.Tensor
-    dropped_frac: float
-    router_entropy: float
+    dropped_frac: Optional[torch.Tensor]
+    router_entropy: Optional[torch.Tensor]
     capacity: Optional[int] = None
     a2a_bytes: int = 0
     extra: dict = field(default_factory=dict)
@@ -73,6 +87,8 @@ class MoELayer(nn.Module):
         eval_capacity_factor: the capacity factor in eval mode; None = capacity_factor, 0 = dropless.
         router_type: "token_choice", or "expert_choice" (`moedist.moe.expert_choice`; needs a
             capacity factor, softmax scoring and aux_loss_type "none").
+        stats: compute the diagnostics (router entropy, dropped fraction); False (`--no-stats`)
+            leaves them None. Either way nothing is read to the host for them.
 
     Experts with one frozen FFN under all experts (`FrozenBaseExperts`, MoE-LoRA) apply that
     FFN to every token at full weight; only the adapters are routed:
@@ -84,7 +100,7 @@ class MoELayer(nn.Module):
                  dispatcher: Optional[TokenDispatcher] = None, capacity_factor: Optional[float] = None,
                  min_capacity: int = 0, drop_policy: str = "position", aux_loss_type: str = "switch",
                  aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0, eval_capacity_factor: Optional[float] = None,
-                 router_type: str = "token_choice"):
+                 router_type: str = "token_choice", stats: bool = True):
         super().__init__()
         self.router, self.experts, self.shared_experts = router, experts, shared_experts
         self.dispatcher = dispatcher or TokenDispatcher(router.num_experts)
@@ -115,6 +131,7 @@ class MoELayer(nn.Module):
         self.eval_capacity_factor, self.router_type = eval_capacity_factor, router_type
         self.min_capacity, self.drop_policy = min_capacity, drop_policy
         self.aux_loss_type, self.aux_loss_coef, self.z_loss_coef = aux_loss_type, aux_loss_coef, z_loss_coef
+        self.stats = stats
 
     @property
     def num_experts(self) -> int:
@@ -142,13 +159,21 @@ class MoELayer(nn.Module):
             raise ValueError(f"experts start at global id {self.experts.first_expert}, the dispatcher's rank holds "
                              f"experts from {d.first_expert}: shard the experts with the same EP layout")
         if d.ep_size == 1 and hasattr(self.experts, "forward_tokens"):
-            perm = permute_pairs(r.idx_TK, sel.keep_TK, E)
+            perm = permute_pairs(r.idx_TK, sel.keep_TK, E)  # host counts: the forward's one sync
             w_N = r.weight_TK.reshape(-1).index_select(0, perm.pair_N)  # [N]
-            y_TH = self.experts.forward_tokens(x_TH, perm.token_N, w_N, perm.counts_E.tolist(), base_weight_T=base_w_T)
+            y_TH = self.experts.forward_tokens(x_TH, perm.token_N, w_N, perm.counts_host, base_weight_T=base_w_T)
             d.last_stats = dict(a2a_rows=0, a2a_bytes=0, a2a_bytes_remote=0)
         else:
-            x_NH, counts_L, state = d.dispatch(x_TH, r.idx_TK, sel.keep_TK)
+            on_device = (d.ep_size == 1 and isinstance(self.experts, DeviceCountExperts)
+                         and self.experts.takes_device_counts(x_TH))
+            x_NH, counts_L, state = d.dispatch(x_TH, r.idx_TK, sel.keep_TK, host_counts=not on_device)
+            pad_N1 = None  # [N, 1] padding rows (refused pairs), device counts only
+            if on_device and not (sel.capacity is None and r.active_TK is None):
+                pad_N1 = state.perm.padding_N().unsqueeze(1)
+                x_NH = x_NH.masked_fill(pad_N1, 0)  # also zeroes the kernel's undefined input gradient there
             y_NH = self.experts(x_NH, counts_L)  # [N, H]
+            if pad_N1 is not None:
+                y_NH = y_NH.masked_fill(pad_N1, 0)  # the kernel leaves rows past the last offset undefined
             y_TH = d.combine(y_NH, state, r.weight_TK)  # [T, H], accumulated in >= fp32
             if base_w_T is not None:  # the frozen FFN is replicated: computed here for every token
                 y_TH = y_TH + base_w_T.unsqueeze(1) * self.experts.base_forward(x_TH)
@@ -205,11 +230,14 @@ class MoELayer(nn.Module):
         else:
             aux = zero
         z = router_z_loss(r.logits_TE) if self.z_loss_coef else zero
-        kept_E = torch.bincount(r.idx_TK[sel.keep_TK], minlength=E)
-        dropped = int(sel.dropped_E.sum())
+        kept_E = count_ids(r.idx_TK, E, sel.keep_TK)  # [E] on the device
+        dropped_frac = entropy = None
+        if self.stats:
+            dropped_frac = sel.dropped_E.sum().float() / max(1, T * K)
+            entropy = router_entropy(r.probs_TE)
         return MoEAux(
             loss=self.aux_loss_coef * aux + self.z_loss_coef * z, aux_loss=aux.detach(), z_loss=z.detach(),
             tokens_per_expert=kept_E.detach(), dropped_per_expert=sel.dropped_E.detach(),
-            dropped_frac=dropped / max(1, T * K), router_entropy=router_entropy(r.probs_TE),
-            capacity=sel.capacity, a2a_bytes=int(self.dispatcher.last_stats.get("a2a_bytes", 0)),
+            dropped_frac=dropped_frac, router_entropy=entropy,
+            capacity=sel.capacity, a2a_bytes=self.dispatcher.last_stats.get("a2a_bytes", 0),
         )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from moedist.moe.counts import count_ids
+
 
 def switch_load_balancing_loss(probs_TE: torch.Tensor, idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4).
@@ -22,7 +24,7 @@ def switch_load_balancing_loss(probs_TE: torch.Tensor, idx_TK: torch.Tensor, num
     T = probs_TE.shape[0]
     if T == 0:
         return probs_TE.sum() * 0.0
-    counts_E = torch.bincount(idx_TK.reshape(-1), minlength=num_experts).to(probs_TE.dtype)  # [E]
+    counts_E = count_ids(idx_TK, num_experts).to(probs_TE.dtype)  # [E]
     f_E = counts_E / idx_TK.numel()  # [E]
     P_E = probs_TE.mean(dim=0)  # [E]
     return num_experts * torch.sum(f_E * P_E)
@@ -74,10 +76,11 @@ def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     return torch.mean(z_T * z_T)
 
 
-def router_entropy(probs_TE: torch.Tensor) -> float:
-    """Mean per-token entropy of the routing distribution, in nats (diagnostic)."""
+def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
+    """Mean per-token entropy of the routing distribution, in nats (diagnostic): a 0-d fp32 tensor
+    on the device (no host sync; read it once per logging step)."""
     if probs_TE.shape[0] == 0:
-        return 0.0
+        return probs_TE.new_zeros((), dtype=torch.float32)
     p = probs_TE.detach().clamp_min(1e-12)
     p = p / p.sum(dim=-1, keepdim=True)
-    return float(-(p * p.log()).sum(dim=-1).mean())
+    return (-(p * p.log()).sum(dim=-1).mean()).float()
