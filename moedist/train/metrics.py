@@ -23,44 +23,57 @@ import torch.distributed as dist
 
 
 class StepStats:
-    """What one rank saw in one optimizer step (all its micro-batches)."""
+    """What one rank saw in one optimizer step (all its micro-batches).
+
+    `add` only adds tensors on the device (no host sync per micro-batch); `reduce` reads them to
+    the host once, at the end of the step, with one all-reduce.
+    """
+
+    _HEAD = 7  # lm_sum, loss_tokens, aux_loss, entropy, micro, tokens, a2a_bytes
 
     def __init__(self, num_moe_layers: int, num_experts: int):
         self.L, self.E = num_moe_layers, num_experts
-        self.lm_sum = self.aux_loss = self.entropy = 0.0  # lm_sum: cross-entropy summed over counted tokens
         self.micro = 0
         self.tokens = 0
-        self.loss_tokens = 0
-        self.a2a_bytes = 0
-        self.kept = torch.zeros(num_moe_layers, max(1, num_experts), dtype=torch.float64)  # [L, E]
-        self.dropped = torch.zeros_like(self.kept)  # [L, E]
+        self.a2a_bytes = 0  # host ints already (split sizes the all-to-all read)
+        self._dev: Optional[torch.Tensor] = None  # [3 + 2 * L * E] fp64 on the device: lm_sum, loss_tokens, aux, kept, dropped
+        self._entropy: Optional[torch.Tensor] = None  # 0-d fp64, mean router entropy over layers, summed over micro-batches
 
     def add(self, out, num_tokens: int) -> None:
-        """Record one micro-batch's `CausalLMOutput` (labels given)."""
-        self.lm_sum += float(out.lm_loss_sum.detach())
-        self.aux_loss += float(out.aux_loss.detach())
+        """Record one micro-batch's `CausalLMOutput` (labels given). Nothing is read to the host."""
         self.micro += 1
         self.tokens += num_tokens
-        self.loss_tokens += int(out.num_loss_tokens)
-        for l, aux in enumerate(out.moe_aux):
-            self.kept[l] += aux.tokens_per_expert.detach().to("cpu", torch.float64)
-            self.dropped[l] += aux.dropped_per_expert.detach().to("cpu", torch.float64)
-            self.entropy += aux.router_entropy / max(1, self.L)
+        f64 = torch.float64
+        dev = out.lm_loss_sum.device
+        parts = [out.lm_loss_sum.detach().to(f64).reshape(1), torch.as_tensor(out.num_loss_tokens, device=dev).to(f64).reshape(1),
+                 out.aux_loss.detach().to(f64).reshape(1)]
+        for aux in out.moe_aux:
+            parts.append(aux.tokens_per_expert.detach().to(dev, f64))
+        for aux in out.moe_aux:
+            parts.append(aux.dropped_per_expert.detach().to(dev, f64))
+        for aux in out.moe_aux:
             self.a2a_bytes += int(aux.a2a_bytes)
+            if aux.router_entropy is not None:
+                e = aux.router_entropy.detach().to(dev, f64) / max(1, self.L)
+                self._entropy = e if self._entropy is None else self._entropy + e
+        flat = torch.cat(parts)
+        self._dev = flat if self._dev is None else self._dev + flat
 
     def reduce(self, device=None) -> dict:
-        """Global values over all ranks (collective when a process group exists)."""
-        head = torch.tensor([self.lm_sum, self.loss_tokens, self.aux_loss, self.entropy, self.micro, self.tokens,
-                             self.a2a_bytes], dtype=torch.float64)
-        flat = torch.cat([head, self.kept.reshape(-1), self.dropped.reshape(-1)])
+        """Global values over all ranks (collective when a process group exists): the one host read of the step."""
+        n = self.L * max(1, self.E)
+        body = self._dev if self._dev is not None else torch.zeros(3 + 2 * n, dtype=torch.float64)
+        ent = self._entropy if self._entropy is not None else body.new_zeros(())
+        host = torch.tensor([self.micro, self.tokens, self.a2a_bytes], dtype=torch.float64, device=body.device)
+        flat = torch.cat([body[:3], ent.reshape(1).to(body.device), host, body[3:]])
         if dist.is_initialized() and dist.get_world_size() > 1:
             buf = flat.to(device) if device is not None else flat
             dist.all_reduce(buf)
-            flat = buf.cpu()
-        lm_sum, loss_tokens, aux, ent, micro, tokens, a2a = flat[:7].tolist()
-        n = self.kept.numel()
-        kept = flat[7:7 + n].view_as(self.kept)
-        dropped = flat[7 + n:].view_as(self.dropped)
+            flat = buf
+        flat = flat.cpu()
+        lm_sum, loss_tokens, aux, ent, micro, tokens, a2a = flat[:self._HEAD].tolist()
+        kept = flat[self._HEAD:self._HEAD + n].view(self.L, max(1, self.E))
+        dropped = flat[self._HEAD + n:].view_as(kept)
         routed = float(kept.sum() + dropped.sum())
         load = (kept / kept.sum(1, keepdim=True).clamp_min(1)).tolist() if self.L else []
         micro = max(1.0, micro)
