@@ -1,7 +1,9 @@
 """`moedist bench`: JSON schema of `bench layer`, all-to-all byte counts against hand
 formulas, moedist == DeepSpeed native MoE on the same weights (dropless), the CPU
 memory tracker, the skewed routing, the sweep fit, `bench ep` in 2 processes and
-`bench train`. Tiny shapes: the whole file runs in well under a minute."""
+`bench train`, the fair-harness pieces (same expert FFN for every impl, useful FLOPs against hand counts
+and the matmuls that run, reshuffled order, repeats), the bf16 CPU smoke test and `bench train --peer
+autoep`. Tiny shapes: a few minutes on a loaded 2-core machine."""
 import json
 import math
 import os
@@ -35,7 +37,7 @@ def _routing_counts(cfg: LayerBenchConfig) -> torch.Tensor:
 def test_layer_json_schema_and_a2a_bytes(tmp_path):
     out = tmp_path / "layer.json"
     plot = tmp_path / "layer.png"
-    rc = main(["layer", "--tokens", str(T), "--hidden", str(H), "--ffn", str(F), "--experts", str(E), "--iters", "2",
+    rc = main(["layer", "--tokens", str(T), "--hidden", str(H), "--ffn", str(F), "--experts", str(E), "--iters", "1",
                "--warmup", "1", "--capacity-factor", "1.0", "--json", str(out), "--plot", str(plot),
                "--profile", "moedist/capacity"])
     assert rc == 0
@@ -56,7 +58,7 @@ def test_layer_json_schema_and_a2a_bytes(tmp_path):
     assert len(res["results"]) == 2 * 8
     for r in res["results"]:
         assert r["fwd_bwd_ms_min"] <= r["fwd_bwd_ms_q25"] <= r["fwd_bwd_ms"] <= r["fwd_bwd_ms_q75"] <= r["fwd_bwd_ms_max"]
-        assert len(r["fwd_bwd_ms_repeat_medians"]) == r["repeats"] == 3 and r["samples"] == 3 * 2
+        assert len(r["fwd_bwd_ms_repeat_medians"]) == r["repeats"] == 3 and r["samples"] == 3 * 1
         assert r["useful_tflops"] == pytest.approx(r["model_tflops"])
     for ffn in ("plain", "recompute"):
         prof = res["profiles"][f"moedist/capacity/{ffn}"]
@@ -145,6 +147,23 @@ def test_cli_rejects_bad_flags(capsys):
     assert "--skew" in capsys.readouterr().err
     assert main(["layer", "--impls", "moedist,megablocks"]) == 2
     assert "--impls" in capsys.readouterr().err
+    assert main(["layer", "--repeats", "0"]) == 2
+    assert "--repeats" in capsys.readouterr().err
+    for bad in (["--ffn", "fast"], ["--ffn-impl", "fast"]):
+        with pytest.raises(SystemExit) as e:
+            main(["layer"] + bad)
+        assert e.value.code == 2 and "fast" in capsys.readouterr().err
+
+
+def test_ffn_flag_takes_a_size_or_an_implementation():
+    from moedist.bench.cli import build_parser
+
+    a = build_parser().parse_args(["layer", "--ffn", "512", "--ffn", "plain"])
+    assert a.ffn == 512 and a.ffn_impl == ["plain"]
+    a = build_parser().parse_args(["layer", "--ffn", "recompute"])
+    assert a.ffn == 1024 and a.ffn_impl == ["recompute"]
+    assert build_parser().parse_args(["layer"]).ffn_impl == ["plain", "recompute"]  # default: both
+    assert build_parser().parse_args(["layer", "--ffn-impl", "both"]).ffn_impl == ["plain", "recompute"]
 
 
 def _ep_worker(rank, world):
@@ -163,6 +182,7 @@ def test_bench_ep_two_processes():
     assert 0 < rows[("moedist", "dropless")]["a2a_bytes_remote"] < rows[("moedist", "dropless")]["a2a_bytes"]
     for r in res["results"]:
         assert len(r["per_rank"]) == 2 and r["a2a_ms"] > 0 and r["rows_recv_imbalance"] >= 1.0
+        assert r["ffn"] == "recompute"  # both impls keep gate/up and recompute h
     C = rows[("deepspeed", "capacity")]["per_rank"][0]["capacity"]
     assert rows[("deepspeed", "capacity")]["a2a_bytes"] == 2 * 4 * C * H * 4
 

@@ -227,7 +227,5 @@ def run_autoep_bench(config: Optional[str], overrides: List[str], steps: int, wa
                                 value=md["step_time_vs_autoep"], limit=0.8, ok=bool(md["step_time_vs_autoep"] <= 0.8)))
         return dict(config=config_out, environment=environment(device), results=results, skipped=skipped,
                     targets=targets)
-    finally:
-        peers._reset_deepspeed_groups()
-        if created:
-            dist.destroy_process_group()
+    finally:  # also drops DeepSpeed's handle on the group, so a later run in this process starts clean
+        peers.teardown_process_group(created)

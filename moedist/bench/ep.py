@@ -28,6 +28,10 @@ import torch.distributed as dist
 from moedist.bench import peers
 from moedist.bench.layer import DTYPES, LayerBenchConfig, environment, make_inputs, resolve_device
 from moedist.bench.timing import round_orders, summarize, synchronize
+
+# The expert FFN of both impls: moedist's GroupedExperts keeps gate/up and recomputes h (its
+# _GroupedGatedFFN); DeepSpeed's experts get the bench's recompute node (ffns.py), the same saving.
+EP_FFN = "recompute"
 from moedist.distributed.comm import ExpertParallelComm
 from moedist.moe import GroupedExperts, MoELayer, Router, TokenDispatcher
 
@@ -143,7 +147,7 @@ def _run(cfg, device, dtype, log) -> Optional[dict]:
                 cases[f"deepspeed/{mode}"] = peers.DeepSpeedMoE(router_w, experts, K, cfg.capacity_factor,
                                                                 drop_tokens=(mode == "capacity"),
                                                                 min_capacity=cfg.min_capacity, ep_size=P,
-                                                                ep_rank=rank).to(device)
+                                                                ep_rank=rank, ffn_impl=EP_FFN).to(device)
             else:
                 raise ValueError(f"--impls: {impl!r} is not measured by bench ep (allowed moedist, deepspeed)")
 
@@ -217,7 +221,7 @@ def _run(cfg, device, dtype, log) -> Optional[dict]:
 
         recv = [r["rows_recv"] for r in per_rank]
         mean_recv = sum(recv) / len(recv)
-        results.append(dict(impl=impl, mode=mode, fwd_ms=agg("fwd_ms"), fwd_bwd_ms=agg("fwd_bwd_ms"),
+        results.append(dict(impl=impl, mode=mode, ffn=EP_FFN, fwd_ms=agg("fwd_ms"), fwd_bwd_ms=agg("fwd_bwd_ms"),
                             a2a_ms=agg("a2a_fwd_ms") + agg("a2a_bwd_ms"), a2a_fwd_ms=agg("a2a_fwd_ms"),
                             a2a_bwd_ms=agg("a2a_bwd_ms"), counts_ms=agg("counts_ms"),
                             a2a_bytes=agg("a2a_bytes", sum), a2a_bytes_remote=agg("a2a_bytes_remote", sum),

@@ -94,10 +94,15 @@ def teardown_process_group(created: bool) -> None:
 def _reset_deepspeed_groups() -> None:
     from deepspeed.utils import groups
 
-    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_DATA_PARALLEL_GROUP"):
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_DATA_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
         d = getattr(groups, name, None)
         if isinstance(d, dict):
             d.clear()
+    # cached handles on the world group: stale once it is destroyed (a second bench run in one process)
+    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "mesh_device"):
+        if getattr(groups, name, None) is not None:
+            setattr(groups, name, None)
 
 
 # --------------------------------------------------------------------------- experts

@@ -159,10 +159,8 @@ def run_train_bench(config: Optional[str], overrides: List[str], steps: int, war
                           experts=cfg.moe.num_experts, topk=cfg.moe.top_k, capacity_factor=cfg.moe.capacity_factor,
                           dtype=m.dtype)
         return dict(config=config_out, environment=environment(device), results=results)
-    finally:
-        peers._reset_deepspeed_groups()
-        if created:
-            dist.destroy_process_group()
+    finally:  # also drops DeepSpeed's handle on the group, so a later run in this process starts clean
+        peers.teardown_process_group(created)
 
 
 def run_train_from_args(args) -> Optional[dict]:
