@@ -91,10 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     lay = add("layer", help="one MoE layer vs DeepSpeed, fairscale, a dense FFN and the matmul floor")
     _add_shape_args(lay, 4096)
-    lay.add_argument("--ffn-impl", type=_ffn_impls, default=["plain", "recompute"], metavar="plain|recompute|both",
+    lay.add_argument("--ffn-impl", type=_ffn_impls, default="both", metavar="plain|recompute|both",
                      help="the expert FFN given to EVERY impl (moedist, DeepSpeed, fairscale, floor, dense, LoRA rows): "
                           "plain = plain autograd, keeps 4 [rows, F] tensors; recompute = keeps gate/up, recomputes "
-                          "phi(gate)*up in backward (moedist's kernel); both = one row per impl and FFN (default: both)")
+                          "phi(gate)*up in backward (moedist's kernel); both = one row per impl and FFN")
     lay.add_argument("--repeats", type=int, default=3,
                      help="independent timing rounds of --iters each (impl order reshuffled every iteration); the "
                           "JSON and table give median, IQR and min-max over all samples and each repeat's median")
