@@ -1,14 +1,17 @@
 # make demo  -- create .venv if missing, then run the 2-process LoRA-MoE fine-tune demos (byte-level, then HF)
 # make test  -- create .venv if missing, install missing system packages (.ci/system-deps:
-#               slurm-wlm, munge, iproute2, docker.io, debootstrap, iptables; as root with apt-get,
+#               slurm-wlm, munge, iproute2, docker.io, debootstrap, iptables, man-db, groff-base;
+#               as root with apt-get,
 #               else one line says what to install),
 #               then run the default suite and the slow suite (MOEDIST_SLOW=0 skips the latter)
+# make study TABLE=a  -- one table (a|b|c|d) of the lifelong-learning study (configs/study/TABLE.yaml;
+#               resumable: finished runs are skipped; report in runs/study/TABLE/report.md)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.moedist-installed
 
-.PHONY: demo test test-slow venv system-deps clean
+.PHONY: demo test test-slow venv system-deps study clean
 
 venv: $(STAMP)
 
@@ -35,6 +38,11 @@ test: $(STAMP) system-deps
 	  echo 'PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -m slow tests'; \
 	  PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -m slow tests; \
 	fi
+
+# The study of docs/RESULTS.md "Study (in progress)", one table per call, one core per job.
+study: $(STAMP)
+	@test -n "$(TABLE)" || { echo "make study: give TABLE=a|b|c|d"; exit 2; }
+	$(PY) -m moedist.study run $(TABLE)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
