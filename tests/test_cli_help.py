@@ -51,3 +51,15 @@ def test_merge_help_says_what_it_takes(capsys):
     checks the refusal): the help names the adapter-only checkpoint and `moedist extract`."""
     out = " ".join(_help(["merge"], capsys).split())
     assert "adapter-only moedist checkpoint" in out and "extract them first" in out
+
+
+@pytest.mark.parametrize("argv", LEAVES, ids=" ".join)
+def test_help_says_each_default_once_and_only_where_it_means_something(argv, capsys):
+    """No "(default: False)" on a switch, no "(default: None)" on a positional, no default said twice
+    (argparse's own defaults formatter did all three in `convert`: moedist.cli_format.DefaultsFormatter)."""
+    out = " ".join(_help(argv, capsys).split())
+    assert "(default: False)" not in out and "(default: True)" not in out
+    body = out.split(" options: ", 1)[0]                     # usage + positionals
+    assert "(default: None)" not in body.split(" positional arguments: ", 1)[-1] or "positional" not in body
+    for flag, _, text in option_entries(_help(argv, capsys)):
+        assert text.count("(default:") <= 1, f"{flag}: {text!r}"

@@ -39,6 +39,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from moedist.cli_format import DefaultsFormatter
 from moedist.checkpoint.cli import (_checkpoint_arg, _dir_bytes, _emptied, _fmt_bytes, _load_model, _manifest, _out_arg,
                                     _Parser, _run, _say, _staged)
 
@@ -163,7 +164,7 @@ def _grow_parser() -> argparse.ArgumentParser:
                 "expert members[j mod g] (weights, or LoRA adapters in the LoRA modes); new router rows start at "
                 "zero, so other domains' routing and outputs are unchanged. The group gains the new ids in the "
                 "saved moe.expert_groups. Output: a step-0 checkpoint for model.init_from or moedist eval.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=DefaultsFormatter)
     p.add_argument("ckpt", metavar="CKPT", help="full moedist checkpoint, or a run directory (its final/, else "
                    "its latest checkpoint)")
     p.add_argument("--add-experts", type=int, required=True, metavar="N", default=argparse.SUPPRESS,

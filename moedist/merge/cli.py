@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from moedist.cli_format import DefaultsFormatter
 from moedist.checkpoint.cli import (_checkpoint_arg, _emptied, _expected, _load_model, _manifest, _out_arg,
                                     _Parser, _run, _say, _staged, _tensor_keys)
 from moedist.merge import methods
@@ -68,7 +69,7 @@ def add_method_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="moedist merge", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = _Parser(prog="moedist merge", formatter_class=DefaultsFormatter,
                 description="Combine several fine-tunes of one base (same architecture) into one moedist "
                 "checkpoint: average (model soup / WARM), task_arithmetic, ties (TIES-Merging), lorahub (searched "
                 "weights for LoRA adapters / LoRA experts); then evaluate inputs and result per domain. "

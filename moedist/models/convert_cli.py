@@ -22,6 +22,7 @@ import re
 import sys
 from typing import Dict, List, Optional
 
+from moedist.cli_format import DefaultsFormatter
 from moedist.models.hf_maps import arch_extras, set_arch_extras
 
 ARCH_KEY = "moedist.arch"  # extra_state key of the architecture facts without a config field
@@ -124,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--overwrite", action="store_true",
                         help="replace OUT when it exists and is not empty (default: refuse)")
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsFormatter
     sp = sub.add_parser("from-hf", help="Hugging Face directory -> moedist checkpoint (step 0)", formatter_class=fmt)
     sp.add_argument("src", help="Hugging Face model directory (config.json + safetensors)")
     sp.add_argument("out", help="output checkpoint directory (train from it with model.init_from=OUT)")

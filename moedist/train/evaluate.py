@@ -32,6 +32,7 @@ import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
+from moedist.cli_format import DefaultsFormatter
 from moedist.config import ConfigError
 
 
@@ -39,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moedist eval", description="Validation loss, overall and per named data "
                                 "source, of one or more runs, checkpoints or Hugging Face directories, each with its "
                                 "own config (any world size gives the same numbers); several models side by side.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsFormatter)
     p.add_argument("items", nargs="+", metavar="RUN_OR_CKPT|key=value",
                    help="one or more models: a run directory (its final/, else its latest checkpoint), a checkpoint "
                         "directory (e.g. a run's final_ema/), a Hugging Face directory, or (older form) a YAML "
