@@ -63,19 +63,27 @@ def profile_table(rows: List[dict]) -> str:
 def sweep_table(res: dict, which: str) -> str:
     key = "tokens" if which == "tokens" else "experts"
     rows = [r for r in res["results"] if r.get("sweep") == which]
+
+    def name(r: dict) -> str:  # impl/mode, plus the expert FFN when the sweep ran more than one
+        base = f"{r['impl']}/{r['mode']}" if r["mode"] != "-" else r["impl"]
+        return f"{base} ({r['ffn']})" if len({q.get('ffn') for q in rows}) > 1 else base
+
     impls = []
     for r in rows:
-        k = f"{r['impl']}/{r['mode']}" if r["mode"] != "-" else r["impl"]
-        if k not in impls:
-            impls.append(k)
+        if name(r) not in impls:
+            impls.append(name(r))
     xs = sorted({r[key] for r in rows})
     lines = _head([key] + [f"{k} ms" for k in impls] + [f"{k} × dense" for k in impls if not k.startswith("dense")]
                   + ["moedist act MB", "DS act MB"])
     for x in xs:
-        at = {(f"{r['impl']}/{r['mode']}" if r["mode"] != "-" else r["impl"]): r for r in rows if r[key] == x}
-        dense = at.get("dense")
+        at = {name(r): r for r in rows if r[key] == x}
+
+        def dense_of(k: str):  # the dense row of the same FFN
+            r = at[k]
+            return next((q for q in at.values() if q["impl"] == "dense" and q.get("ffn") == r.get("ffn")), None)
+
         cells = [str(x)] + [_f(at[k]["fwd_bwd_ms"]) if k in at else "–" for k in impls]
-        cells += [_f(at[k]["fwd_bwd_ms"] / dense["fwd_bwd_ms"], ".2f") if k in at and dense else "–"
+        cells += [_f(at[k]["fwd_bwd_ms"] / dense_of(k)["fwd_bwd_ms"], ".2f") if k in at and dense_of(k) else "–"
                   for k in impls if not k.startswith("dense")]
         md = next((r for k, r in at.items() if k.startswith("moedist")), None)
         ds = next((r for k, r in at.items() if k.startswith("deepspeed")), None)
