@@ -81,12 +81,16 @@ class Runner:
 
     def evaluate(self, model: Path, names: Sequence[str], split: str, cache_dir: Optional[Path] = None
                  ) -> Dict[str, float]:
-        """Loss per domain of `model` on the domains' `split` files; cached as study_eval_<split>.json."""
+        """Loss per domain of `model` on the domains' `split` files; cached as study_eval_<split>_<names>.json.
+
+        The same sequences for every model: data.seed=0 fixes which 95% of the file's blocks are scored
+        (a run's own data.seed would pick others), and eval_batches x eval_micro_batch of them are read.
+        """
         where = cache_dir or model
         path = where / f"study_eval_{split}_{'-'.join(names)}.json"
         if not path.exists():
             argv = ["eval", str(model), "data.sources=" + flow(sources(self.domains_dir, names, split)),
-                    "data.val_fraction=0.95", f"train.eval_batches={self.eval_batches}",
+                    "data.val_fraction=0.95", "data.seed=0", f"train.eval_batches={self.eval_batches}",
                     f"train.micro_batch_size={self.eval_micro_batch}", "--json"]
             env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
             t0 = time.perf_counter()
