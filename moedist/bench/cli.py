@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import argparse
+
+from moedist.cli_format import DefaultsFormatter
 import json
 import os
 import sys
@@ -83,11 +85,11 @@ def _apply_allocator(args) -> Optional[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moedist bench", description="Benchmarks of the MoE layer, EP and training.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=DefaultsFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
 
     def add(name: str, help: str) -> argparse.ArgumentParser:  # every subcommand's --help shows its defaults
-        return sub.add_parser(name, help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        return sub.add_parser(name, help=help, formatter_class=DefaultsFormatter)
 
     lay = add("layer", help="one MoE layer vs DeepSpeed, fairscale, a dense FFN and the matmul floor")
     _add_shape_args(lay, 4096)
