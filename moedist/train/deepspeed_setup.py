@@ -68,6 +68,7 @@ import torch.nn as nn
 
 from moedist.moe.experts import EXPERT_ATTR
 from moedist.moe.layer import MoELayer
+from moedist.train.param_groups import decay_groups
 
 SUPPORTED = ((0, 19), (0, 20))  # [lower, upper) DeepSpeed version range
 
@@ -320,11 +321,7 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> List[Dict[s
     """
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    matrix = [full_ndim(p) >= 2 for p in trainable]
-    groups = [{"name": "decay", "params": [p for p, m in zip(trainable, matrix) if m], "weight_decay": weight_decay},
-              {"name": "no_decay", "params": [p for p, m in zip(trainable, matrix) if not m], "weight_decay": 0.0}]
-    groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    groups = split_params_into_different_moe_groups_for_optimizer(decay_groups(model, weight_decay, full_ndim))
     return [g for g in groups if g["params"]]
 
 

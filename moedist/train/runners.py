@@ -34,6 +34,7 @@ import torch.nn as nn
 from moedist.distributed.grad_sync import clip_grad_norm_, sync_gradients
 from moedist.train import deepspeed_setup as dss
 from moedist.train.nonfinite import GradWatch
+from moedist.train.param_groups import decay_groups
 
 
 def build_optimizer(param_groups: List[dict], train_cfg) -> torch.optim.Optimizer:
@@ -68,10 +69,7 @@ class PlainRunner:
     def __init__(self, model: nn.Module, cfg, dims, device: torch.device):
         self.module = model.to(device)
         self.cfg, self.dims, self.device = cfg, dims, device
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"name": "decay", "params": [p for p in trainable if p.ndim >= 2]},
-                  {"name": "no_decay", "params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
-        self.optimizer = build_optimizer([g for g in groups if g["params"]], cfg.train)
+        self.optimizer = build_optimizer(decay_groups(model, cfg.train.weight_decay), cfg.train)
         self._accum = 0
 
     def forward(self, batch):
