@@ -64,7 +64,7 @@ def _main_train(cfg, signals, args=None) -> int:
 
     overwrite = bool(getattr(args, "overwrite", False))
     try:
-        preflight(cfg, env.world_size)  # ConfigError -> one line, exit 2, nothing written
+        data = preflight(cfg, env.world_size)  # ConfigError -> one line, exit 2, nothing written
         conflict = run_dir_conflict(cfg.train.output_dir, cfg.train.resume)
         if conflict is not None and not overwrite:
             raise ConfigError(conflict)
@@ -86,7 +86,7 @@ def _main_train(cfg, signals, args=None) -> int:
     _threads(env.local_world_size)
     try:
         with collective_errors(env, cfg.parallel.timeout_s):  # a stalled/dead peer: one line naming it
-            result = Trainer(cfg, signals=signals).train()  # SIGTERM/SIGUSR1: saves and returns normally (exit 0)
+            result = Trainer(cfg, signals=signals, data=data).train()  # SIGTERM/SIGUSR1: saves and returns normally (exit 0)
         if result.summary.get("interrupted"):  # Ctrl-C: one line, exit 130 (what a shell reports for SIGINT)
             if env.rank == 0:
                 ckpt = result.summary.get("checkpoint")

@@ -267,16 +267,18 @@ class Trainer:
             run's own data at eval time and at the end (`val_loss_<name>`).
         signals: an already-entered `PreemptionSignals` (the CLI installs it before start-up, so a
             signal during start-up is kept); default: train() installs its own.
+        data: what `preflight(cfg, world_size)` returned when the caller ran it already (the CLI does,
+            before the process group exists); default: the trainer runs it.
     """
 
     def __init__(self, cfg, model_init: Optional[Callable] = None, write_outputs: bool = True,
                  console: bool = True, eval_data: Optional[dict] = None, save_checkpoints: bool = True,
-                 signals: Optional[PreemptionSignals] = None):
+                 signals: Optional[PreemptionSignals] = None, data=None):
         from moedist.models import moe_layers, parallelize
 
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        data = preflight(cfg, self.world)
+        data = preflight(cfg, self.world) if data is None else data
         cfg = resolve_hf(cfg)  # a Hugging Face checkpoint decides the architecture
         self.cfg = cfg
         self.is_main = self.rank == 0
