@@ -122,7 +122,7 @@ def _moedist_case(mode, router_w, experts, x, grad, cfg, elem, ffn) -> Case:
         router.weight.copy_(router_w)
     cf = cfg.capacity_factor if mode == "capacity" else None
     bench_experts = _BenchExperts(experts, ffn)
-    layer = MoELayer(router, bench_experts, capacity_factor=cf, min_capacity=cfg.min_capacity)
+    layer = MoELayer(router, bench_experts, capacity_factor=cf, min_capacity=cfg.min_capacity, stats=cfg.stats)
     last = {}
 
     def forward():
@@ -243,7 +243,7 @@ def _lora_cases(router_w, x, grad, cfg, elem, dtype, ffn, skipped: Dict[str, str
         with torch.no_grad():
             router.weight.copy_(router_w)
         experts = lora_experts if form == "fused" else _PerPairExperts(lora_experts)
-        layer = MoELayer(router, experts, capacity_factor=None)
+        layer = MoELayer(router, experts, capacity_factor=None, stats=cfg.stats)
         last = {}
 
         def forward(layer=layer, last=last):

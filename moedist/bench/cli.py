@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     lay.add_argument("--lora-rank", type=int, default=8)
     lay.add_argument("--min-capacity", type=int, default=4)
     lay.add_argument("--no-memory", action="store_true", help="skip the memory measurement step")
+    lay.add_argument("--no-stats", action="store_true",
+                     help="moedist layers skip their diagnostics (MoELayer(stats=False): router entropy, dropped fraction)")
     lay.add_argument("--profile", type=_str_list, default=[], metavar="IMPL/MODE,...",
                      help="op-by-op profile of these cases (e.g. moedist/capacity,floor/capacity) into the JSON")
     lay.add_argument("--plot", metavar="PATH", help="PNG of the ratios (the sweep: cost curves)")
@@ -189,7 +191,8 @@ def _layer(args) -> dict:
                            impls=impls, modes=args.modes, skew=args.skew, lora_rank=args.lora_rank,
                            activation=args.activation, min_capacity=args.min_capacity, seed=args.seed,
                            device=args.device, threads=args.threads, memory=not args.no_memory,
-                           profile=tuple(args.profile), ffn_impls=tuple(args.ffn_impl), repeats=args.repeats)
+                           profile=tuple(args.profile), ffn_impls=tuple(args.ffn_impl), repeats=args.repeats,
+                           stats=not args.no_stats)
     log = lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True)  # noqa: E731
     if args.sweep:
         res = run_layer_sweep(cfg, args.sweep_tokens or SWEEP_TOKENS, args.sweep_experts or SWEEP_EXPERTS, log=log)

@@ -93,6 +93,9 @@ class LayerBenchConfig:
     """expert-FFN implementations, each given to every impl: plain and/or recompute (ffns.py)."""
     repeats: int = 3
     """independent timing rounds of `iters` iterations each (impl order reshuffled every iteration)."""
+    stats: bool = True
+    """moedist layers compute their diagnostics (router entropy, dropped fraction); False = --no-stats
+    (`MoELayer(stats=False)`). Neither reads the device: see `moedist.moe.layer` on host syncs."""
 
     def validate(self) -> None:
         for name in ("tokens", "hidden", "ffn", "experts", "topk", "iters", "lora_rank", "repeats"):

@@ -52,7 +52,7 @@ class DeepSpeedNativeBlock(nn.Module):
         cap = self.ds.capacity
         aux = MoEAux(loss=self.aux_loss_coef * l_aux, aux_loss=l_aux.detach(), z_loss=zero,
                      tokens_per_expert=counts.detach().long(), dropped_per_expert=torch.zeros_like(counts).long(),
-                     dropped_frac=0.0, router_entropy=0.0, capacity=cap,
+                     dropped_frac=zero.float(), router_entropy=zero.float(), capacity=cap,
                      a2a_bytes=self.ds.a2a_bytes(x_BSH.element_size()))
         return y, aux
 
