@@ -35,6 +35,7 @@ from moedist.distributed.comm import ExpertParallelComm
 from moedist.layers.activation import MLPActivationType, parse_activation
 from moedist.layers.dense_lora import DenseMLPWithLoRA, check_dtype, check_positive_int
 from moedist.layers.lora import check_lora_args
+from moedist.moe.counts import count_ids
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -75,11 +76,10 @@ def sort_local_pairs(idx_TK: torch.Tensor, first: int, num_local: int) -> Tuple[
     """
     flat_P = idx_TK.reshape(-1)  # [T*K]
     local_P = (flat_P >= first) & (flat_P < first + num_local)  # [T*K]
-    sel_N = local_P.nonzero().squeeze(1)  # [N]
-    expert_N = flat_P[sel_N] - first  # [N] local expert id
-    order_N = torch.argsort(expert_N, stable=True)  # [N]
-    counts_L = torch.bincount(expert_N, minlength=num_local).tolist()  # [L]
-    return sel_N[order_N], counts_L
+    key_P = torch.where(local_P, flat_P - first, num_local)  # [T*K] local expert id, L for other ranks' pairs
+    order_P = torch.argsort(key_P, stable=True)  # [T*K] by local expert, then position; others last
+    counts_L = count_ids(key_P, num_local + 1)[:num_local].tolist()  # [L] the one host read of the counts
+    return order_P[:sum(counts_L)], counts_L
 
 
 class SparseMLPWithLoRA(nn.Module):
