@@ -4,7 +4,8 @@
 flags `aten._local_scalar_dense`, data-dependent output shapes and wraps `tolist`/`numpy`)
 counts the same reads on CPU. Budgets per layer forward, EP size 1:
 * grouped experts whose grouped kernel runs (bf16 on CPU, Hopper on GPU): 0, dropless and
-  capacity, stats on or off (statistics are device tensors, read by the trainer once a step);
+  capacity, stats on or off (statistics are device tensors, read by the trainer once a step),
+  and 0 in the backward;
 * experts that loop over experts (fp32 grouped, MoE-LoRA fused): exactly 1 (the counts).
 Before issue 18 the same forwards made 8 (dropless) and 11 (capacity) syncs.
 """
@@ -66,6 +67,16 @@ def test_grouped_kernel_forward_makes_no_host_sync(cf, stats):
         assert aux.router_entropy.dim() == 0 and aux.dropped_frac.dim() == 0
         assert float(aux.dropped_frac) == pytest.approx(int(aux.dropped_per_expert.sum()) / (T * K))
         assert (int(aux.dropped_per_expert.sum()) > 0) == (cf is not None)
+
+
+@pytest.mark.parametrize("cf", [None, 1.0], ids=["dropless", "cf1.0"])
+def test_grouped_kernel_backward_makes_no_host_sync(cf):
+    layer = _layer(GroupedExperts(E, H, F, dtype=torch.bfloat16, seed=3), cf, stats=False)
+    y, aux = layer(torch.randn(T, H, dtype=torch.bfloat16, requires_grad=True))
+    loss = y.float().square().sum() + aux.loss
+    with HostSyncCounter() as syncs:
+        loss.backward()
+    assert syncs.calls == []
 
 
 def test_expert_choice_on_device_makes_no_host_sync():
