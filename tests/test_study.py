@@ -71,6 +71,10 @@ def test_bad_input_one_line_exit_2(tmp_path):
     bad.write_text("table: a\nout: x\ndomains: [code]\nmethods: {m: {lrs: [1]}}\nseeds: [0]\nsteps: 1\nbogus: 1\n")
     r = _study("run", "a", "--config", str(bad))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "bogus" in r.stderr
+    bad.write_text("table: d\nout: x\ndomains: [code]\nmethods: {m: {lrs: [1]}}\nseeds: [0]\nsteps: 1\n"
+                   "merges: {s: {method: average, of: nope}}\n")
+    r = _study("run", "d", "--config", str(bad))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "merges.s" in r.stderr
     r = _study("run", "a", "--config", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2 and "no such study config" in r.stderr
     r = _study("domains", str(tmp_path / "d"), "--domains", "code,poetry")

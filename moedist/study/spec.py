@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Sequence
 import yaml
 
 TABLES = ("a", "b", "c", "d")
+MERGE_METHODS = ("average", "task_arithmetic", "ties", "lorahub")
 
 
 class SpecError(Exception):
@@ -82,6 +83,14 @@ def load_spec(path: str, sets: Sequence[str] = ()) -> Spec:
     for name, m in spec.methods.items():
         if not isinstance(m, dict) or not m.get("lrs"):
             raise SpecError(f"{path}: methods.{name}: needs lrs: [learning rates]")
+    kinds = ("plain", "per_domain", "replay", "ema", "lawa", "moe_frozen")
+    for name, m in spec.methods.items():
+        if spec.table == "c" and m.get("kind", "plain") not in kinds:
+            raise SpecError(f"{path}: methods.{name}.kind={m.get('kind')!r}: allowed {', '.join(kinds)}")
+    for name, mg in spec.merges.items():
+        if not isinstance(mg, dict) or mg.get("method") not in MERGE_METHODS or mg.get("of") not in spec.methods:
+            raise SpecError(f"{path}: merges.{name}: needs method: {'|'.join(MERGE_METHODS)} and of: one of the "
+                            f"methods ({', '.join(spec.methods)})")
     if spec.table == "b" and spec.target not in spec.domains:
         raise SpecError(f"{path}: target={spec.target!r} is not one of domains {spec.domains}")
     return spec
