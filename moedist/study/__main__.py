@@ -1,4 +1,4 @@
-"""python -m moedist.study domains OUT_DIR | base [--config C] | run TABLE [--config C] [--set k=v ...] | report TABLE
+"""python -m moedist.study domains OUT_DIR | run TABLE [--config C] [--set k=v ...] | report TABLE [--config C]
 
     python -m moedist.study run a          # configs/study/a.yaml: domains, cached base, every run, report
     python -m moedist.study report a       # only the report, from <out>/results.json
