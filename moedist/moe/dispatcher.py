@@ -3,11 +3,13 @@ compute, all-to-all back, unpermute and combine.
 
 No [E, C, H] padded buffer and no one-hot [T, E, C] masks: every buffer holds
 exactly the N kept (token, slot) pairs. With EP size 1 the same code runs and
-the collectives are identities.
+the collectives are identities; there, experts that take device counts get all
+T*K pairs instead (refused ones last, as padding) and nothing is read to the host.
 
 Flow for P ranks, L local experts each (E = P * L):
     kept pairs --sort by global expert--> x_perm [N, H], counts [P, L]
     exchange counts (all-to-all of [P, L] int64)   -> recv [P, L]
+    ONE host read of counts + recv                 -> split sizes, N, M, counts_L
     all-to-all rows (uneven splits: row sums)      -> x_recv [M, H], ordered (source, local expert)
     stable sort by local expert                    -> x_local [M, H], counts_L = recv.sum(0)
     ... experts ...
