@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from moedist.bench.timing import round_orders, summarize, synchronize
+from moedist.bench.timing import round_orders, synchronize
 
 
 def autoep_support() -> Optional[str]:
@@ -139,7 +139,7 @@ def run_autoep_bench(config: Optional[str], overrides: List[str], steps: int, wa
 
     from moedist.bench import peers
     from moedist.bench.layer import environment
-    from moedist.bench.train import _init_dist
+    from moedist.bench.train import _start, step_row
     from moedist.config import load_config
     from moedist.train import deepspeed_setup as dss
     from moedist.train.trainer import resolve_hf
@@ -149,11 +149,7 @@ def run_autoep_bench(config: Optional[str], overrides: List[str], steps: int, wa
     if not hf_dir or not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise ValueError(f"--peer autoep: --hf={hf_dir!r} must be a Hugging Face model directory (config.json); "
                          "make a tiny one with `python -m moedist.models.toy_hf DIR`")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    os.environ.setdefault("DS_ACCELERATOR", device.type)
-    created = _init_dist(device)
+    device, created = _start()
     try:
         cfg = load_config(config, list(overrides) + [
             f"model.from_hf={os.path.abspath(hf_dir)}", "deepspeed.enabled=true", f"deepspeed.zero_stage={zero_stage}",
@@ -204,13 +200,7 @@ def run_autoep_bench(config: Optional[str], overrides: List[str], steps: int, wa
                 log(f"step {i + 1}/{warmup + steps}: " + ", ".join(f"{k} {times[k][-1]:.0f} ms" for k in sides if times[k]))
         mem = {name: _step_memory(lambda s=s: s.step(batch_ids(warmup + steps, rank, M, S, vocab, cfg.train.seed)
                                                      .to(device)), device) for name, s in sides.items()}
-        results = []
-        for name in sides:
-            s = summarize(times[name])
-            results.append(dict(impl=name, step_ms=s["median"], step_ms_p10=s["p10"], step_ms_p90=s["p90"],
-                                step_ms_q25=s["q25"], step_ms_q75=s["q75"], step_ms_min=s["min"], step_ms_max=s["max"],
-                                tokens_per_s=M * S * world / (s["median"] / 1e3), loss_first=losses[name][0],
-                                loss_last=losses[name][-1], **mem[name]))
+        results = [dict(step_row(name, times[name], losses[name], M * S * world), **mem[name]) for name in sides]
         ref = next((r for r in results if r["impl"] == "autoep"), None)
         for r in results:
             r["step_time_vs_autoep"] = r["step_ms"] / ref["step_ms"] if ref else None

@@ -72,6 +72,24 @@ def swap_in_deepspeed_moe(model: nn.Module, ep_size: int, ep_rank: int) -> int:
     return n
 
 
+def step_row(impl: str, times_ms: List[float], losses: List[float], global_tokens: int) -> dict:
+    """One impl's row of a train bench: step time spread, tokens/s (every rank steps in lock-step:
+    global tokens / median step time), first and last loss."""
+    s = summarize(times_ms)
+    return dict(impl=impl, step_ms=s["median"], step_ms_p10=s["p10"], step_ms_p90=s["p90"], step_ms_q25=s["q25"],
+                step_ms_q75=s["q75"], step_ms_min=s["min"], step_ms_max=s["max"],
+                tokens_per_s=global_tokens / (s["median"] / 1e3), loss_first=losses[0], loss_last=losses[-1])
+
+
+def _start() -> tuple:
+    """(this rank's device, whether this call created the process group): the set-up of every train bench."""
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    os.environ.setdefault("DS_ACCELERATOR", device.type)
+    return device, _init_dist(device)
+
+
 def _init_dist(device: torch.device) -> bool:
     import torch.distributed as dist
 
@@ -97,11 +115,7 @@ def run_train_bench(config: Optional[str], overrides: List[str], steps: int, war
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    os.environ.setdefault("DS_ACCELERATOR", device.type)
-    created = _init_dist(device)
+    device, created = _start()
     try:
         cfg = load_config(config, list(overrides) + ["deepspeed.enabled=true", f"deepspeed.zero_stage={zero_stage}",
                                                      f"parallel.ep_size={ep_size}", "moe.drop_policy=position",
@@ -141,14 +155,7 @@ def run_train_bench(config: Optional[str], overrides: List[str], steps: int, war
                     losses[name].append(float(out.loss.detach()))
             if rank == 0:
                 log(f"step {i + 1}/{warmup + steps}: " + ", ".join(f"{k} {times[k][-1]:.0f} ms" for k in runners if times[k]))
-        results = []
-        for name in runners:
-            s = summarize(times[name])
-            # every rank steps in lock-step: global tokens / median step time
-            results.append(dict(impl=name, step_ms=s["median"], step_ms_p10=s["p10"], step_ms_p90=s["p90"],
-                                step_ms_q25=s["q25"], step_ms_q75=s["q75"], step_ms_min=s["min"], step_ms_max=s["max"],
-                                tokens_per_s=M * S * world / (s["median"] / 1e3), loss_first=losses[name][0],
-                                loss_last=losses[name][-1]))
+        results = [step_row(name, times[name], losses[name], M * S * world) for name in runners]
         ref = results[1]["step_ms"]
         for r in results:
             r["step_time_vs_deepspeed"] = r["step_ms"] / ref

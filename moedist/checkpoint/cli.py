@@ -111,6 +111,17 @@ def _manifest(label: str, ckpt: Path, need_config: bool = True) -> dict:
     return m
 
 
+def full_source(label: str, src: str, out_path: str, overwrite: bool, if_adapter_only: str) -> tuple:
+    """(checkpoint dir, manifest, output dir) of a command that reads a full checkpoint `src` and writes
+    `out_path`; an adapter-only `src` is refused with `if_adapter_only`."""
+    ckpt = _checkpoint_arg(label, src)
+    m = _manifest(label, ckpt)
+    out = _out_arg(out_path, overwrite)
+    if m.get("adapter_only"):
+        raise ValueError(f"{label}={ckpt}: {if_adapter_only}")
+    return ckpt, m, out
+
+
 def _out_arg(path: str, overwrite: bool = False) -> Path:
     """OUT, refused when it exists and is not empty unless --overwrite (emptied later by `_emptied`)."""
     from moedist.checkpoint.outdir import check_out
@@ -259,11 +270,7 @@ def extract(src: str, out_path: str, overwrite: bool = False) -> Path:
     from moedist.checkpoint.io import save_checkpoint
 
     t0 = time.perf_counter()
-    ckpt = _checkpoint_arg("CKPT", src)
-    m = _manifest("CKPT", ckpt)
-    out = _out_arg(out_path, overwrite)
-    if m.get("adapter_only"):
-        raise ValueError(f"CKPT={ckpt}: already an adapter-only checkpoint; nothing to extract")
+    ckpt, m, out = full_source("CKPT", src, out_path, overwrite, "already an adapter-only checkpoint; nothing to extract")
     mode = (m["config"].get("lora") or {}).get("mode", "none")
     if mode == "none":
         raise ValueError(f"CKPT={ckpt}: its config has lora.mode='none' (every parameter trains), so there is "

@@ -39,9 +39,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from moedist.checkpoint.cli import _dir_bytes, _emptied, _fmt_bytes, _load_model, _Parser, _run, _say, _staged, full_source
 from moedist.cli_format import DefaultsFormatter
-from moedist.checkpoint.cli import (_checkpoint_arg, _dir_bytes, _emptied, _fmt_bytes, _load_model, _manifest, _out_arg,
-                                    _Parser, _run, _say, _staged)
 
 ROUTER_ROWS = ("router.weight", "router.noise_weight")
 
@@ -119,14 +118,12 @@ def _write(ckpt: Path, m: dict, out: Path, overwrite: bool, model, raw: dict, no
 
 # ------------------------------------------------------------------ grow
 
+_ADAPTER_ONLY = "an adapter-only checkpoint; merge it first (moedist merge)"
+
 def grow(src: str, add: int, group: str, out_path: str, overwrite: bool = False) -> Path:
     """Add `add` experts to every MoE layer of the checkpoint `src`, into group `group`; write `out_path`."""
     t0 = time.perf_counter()
-    ckpt = _checkpoint_arg("CKPT", src)
-    m = _manifest("CKPT", ckpt)
-    out = _out_arg(out_path, overwrite)
-    if m.get("adapter_only"):
-        raise ValueError(f"CKPT={ckpt}: an adapter-only checkpoint; merge it first (moedist merge)")
+    ckpt, m, out = full_source("CKPT", src, out_path, overwrite, _ADAPTER_ONLY)
     if add < 1:
         raise ValueError(f"--add-experts={add}: must be >= 1")
     raw = copy.deepcopy(m["config"])
@@ -211,11 +208,7 @@ def domain_config(raw: dict, domain: str) -> Tuple[dict, List[int]]:
 def extract_domain(src: str, domain: str, out_path: str, overwrite: bool = False) -> Path:
     """Write the sub-model of `domain` (shared parts + its group's experts, renumbered) to `out_path`."""
     t0 = time.perf_counter()
-    ckpt = _checkpoint_arg("CKPT", src)
-    m = _manifest("CKPT", ckpt)
-    out = _out_arg(out_path, overwrite)
-    if m.get("adapter_only"):
-        raise ValueError(f"CKPT={ckpt}: an adapter-only checkpoint; merge it first (moedist merge)")
+    ckpt, m, out = full_source("CKPT", src, out_path, overwrite, _ADAPTER_ONLY)
     raw, members = domain_config(m["config"], domain)
     E = int((m["config"].get("moe") or {}).get("num_experts", 8))
     _say(f"[1/2] reading {ckpt} (step {m['step']}, {E} experts, {_fmt_bytes(_dir_bytes(ckpt))})")
