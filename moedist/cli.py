@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         if cfg.model.from_hf is not None or cfg.model.init_from is not None:  # what the run will use
             try:
-                from moedist.train.trainer import resolve_hf
+                from moedist.train.preflight import resolve_hf
 
                 cfg = resolve_hf(cfg)
             except ConfigError as err:

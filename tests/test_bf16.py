@@ -113,7 +113,7 @@ def test_bf16_lora_moe_matches_fp32_and_keeps_the_base_frozen(tmp_path):
 ])
 def test_preflight_refuses_bad_dtype_combinations(tmp_path, extra, message):
     from moedist.config import ConfigError, config_from_dict
-    from moedist.train.trainer import preflight
+    from moedist.train.preflight import preflight
 
     d = _cfg("moe_lora", "float32", str(tmp_path / "o"))
     d["parallel"] = {"ep_size": 1}

@@ -116,7 +116,7 @@ def test_bad_offload_config_one_line(overrides, message):
 def test_preflight_offload_lines(monkeypatch):
     from moedist.config import ConfigError, load_config
     from moedist.train import deepspeed_setup
-    from moedist.train.trainer import preflight
+    from moedist.train.preflight import preflight
 
     cfg = load_config(None, [])
     cfg.deepspeed.offload_optimizer = "cpu"  # bypass validate: enabled=false is preflight's to refuse

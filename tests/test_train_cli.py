@@ -225,11 +225,13 @@ def test_bad_config_one_line_exit_2_nothing_written(overrides, world, message, t
 def test_the_cli_runs_preflight_once(tmp_path, monkeypatch):
     """`moedist train` checks (and opens the data) before the process group exists, and hands the result to
     the Trainer instead of checking and opening the sources a second time."""
-    from moedist.train import trainer
+    from moedist.train import preflight, trainer
 
     calls = []
-    real = trainer.preflight
-    monkeypatch.setattr(trainer, "preflight", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    real = preflight.preflight
+    counted = lambda *a, **k: calls.append(a[1]) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(preflight, "preflight", counted)   # what the CLI imports
+    monkeypatch.setattr(trainer, "preflight", counted)     # what the Trainer calls
     assert main(["train", "configs/tiny.yaml", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1",
                  "train.plot=false", "data.seq_len=32", "model.max_seq_len=32"]) == 0
     assert calls == [1]

@@ -138,7 +138,8 @@ def _loaded(rank: int, world: int, overrides: list) -> list:
     from moedist.config import load_config
     from moedist.models.materialize import build_local_model, build_meta_model, build_partitioned_model
     from moedist.train import deepspeed_setup as dss
-    from moedist.train.trainer import load_weights, resolve_hf
+    from moedist.train.preflight import resolve_hf
+    from moedist.train.trainer import load_weights
 
     cfg = resolve_hf(load_config(None, overrides))
     dims = dss.init_expert_groups(2)

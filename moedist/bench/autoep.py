@@ -142,7 +142,7 @@ def run_autoep_bench(config: Optional[str], overrides: List[str], steps: int, wa
     from moedist.bench.train import _start, step_row
     from moedist.config import load_config
     from moedist.train import deepspeed_setup as dss
-    from moedist.train.trainer import resolve_hf
+    from moedist.train.preflight import resolve_hf
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0")

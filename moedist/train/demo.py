@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.worker:
         return worker(args)
-    from moedist.train.trainer import preflight
+    from moedist.train.preflight import preflight
 
     try:
         base, ft = _configs(args)

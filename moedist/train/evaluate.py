@@ -188,7 +188,7 @@ def main_eval(argv: Optional[List[str]] = None) -> int:
     except ValueError as err:
         raise ConfigError(f"launcher environment: {err}") from None
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from moedist.train.trainer import preflight
+    from moedist.train.preflight import preflight
 
     targets, overrides = split_items(args.items)
     try:

@@ -58,7 +58,7 @@ def _main_train(cfg, signals, args=None) -> int:
     except ValueError as err:  # a bad launcher variable: one line naming it, exit 2
         raise ConfigError(f"launcher environment: {err}") from None
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda() else "cuda")
-    from moedist.train.trainer import preflight
+    from moedist.train.preflight import preflight
 
     from moedist.checkpoint.outdir import clear_dir, run_dir_conflict
 
