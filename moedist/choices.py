@@ -33,6 +33,7 @@ ACT_CKPT_MODES = ("none", "moe", "full")
 # data
 DATA_SOURCES = ("pydoc", "stdlib", "file")
 SOURCE_FORMATS = ("text", "jsonl", "prompt_completion", "chat", "parquet")
+SOURCE_KEYS = ("name", "path", "format", "weight", "text_field")
 
 # DeepSpeed
 ZERO_STAGES = (0, 1, 2, 3)

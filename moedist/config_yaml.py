@@ -99,3 +99,16 @@ def _check_duplicates(node, where: str, path: tuple[str, ...], seen: set, show_l
 def dump_yaml(data) -> str:
     """YAML text that :func:`load_config` (and any YAML reader) reads back to the same values."""
     return yaml.dump(data, Dumper=YamlDumper, sort_keys=False, default_flow_style=False, width=100)
+
+
+def fmt_value(v) -> str:
+    """A value as error messages show it: YAML-like, strings quoted, one short line."""
+    if v is None or isinstance(v, bool):
+        return {None: "null", True: "true", False: "false"}[v]
+    if isinstance(v, (list, tuple)):
+        s = "[" + ", ".join(fmt_value(x) for x in v) + "]"
+    elif isinstance(v, dict):
+        s = "{" + ", ".join(f"{fmt_value(k)}: {fmt_value(x)}" for k, x in v.items()) + "}"
+    else:
+        s = repr(v)
+    return s if len(s) <= 80 else s[:77] + "..."
