@@ -54,7 +54,8 @@ NATIVE = ["model.hidden_size=32", "model.ffn_size=48", "model.num_heads=4", "mod
     ("expert_lora", [], "mixtral"),
     ("moe_lora", ["moe.num_shared_experts=1", "moe.shared_expert_gate=true"], "qwen2_moe"),
     ("none", ["moe.num_shared_experts=2", "moe.shared_expert_gate=true"], "qwen2_moe"),
-    ("moe_lora", ["model.moe_every=2", "moe.renormalize=false"], "qwen2_moe"),   # zero shared expert
+    ("moe_lora", ["model.moe_every=2"], "qwen2_moe"),                           # zero shared expert
+    ("none", ["model.moe_every=2", "moe.renormalize=false"], "qwen2_moe"),   # zero shared expert
     ("full", ["model.moe_every=0"], "llama"),
 ])
 def test_native_models_export_with_lora_merged(mode, extra, expected, tmp_path):
@@ -103,6 +104,9 @@ def test_export_refuses_what_hf_cannot_express(tmp_path):
         to_hf(build("moe.score_func=sigmoid"), tmp_path)
     with pytest.raises(ValueError, match="activation='gelu'"):
         to_hf(build("moe.activation=gelu"), tmp_path)
+    # LoRA-MoE keeps the frozen FFN at full weight (tests/test_moe_routing_options.py); HF experts are weighted
+    with pytest.raises(ValueError, match="LoRA-MoE with moe.renormalize=false"):
+        to_hf(build("lora.mode=moe_lora", "moe.renormalize=false"), tmp_path)
     model = build()
     shard_experts_(model.layers[0].mlp.experts, 0, 2)
     with pytest.raises(ValueError, match="sharded"):

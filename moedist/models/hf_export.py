@@ -110,6 +110,10 @@ def describe(model: CausalLM) -> Dict[str, Any]:
         if r.score_func != "softmax" or r.expert_bias is not None:
             raise ValueError(f"layer {i}: router score_func={r.score_func!r}, expert_bias={r.expert_bias is not None}; "
                              "Hugging Face export supports softmax routing without expert bias")
+        if isinstance(ex, MoELoRAExperts) and not r.renormalize:
+            raise ValueError(f"layer {i}: LoRA-MoE with moe.renormalize=false computes FFN(x) + sum_k w_k * "
+                             "delta_k(x) (the frozen FFN at full weight), a Hugging Face MoE layer sum_k w_k * "
+                             "expert_k(x); they agree only when the top-k weights sum to 1 (moe.renormalize=true)")
         if sh is not None:
             _check_swiglu(sh, f"layer {i} shared experts")
             if sh.w_shared_gate is None:
