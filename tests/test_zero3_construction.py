@@ -94,8 +94,9 @@ def test_zero3_construction_holds_a_partition_and_draws_the_same_weights(monkeyp
         assert r["same"] and all(ok for _, ok in r["same"]), [n for n, ok in r["same"] if not ok]
         assert r["held"] == 0 and r["local"] > 0
         assert r["old_peak"] >= 0.9 * r["dense_mb"]  # the route replaced: the whole model on each rank
-        # half of the weights (world 2) plus one decoder layer whole, plus allocator slack
-        assert r["new_peak"] <= (0.5 + 1.0 / LAYERS) * r["dense_mb"] + 8, r
+        # half of the weights (world 2) plus one decoder layer whole, plus allocator slack (seen: 4-9 MiB;
+        # the whole model would be >= 59 MiB here, so 12 MiB still separates the two)
+        assert r["new_peak"] <= (0.5 + 1.0 / LAYERS) * r["dense_mb"] + 12, r
         assert r["new_peak"] <= 0.75 * r["old_peak"], r
 
 
