@@ -420,7 +420,8 @@ class Trainer:
                     p.grad.fill_(float("nan"))
             stats.add(out, batch.input_ids.numel())
             self.bias_updater.add(out.moe_aux)
-            snap = self.frozen.snapshot() if self.frozen is not None else None
+            # only the last micro-batch reaches the optimizer (the runners step at the accumulation boundary)
+            snap = self.frozen.snapshot() if self.frozen is not None and a == A - 1 else None
             got = self.runner.step(lr, guard=self._guard)
             if snap is not None:
                 self.frozen.restore(snap)
