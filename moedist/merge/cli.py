@@ -105,9 +105,7 @@ def _weights_arg(text: Optional[str], n: int) -> Optional[List[float]]:
 
 def read_state(label: str, path: str) -> Tuple[Path, dict, State]:
     """(checkpoint dir, manifest, {key: tensor}) of a full moedist checkpoint (pickles refused, files verified)."""
-    from safetensors import safe_open
-
-    from moedist.checkpoint.io import verify_checkpoint
+    from moedist.checkpoint.io import _Reader, verify_checkpoint
     from moedist.checkpoint.safety import refuse_pickles
 
     if os.path.exists(path):
@@ -118,14 +116,8 @@ def read_state(label: str, path: str) -> Tuple[Path, dict, State]:
         raise ValueError(f"{label}={ckpt}: an adapter-only checkpoint; merge it into its base first "
                          "(moedist merge ADAPTER --base BASE OUT)")
     verify_checkpoint(ckpt)
-    keys = _tensor_keys(m)
-    state, handles = {}, {}
-    for key in keys:
-        fname = m["index"][key]
-        if fname not in handles:
-            handles[fname] = safe_open(str(ckpt / fname), "pt")
-        state[key] = handles[fname].get_tensor(key)
-    return ckpt, m, state
+    reader = _Reader(ckpt, m)
+    return ckpt, m, {key: reader.get(key) for key in _tensor_keys(m)}
 
 
 def check_same_keys(label: str, state: State, ref_label: str, ref: State) -> None:
