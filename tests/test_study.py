@@ -114,3 +114,44 @@ def test_tiny_table_a_report_comes_from_runs(tmp_path):
     r = _study("run", "a", "--config", str(cfg))
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((out / "results.json").read_text())["jobs_this_call"] == []
+
+
+def test_tiny_table_c_moe_replay_grows_freezes_and_replays(tmp_path):
+    """moe_replay: stage 1 starts from the grown stage-0 model, freezes the old experts and trains on the new
+    domain plus the old one at replay_weight; the frozen experts' weights equal the grown model's bitwise."""
+    from safetensors.torch import load_file
+    base = tmp_path / "base.yaml"
+    base.write_text("name: tb\nmodel: {vocab_size: 256, hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 2,"
+                    " ffn_size: 64, max_seq_len: 32, moe_every: 0}\n"
+                    "train: {max_steps: 2, lr: 1.0e-3, warmup_steps: 0, micro_batch_size: 2, eval_batches: 1}\n"
+                    "data: {tokenizer: bytes, seq_len: 32, sources: [{name: prose, path: '{domains}/prose.train.jsonl', "
+                    "format: jsonl}]}\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"table: c\nout: {tmp_path}/c\ndomains_dir: {tmp_path}/domains\nmax_train_bytes: 20000\n"
+                   f"base_config: {base}\ncache_dir: {tmp_path}/cache\neval_batches: 1\neval_micro_batch: 2\n"
+                   "domains: [code, prose]\nsteps: 2\nseeds: [0]\nreplay_weight: 0.25\n"
+                   "common: [train.micro_batch_size=2, train.warmup_steps=0, data.seq_len=32]\n"
+                   "methods:\n  mr: {kind: moe_replay, lrs: [1.0e-2], experts: 2, add_experts: 1, overrides: "
+                   "[lora.mode=moe_lora, model.moe_every=1, moe.num_experts=2, moe.top_k=2, lora.rank=2]}\n")
+    r = _study("run", "c", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    root = tmp_path / "c" / "mr" / "seed0"
+    import yaml
+    used = yaml.safe_load((root / "stage1_prose" / "config.yaml").read_text())
+    srcs = {s["name"]: s.get("weight", 1.0) for s in used["data"]["sources"]}
+    assert srcs == {"prose": 1.0, "code": 0.25}
+    assert used["moe"]["num_experts"] == 3 and used["moe"]["freeze_experts"] == [0, 1]
+    assert used["model"]["init_from"] == str(root / "stage1_grown")
+
+    def tensors(d):
+        out = {}
+        for f in sorted(Path(d).rglob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+    grown, final = tensors(root / "stage1_grown"), tensors(root / "stage1_prose" / "final")
+    frozen = [k for k in grown if ".experts.0." in k or ".experts.1." in k]
+    assert frozen, sorted(grown)[:10]
+    for k in frozen:
+        assert k in final and (grown[k] == final[k]).all(), k
+    res = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert [st["domain"] for st in res["methods"]["mr"]["0"]["stages"]] == ["code", "prose"]

@@ -83,7 +83,7 @@ def load_spec(path: str, sets: Sequence[str] = ()) -> Spec:
     for name, m in spec.methods.items():
         if not isinstance(m, dict) or not m.get("lrs"):
             raise SpecError(f"{path}: methods.{name}: needs lrs: [learning rates]")
-    kinds = ("plain", "per_domain", "replay", "ema", "lawa", "moe_frozen")
+    kinds = ("plain", "per_domain", "replay", "ema", "lawa", "moe_frozen", "moe_replay")
     for name, m in spec.methods.items():
         if spec.table == "c" and m.get("kind", "plain") not in kinds:
             raise SpecError(f"{path}: methods.{name}.kind={m.get('kind')!r}: allowed {', '.join(kinds)}")

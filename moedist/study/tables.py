@@ -5,7 +5,9 @@
 (b) gain vs forgetting: fine-tune on `target` over methods x lrs x step_counts; gain = base loss -
     run loss on target, forgetting = run loss - base loss on the other domains (mean), test split.
 (c) continual domains[0] -> [1] -> [2], no domain id at test: kinds plain | per_domain | replay |
-    ema | lawa | moe_frozen (grow experts per stage, freeze the old ones and their router rows).
+    ema | lawa | moe_frozen (grow experts per stage, freeze the old ones and their router rows) |
+    moe_replay (moe_frozen plus replay of the earlier domains: router replay, since the frozen old
+    experts and router rows leave only the new experts and new router rows to learn from it).
 (d) merging per-domain fine-tunes (average / task_arithmetic / ties of `methods.full`-style runs,
     lorahub of LoRA runs) vs one multi-domain run of multi_steps.
 Every run directory holds the training summary.json and study_eval_<split>_<domains>.json; the
@@ -85,11 +87,12 @@ def _continual(spec: Spec, r: Runner, base: Path, m: str, method: Dict[str, Any]
         d = root / f"stage{i}_{dom}"
         weights = {dom: 1.0}
         extra: List[str] = []
-        seen = [dom] + (names[:i] if kind == "replay" else [])
-        if kind == "replay":
+        replay = kind in ("replay", "moe_replay")
+        seen = [dom] + (names[:i] if replay else [])
+        if replay:
             weights.update({e: float(spec.replay_weight) for e in names[:i]})
         init = None if kind == "per_domain" else prev
-        if kind == "moe_frozen" and prev is not None:
+        if kind in ("moe_frozen", "moe_replay") and prev is not None:
             add = int(method.get("add_experts", experts))
             init = r.grow(prev, add, names[i - 1], root / f"stage{i}_grown")
             old = experts + (i - 1) * add
