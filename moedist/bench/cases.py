@@ -4,9 +4,9 @@ shared inputs and weights and exposes forward / backward / clear (see layer.py).
 Every case is built for one expert-FFN implementation (`ffn`: plain | recompute,
 see ffns.py) and every impl of a run gets the same one:
     moedist       plain: per-expert plain autograd FFN (`_BenchExperts`); recompute: moedist's own
-                  grouped FFN kernel (`moe.ffn._GroupedGatedFFN`, keeps gate/up, recomputes h)
+                  grouped FFN kernel (`moe.kernels.gated_ffn`, keeps gate/up, recomputes h)
     deepspeed, fairscale, floor, dense, dense-lora   their FFN built by `ffns.ffn_forward(..., ffn)`
-    moedist-lora  fused: recompute = its fused kernel (`_MoELoRAHidden`), plain = the same
+    moedist-lora  fused: recompute = its fused kernel (`MoELoRAHidden`), plain = the same
                   once-per-token path with plain autograd hidden rows; naive: plain only
 """
 from __future__ import annotations
@@ -22,7 +22,8 @@ from moedist.bench.ffns import ffn_forward
 from moedist.moe import GroupedExperts, MoELayer, MoELoRAExperts, Router
 from moedist.moe.capacity import compute_capacity, select_tokens
 from moedist.moe.dispatcher import permute_pairs
-from moedist.moe.ffn import GATED, _GroupedGatedFFN
+from moedist.moe.ffn import GATED, GATED_GRAD
+from moedist.moe.kernels.gated_ffn import GroupedGatedFFN
 
 if TYPE_CHECKING:
     from moedist.bench.layer import LayerBenchConfig
@@ -53,7 +54,7 @@ class _BenchExperts(nn.Module):
     """moedist's GroupedExperts (same parameters) with the bench's chosen expert FFN.
 
     plain: each expert's slice through `ffns.ffn_forward(..., "plain")` (weights unbound once);
-    recompute: moedist's `_GroupedGatedFFN` for gated activations in any dtype (so also in bf16,
+    recompute: moedist's `GroupedGatedFFN` for gated activations in any dtype (so also in bf16,
     where GroupedExperts itself would take `torch._grouped_mm`, which keeps its activations),
     else GroupedExperts as is. `path` says which one runs (the JSON's `expert_ffn`).
     """
@@ -68,7 +69,7 @@ class _BenchExperts(nn.Module):
         if self.ffn == "plain":
             return "per-expert plain autograd (bench ffns.py)"
         if self._recompute_ok():
-            return "moedist _GroupedGatedFFN (recompute)"
+            return "moedist GroupedGatedFFN (recompute)"
         return "moedist GroupedExperts as is (not gated: no recompute kernel)"
 
     def _recompute_ok(self) -> bool:
@@ -81,7 +82,8 @@ class _BenchExperts(nn.Module):
         counts = [int(c) for c in counts_L]
         if self.ffn == "recompute":
             if self._recompute_ok() and x_NH.shape[0] and len(counts) > 1:
-                return _GroupedGatedFFN.apply(x_NH, e.w_gate, e.w_up, e.w_down, tuple(counts), e.activation)
+                return GroupedGatedFFN.apply(x_NH, e.w_gate, e.w_up, e.w_down, tuple(counts), GATED[e.activation],
+                                             GATED_GRAD[e.activation])
             return e(x_NH, counts)
         wg = e.w_gate.unbind(0) if e.w_gate is not None else [None] * len(counts)
         wu, wd = e.w_up.unbind(0), e.w_down.unbind(0)
@@ -259,7 +261,7 @@ def _lora_cases(router_w, x, grad, cfg, elem, dtype, ffn, skipped: Dict[str, str
         kept = lambda last=last: int(last["aux"].tokens_per_expert.sum())  # noqa: E731
         fused = ffn == "recompute" and lora_experts._fused_ok(x)
         path = ("per-pair plain autograd" if form == "naive" else
-                "once per token, fused recompute kernel (_MoELoRAHidden)" if fused else
+                "once per token, fused recompute kernel (MoELoRAHidden)" if fused else
                 "once per token, unfused hidden rows (no recompute kernel for this dtype)" if ffn == "recompute" else
                 "once per token, plain autograd hidden rows")
         cases.append(Case("moedist-lora", form, forward, _tensor_backward(grad), clear,

@@ -30,7 +30,7 @@ from moedist.bench.layer import DTYPES, LayerBenchConfig, environment, make_inpu
 from moedist.bench.timing import round_orders, summarize, synchronize
 
 # The expert FFN of both impls: moedist's GroupedExperts keeps gate/up and recomputes h (its
-# _GroupedGatedFFN); DeepSpeed's experts get the bench's recompute node (ffns.py), the same saving.
+# GroupedGatedFFN); DeepSpeed's experts get the bench's recompute node (ffns.py), the same saving.
 EP_FFN = "recompute"
 from moedist.distributed.comm import ExpertParallelComm
 from moedist.moe import GroupedExperts, MoELayer, Router, TokenDispatcher

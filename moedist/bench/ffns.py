@@ -4,7 +4,7 @@
                backward (x Wg, phi(x Wg), x Wu, h = phi(x Wg) * (x Wu)).
     recompute  the same math; the hidden h and the down projection are one autograd node
                (`_HiddenDown`) that keeps only the 2 pre-activations [rows, F] and recomputes h in
-               backward -- what moedist's own grouped FFN (`moe.ffn._GroupedGatedFFN`) keeps.
+               backward -- what moedist's own grouped FFN (`moe.kernels.gated_ffn.GroupedGatedFFN`) keeps.
 
 Both are written here in plain torch (no moedist code), so the peers (DeepSpeed, fairscale, the
 floor, the dense FFN, the dense LoRA reference) get exactly the same FFN and optimising moedist

@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 
 from moedist.moe.dispatcher import weighted_scatter_add
-from moedist.moe.ffn import (GATED, Counts, _use_grouped_kernel, check_activation, gather_lora_proj, grouped_ffn,
-                             grouped_kernel_applies, grouped_mm, hidden_act, moe_lora_hidden)
+from moedist.moe.ffn import (GATED, Counts, Path, check_activation, choose_path, gather_lora_proj, grouped_ffn, grouped_mm,
+                             hidden_act, moe_lora_hidden)
 from moedist.moe.init import is_meta, normal_
 from moedist.moe.lora_math import lora_dropout, lora_scale
 
@@ -110,7 +110,7 @@ class GroupedExperts(nn.Module):
 
     def takes_device_counts(self, x_NH: torch.Tensor) -> bool:
         """The grouped kernel runs these rows (bf16 on CPU, or a Hopper GPU): counts may stay on the device."""
-        return grouped_kernel_applies(x_NH, self.w_up)
+        return choose_path("ffn", x_NH[:1].to(self.w_up.dtype), (self.w_up,)) is Path.GROUPED_MM  # one row: dtype, width
 
     def forward(self, x_NH: torch.Tensor, counts_L: Counts) -> torch.Tensor:
         x_NH = x_NH.to(self.w_up.dtype)
@@ -301,13 +301,12 @@ class MoELoRAExperts(_LoRAMixin, nn.Module):
         return y_NH if dd is None else y_NH + dd
 
     def _fused_ok(self, x_NH: torch.Tensor) -> bool:
-        """The per-expert fused kernel (ffn.moe_lora_hidden) applies: gated FFN, no active
-        dropout, one dtype, and no grouped-GEMM kernel that the unfused path would use."""
-        params = [self.w_gate, self.w_up] + [p for st in self.lora.values() for p in (st.lora_A, st.lora_B)]
-        return (self.w_gate is not None and self.activation in GATED and x_NH.shape[0] > 0
-                and (self.lora_dropout_rate == 0.0 or not self.training)
-                and all(p.dtype == x_NH.dtype for p in params)
-                and not any(_use_grouped_kernel(x_NH, st.lora_A) for st in self.lora.values()))
+        """The per-expert fused kernel (ffn.moe_lora_hidden) applies: a gated FFN, no active
+        dropout, and `choose_path("lora_hidden", ...)` says FUSED (see its table)."""
+        if self.w_gate is None or (self.lora_dropout_rate != 0.0 and self.training):
+            return False
+        params = [st.lora_A for st in self.lora.values()] + [st.lora_B for st in self.lora.values()]
+        return choose_path("lora_hidden", x_NH, params + [self.w_gate, self.w_up], None, self.activation) is Path.FUSED
 
     def forward_tokens(self, x_TH: torch.Tensor, pair_token_N: torch.Tensor, weight_N: torch.Tensor,
                        counts_L: Sequence[int], base_weight_T: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -1,0 +1,91 @@
+"""Per-group row slices and the in-place matmuls every kernel of this package is built from.
+
+Rows are sorted by group: group l owns the contiguous slice s_l = [start_l, end_l)
+of length counts[l]. Writing each group's product into one preallocated tensor
+(`mm_into`, `wgrad_into`) is what spares the kernels the concatenation in forward
+and the split + stack of L per-group gradients in backward.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+Bounds = List[Tuple[int, int, int]]  # (group l, start, end) of every non-empty group
+
+
+def bounds(counts: Sequence[int]) -> Bounds:
+    """(group, start, end) of every non-empty group's row slice."""
+    out, start = [], 0
+    for l, c in enumerate(counts):
+        if c > 0:
+            out.append((l, start, start + c))
+        start += c
+    return out
+
+
+def mm_into(out_NO: torch.Tensor, x_NI: torch.Tensor, w_LIO: torch.Tensor, bnds: Bounds, transpose_w: bool = False,
+            accumulate: bool = False) -> torch.Tensor:
+    """out[s_l] (+)= x[s_l] @ w[l] (or w[l]^T) for every group slice s_l, written in place."""
+    for l, a, b in bnds:
+        w = w_LIO[l].t() if transpose_w else w_LIO[l]
+        if accumulate:
+            out_NO[a:b].addmm_(x_NI[a:b], w)
+        else:
+            torch.mm(x_NI[a:b], w, out=out_NO[a:b])
+    return out_NO
+
+
+def zero_empty_groups(bnds: Bounds, num_groups: int, *grads_L: Optional[torch.Tensor]) -> None:
+    """Zero slot l of every given [L, ...] gradient for the groups without rows (their
+    slots were allocated with `new_empty` and never written)."""
+    filled = {l for l, _, _ in bnds}
+    for l in range(num_groups):
+        if l not in filled:
+            for d in grads_L:
+                if d is not None:
+                    d[l].zero_()
+
+
+def wgrad_into(dw_LIO: torch.Tensor, a_NI: torch.Tensor, b_NO: torch.Tensor, bnds: Bounds) -> torch.Tensor:
+    """dW[l] = a[s_l]^T @ b[s_l] into dw_LIO [L, I, O] (zeros for empty groups)."""
+    for l, s, e in bnds:
+        torch.mm(a_NI[s:e].t(), b_NO[s:e], out=dw_LIO[l])
+    zero_empty_groups(bnds, dw_LIO.shape[0], dw_LIO)
+    return dw_LIO
+
+
+def wgrad(a_NI: torch.Tensor, b_NO: torch.Tensor, num_groups: int, bnds: Bounds) -> torch.Tensor:
+    """dW[l] = a[s_l]^T @ b[s_l] as one new [L, I, O] tensor (zeros for empty groups)."""
+    return wgrad_into(a_NI.new_empty((num_groups, a_NI.shape[1], b_NO.shape[1])), a_NI, b_NO, bnds)
+
+
+class GradSlots:
+    """Input gradients of an autograd Function by name instead of by position.
+
+    `GradSlots(("x", "w", "counts"), ctx.needs_input_grad)`: `wants("w")` says whether
+    autograd needs that input's gradient, `g["w"] = dw` records it, and `as_tuple()`
+    returns them in `forward`'s argument order (None for the rest), the tuple
+    `backward` must return.
+    """
+
+    def __init__(self, names: Sequence[str], needs_input_grad: Sequence[bool]):
+        if len(names) != len(needs_input_grad):
+            raise ValueError(f"GradSlots: {len(names)} names for {len(needs_input_grad)} inputs")
+        self.names = tuple(names)
+        self._needs = dict(zip(self.names, needs_input_grad))
+        self._grads: Dict[str, Optional[torch.Tensor]] = {}
+
+    def wants(self, name: str) -> bool:
+        return self._needs[name]
+
+    def __setitem__(self, name: str, grad: Optional[torch.Tensor]) -> None:
+        if name not in self._needs:
+            raise KeyError(f"GradSlots: no input named {name!r} (inputs: {', '.join(self.names)})")
+        self._grads[name] = grad
+
+    def __getitem__(self, name: str) -> Optional[torch.Tensor]:
+        return self._grads.get(name)
+
+    def as_tuple(self) -> tuple:
+        return tuple(self._grads.get(n) for n in self.names)
