@@ -23,6 +23,15 @@ GROUP_ROUTING = ("learned", "random")
 # adapters
 LORA_MODES = ("none", "moe_lora", "expert_lora", "full")
 LORA_TARGETS = ("gate", "up", "down")
+DENSE_LORA_TARGETS = ("mlp", "proj")           # layers.DenseMLPWithLoRA: one adapter on the FFN or one per projection
+UPCYCLE_METHODS = ("sparse", "moefication", "lora_moe")
+
+# Hugging Face architectures (config.json model_type) that import and export
+HF_DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+HF_MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+HF_MODEL_TYPES = HF_DENSE_TYPES + HF_MOE_TYPES
+ROPE_TYPES = ("default", "linear", "llama3")   # HF rope_type; "default" = no scaling
+ROPE_SCALING_TYPES = ("linear", "llama3")      # what `model.rope_scaling.rope_type` may say
 
 # training
 LR_SCHEDULES = ("cosine", "constant", "linear")

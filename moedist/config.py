@@ -69,8 +69,16 @@ class ModelConfig:
     head_dim: int | None = _opt(None, "Attention head dimension; null = hidden_size / num_heads (set by HF import).", ge=1)
     attention_bias: bool = _opt(False, "Bias on the q/k/v projections (Qwen2).")
     qk_norm: bool = _opt(False, "RMSNorm on each head's queries and keys (Qwen3).")
-    mlp_only_layers: list[int] = _opt([], "Layer indices that stay dense even where moe_every makes them MoE (Qwen2/3-MoE).")
-    rope_scaling: dict[str, Any] | None = _opt(None, "Rotary scaling as in HF config.json (types linear, llama3); null = none.")
+    mlp_only_layers: list[int] = _opt([], "Layer indices (0 .. num_layers - 1) that stay dense even where moe_every "
+                                          "makes them MoE (Qwen2/3-MoE; set by HF import).")
+    rope_scaling: dict[str, Any] | None = _opt(None, "Rotary scaling as in HF config.json: {rope_type: linear, "
+                                                     "factor} or {rope_type: llama3, factor, low_freq_factor, "
+                                                     "high_freq_factor, original_max_position_embeddings}; null "
+                                                     "= none (set by HF import).")
+    hf_model_type: str | None = _opt(None, "Hugging Face model_type the architecture came from (set by model.from_hf "
+                                           "and convert from-hf, kept by model.init_from); informational: the "
+                                           "export picks its architecture from the model itself. null = not "
+                                           "imported.", choices=C.HF_MODEL_TYPES)
 
 
 @dataclass

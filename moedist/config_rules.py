@@ -10,9 +10,35 @@ import math
 import os
 from typing import Any
 
-from moedist.choices import LORA_TARGETS, SOURCE_FORMATS, SOURCE_KEYS
+from moedist.choices import LORA_TARGETS, ROPE_SCALING_TYPES, SOURCE_FORMATS, SOURCE_KEYS
 from moedist.config_yaml import ConfigError
 from moedist.config_yaml import fmt_value as _fmt
+
+
+_ROPE_KEYS = {"linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def rope_scaling_rules(rs: dict | None) -> None:
+    """`model.rope_scaling`: null (or {}) = none, else an HF-style mapping the rotary code can apply."""
+    if not rs:
+        return
+    kind = rs.get("rope_type")
+    if kind not in ROPE_SCALING_TYPES:
+        raise ConfigError(f"model.rope_scaling.rope_type={_fmt(kind)}: must be one of {'|'.join(ROPE_SCALING_TYPES)}")
+    keys = _ROPE_KEYS[kind]
+    for k in keys:
+        v = rs.get(k)
+        if type(v) not in (int, float) or not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"model.rope_scaling.{k}={_fmt(v)}: must be a number > 0 (rope_type {kind} needs "
+                              f"{', '.join(keys)})")
+    extra = sorted(set(rs) - set(keys) - {"rope_type"})
+    if extra:
+        raise ConfigError(f"model.rope_scaling.{extra[0]}: unknown key for rope_type {kind} (allowed: "
+                          f"rope_type, {', '.join(keys)})")
+    if kind == "llama3" and rs["high_freq_factor"] <= rs["low_freq_factor"]:
+        raise ConfigError(f"model.rope_scaling.high_freq_factor={_fmt(rs['high_freq_factor'])}: must be > "
+                          f"low_freq_factor ({_fmt(rs['low_freq_factor'])})")
 
 
 def cross_key_rules(cfg: Any) -> None:
@@ -35,6 +61,11 @@ def cross_key_rules(cfg: Any) -> None:
     need(m.head_dim is None or m.head_dim % 2 == 0, f"model.head_dim={m.head_dim}: must be even for rotary embeddings")
     need(m.moe_every <= m.num_layers, f"model.moe_every={m.moe_every}: must be <= model.num_layers "
                                       f"({m.num_layers}), or 0 for a dense model")
+    bad_layers = [i for i in m.mlp_only_layers if not 0 <= i < m.num_layers]
+    need(not bad_layers, f"model.mlp_only_layers={_fmt(m.mlp_only_layers)}: each must be a layer index 0 .. "
+                         f"{m.num_layers - 1} (model.num_layers={m.num_layers}; {bad_layers[0] if bad_layers else ''} "
+                         "is not)")
+    rope_scaling_rules(m.rope_scaling)
     need(m.from_hf is None or os.path.isdir(m.from_hf),
          f"model.from_hf={_fmt(m.from_hf)}: must be an existing local model directory or null")
     need(m.init_from is None or os.path.isdir(m.init_from),

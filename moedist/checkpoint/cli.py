@@ -209,9 +209,7 @@ def _load_model(label: str, ckpt: Path, m: dict):
 
     from moedist.checkpoint.io import load_checkpoint
     from moedist.models.build import build_model
-    from moedist.models.convert_cli import ARCH_KEY
     from moedist.models.hf_import import apply_hf_config, load_hf_weights_into
-    from moedist.models.hf_maps import set_arch_extras
 
     from_hf = (m["config"].get("model") or {}).get("from_hf")
     usable = bool(from_hf) and os.path.isdir(from_hf)
@@ -223,7 +221,6 @@ def _load_model(label: str, ckpt: Path, m: dict):
         cfg = apply_hf_config(cfg)
     except ValueError as err:
         raise ValueError(f"{label}={ckpt}: model.from_hf={from_hf}: {err}") from None
-    set_arch_extras(cfg, (m.get("extra_state") or {}).get(ARCH_KEY))
     model = build_model(cfg)
     if m.get("adapter_only"):
         load_hf_weights_into(model, cfg.model.from_hf)
@@ -489,9 +486,8 @@ def merge(adapter_arg: str, base_arg: Optional[str], out_path: str, fmt: str = "
     import torch
 
     from moedist.checkpoint.io import verify_checkpoint
-    from moedist.models.convert_cli import ARCH_KEY, save_model_checkpoint
+    from moedist.models.convert_cli import save_model_checkpoint
     from moedist.models.hf_export import to_hf
-    from moedist.models.hf_maps import set_arch_extras
 
     if fmt not in ("moedist", "hf"):
         raise ValueError(f"--format={fmt!r}: allowed moedist, hf")
@@ -505,7 +501,6 @@ def merge(adapter_arg: str, base_arg: Optional[str], out_path: str, fmt: str = "
     kind, base = _base_arg(base_arg, (am["config"].get("model") or {}).get("from_hf"))
     verify_checkpoint(adapter)
     acfg = _config("ADAPTER_CKPT", adapter, am["config"], clear_from_hf=True)
-    set_arch_extras(acfg, (am.get("extra_state") or {}).get(ARCH_KEY))
     keys = _tensor_keys(am)
     _say(f"[1/4] adapter {adapter}: step {am['step']}, lora.mode={acfg.lora.mode}, {len(keys)} tensors "
          f"({_fmt_bytes(_dir_bytes(adapter))})")

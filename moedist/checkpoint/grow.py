@@ -84,12 +84,9 @@ def _rebuild(label: str, ckpt: Path, m: dict, new_raw: dict, src_of_new: List[in
     from moedist.checkpoint.cli import _config
     from moedist.checkpoint.keys import param_slots
     from moedist.models.build import build_model
-    from moedist.models.convert_cli import ARCH_KEY
-    from moedist.models.hf_maps import set_arch_extras
 
     old_model, _ = _load_model(label, ckpt, m)
     cfg = _config(label, ckpt, new_raw, clear_from_hf=True)
-    set_arch_extras(cfg, (m.get("extra_state") or {}).get(ARCH_KEY))
     new_model = build_model(cfg)
     old = {**dict(old_model.named_parameters()), **{n: b for n, b in old_model.named_buffers() if b is not None}}
     new = {**dict(new_model.named_parameters()), **{n: b for n, b in new_model.named_buffers() if b is not None}}
@@ -104,12 +101,9 @@ def _rebuild(label: str, ckpt: Path, m: dict, new_raw: dict, src_of_new: List[in
 def _write(ckpt: Path, m: dict, out: Path, overwrite: bool, model, raw: dict, note: Dict[str, str]) -> None:
     """Save `model` as a converted checkpoint (step 0, no optimizer state) plus the source's tokenizer files."""
     from moedist.checkpoint.io import save_checkpoint
-    from moedist.models.convert_cli import ARCH_KEY
 
-    extra = {k: v for k, v in (m.get("extra_state") or {}).items() if k == ARCH_KEY}
-    extra.update(note)
     with _staged(_emptied(out, overwrite)) as tmp:
-        save_checkpoint(tmp, model, step=0, config=raw, extra_state=extra)
+        save_checkpoint(tmp, model, step=0, config=raw, extra_state=dict(note))
         (tmp.parent / "latest").unlink(missing_ok=True)  # save_checkpoint names it `latest` beside it
         for f in ckpt.iterdir():  # the tokenizer saved beside the weights, if any
             if f.is_file() and f.name != "manifest.json" and not f.name.endswith(".safetensors"):

@@ -258,6 +258,28 @@ def read_manifest(ckpt_dir) -> dict:
         raise CorruptCheckpoint(f"{path}: not a moedist checkpoint manifest (format={got!r})")
     if not isinstance(m.get("files"), dict) or not isinstance(m.get("index"), dict):
         raise CorruptCheckpoint(f"{path}: has no file list, checkpoint is corrupt")
+    return upgrade_legacy_arch(m)
+
+
+LEGACY_ARCH_KEY = "moedist.arch"  # extra_state of checkpoints from before model.head_dim & co. were config keys
+
+
+def upgrade_legacy_arch(m: dict) -> dict:
+    """Move what old checkpoints kept in ``extra_state["moedist.arch"]`` into the manifest's config.
+
+    Before `model.head_dim`, `attention_bias`, `qk_norm`, `mlp_only_layers`, `rope_scaling` and
+    `moe.shared_expert_ffn_size` were config keys, `convert` stored them there as
+    ``{section: {key: value}}``. A key the config already holds wins (newer checkpoints wrote
+    both, equal). Changes `m` in place and returns it.
+    """
+    extra, config = m.get("extra_state"), m.get("config")
+    legacy = extra.pop(LEGACY_ARCH_KEY, None) if isinstance(extra, dict) else None
+    if not isinstance(legacy, dict) or not isinstance(config, dict):
+        return m
+    for section, values in legacy.items():
+        if isinstance(values, dict) and isinstance(config.setdefault(section, {}), dict):
+            for key, value in values.items():
+                config[section].setdefault(key, value)
     return m
 
 

@@ -17,6 +17,7 @@ from typing import List, Optional, Union
 import torch
 from torch import nn
 
+from moedist.choices import DENSE_LORA_TARGETS as LORA_TARGETS
 from moedist.layers.activation import (
     MLPActivationType,
     activation_fn,
@@ -26,7 +27,6 @@ from moedist.layers.activation import (
 )
 from moedist.layers.lora import SeededDropout, check_lora_args, lora_delta
 
-LORA_TARGETS = ("mlp", "proj")
 _PROJS = ("up", "gate", "down")  # draw order of the per-projection adapters
 
 

@@ -6,12 +6,13 @@ Parallelism is applied afterwards (`moedist.models.parallelize`).
 """
 from __future__ import annotations
 
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 import torch
 import torch.nn as nn
 
 from moedist.choices import LORA_MODES
+from moedist.config import DataConfig, LoRAConfig, ModelConfig, MoEConfig, MoedistConfig
 from moedist.models.llama import Attention, CausalLM, DecoderLayer, DenseFFN
 from moedist.models.lora import LoRAFFN, LoRALinear
 from moedist.moe import GroupedExperts, LoRAOnExperts, MoELayer, MoELoRAExperts, Router, SharedExperts, TokenDispatcher
@@ -27,7 +28,8 @@ def is_moe_layer(i: int, moe_every: int) -> bool:
     return moe_every > 0 and (i + 1) % moe_every == 0
 
 
-def build_moe_layer(i: int, model_cfg, moe_cfg, lora_cfg, seed: int, dense_ffn: DenseFFN = None) -> MoELayer:
+def build_moe_layer(i: int, model_cfg: ModelConfig, moe_cfg: MoEConfig, lora_cfg: LoRAConfig, seed: int,
+                    dense_ffn: Optional[DenseFFN] = None) -> MoELayer:
     """One MoE FFN for layer i (all experts local; EP is applied later)."""
     H, E = model_cfg.hidden_size, moe_cfg.num_experts
     F = moe_cfg.expert_ffn_size or model_cfg.ffn_size
@@ -49,8 +51,8 @@ def build_moe_layer(i: int, model_cfg, moe_cfg, lora_cfg, seed: int, dense_ffn: 
         experts = GroupedExperts(E, H, F, activation=act, init_std=std, seed=_seed(seed, i, 3))
     shared = None
     if moe_cfg.num_shared_experts:
-        # optional moe.shared_expert_ffn_size (total width; HF Qwen2-MoE's shared_expert_intermediate_size)
-        F_shared = getattr(moe_cfg, "shared_expert_ffn_size", None) or F * moe_cfg.num_shared_experts
+        # moe.shared_expert_ffn_size: total width (HF Qwen2-MoE's shared_expert_intermediate_size)
+        F_shared = moe_cfg.shared_expert_ffn_size or F * moe_cfg.num_shared_experts
         shared = SharedExperts(H, F_shared, act, gated=moe_cfg.shared_expert_gate,
                                init_std=std, seed=_seed(seed, i, 4))
     return MoELayer(router, experts, shared, TokenDispatcher(E), capacity_factor=moe_cfg.capacity_factor,
@@ -60,7 +62,7 @@ def build_moe_layer(i: int, model_cfg, moe_cfg, lora_cfg, seed: int, dense_ffn: 
                     router_type=moe_cfg.router_type)
 
 
-def build_model(cfg, seed: int = None) -> CausalLM:
+def build_model(cfg: MoedistConfig, seed: Optional[int] = None) -> CausalLM:
     """Build the model described by `cfg` (a MoedistConfig: sections model, moe, lora).
 
     lora.mode: none (all weights train), moe_lora (each MoE layer = frozen FFN +
@@ -72,12 +74,12 @@ def build_model(cfg, seed: int = None) -> CausalLM:
     seed = cfg.train.seed if seed is None else seed
     if lora.mode not in LORA_MODES:
         raise ValueError(f"lora.mode={lora.mode!r}: allowed {', '.join(LORA_MODES)}")
-    head_dim = getattr(m, "head_dim", None) or m.hidden_size // m.num_heads  # optional override (Qwen3)
-    dense_only = set(getattr(m, "mlp_only_layers", None) or ())  # optional: layers kept dense (Qwen-MoE)
+    head_dim = m.head_dim or m.hidden_size // m.num_heads  # null = hidden / heads (Qwen3 sets its own)
+    dense_only = set(m.mlp_only_layers)  # layers kept dense (Qwen-MoE)
     layers: List[DecoderLayer] = []
     for i in range(m.num_layers):
         attn = Attention(m.hidden_size, m.num_heads, m.num_kv_heads or m.num_heads, head_dim,
-                         bias=getattr(m, "attention_bias", False), qk_norm=getattr(m, "qk_norm", False), norm_eps=m.norm_eps)
+                         bias=m.attention_bias, qk_norm=m.qk_norm, norm_eps=m.norm_eps)
         moe_here = is_moe_layer(i, m.moe_every) and moe.num_experts > 0 and i not in dense_only
         if moe_here:
             mlp = build_moe_layer(i, m, moe, lora, seed)
@@ -91,21 +93,20 @@ def build_model(cfg, seed: int = None) -> CausalLM:
         layers.append(DecoderLayer(attn, mlp, m.hidden_size, m.norm_eps))
     model = CausalLM(m.vocab_size, m.hidden_size, layers, m.max_seq_len, m.rope_theta, head_dim, m.norm_eps,
                      m.tie_embeddings, m.init_std, _seed(seed, 10_000, 0),
-                     rope_scaling=getattr(m, "rope_scaling", None))  # optional, HF import (Llama 3)
+                     rope_scaling=m.rope_scaling)
     apply_lora_freezing(model, lora)
-    apply_param_dtype(model, cfg)
-    apply_expert_groups(model, cfg)
+    apply_param_dtype(model, m, lora)
+    apply_expert_groups(model, moe, cfg.data)
     return model
 
 
-def apply_expert_groups(model: nn.Module, cfg) -> None:
-    """Give every MoE layer the run's expert groups (domain d = cfg.data.sources[d]) and its layer index."""
-    moe = cfg.moe
+def apply_expert_groups(model: nn.Module, moe: MoEConfig, data: DataConfig) -> None:
+    """Give every MoE layer the run's expert groups (domain d = data.sources[d]) and its layer index."""
     table = None
     if moe.expert_groups or moe.group_routing != "learned":
         from moedist.moe.groups import GroupTable
 
-        table = GroupTable.from_config(moe.expert_groups, [s["name"] for s in cfg.data.sources],
+        table = GroupTable.from_config(moe.expert_groups, [s["name"] for s in data.sources],
                                        moe.num_experts, moe.group_routing)
     for i, layer in enumerate(model.layers):
         if isinstance(layer.mlp, MoELayer):
@@ -115,15 +116,15 @@ def apply_expert_groups(model: nn.Module, cfg) -> None:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def apply_param_dtype(model: nn.Module, cfg) -> None:
+def apply_param_dtype(model: nn.Module, model_cfg: ModelConfig, lora_cfg: LoRAConfig) -> None:
     """model.dtype for the frozen weights of the LoRA modes (in place; cheap on the meta device).
 
     Trainable parameters stay fp32 (they are the optimizer's master weights) and so do the
     routers (routing is computed in fp32). With lora.mode=none nothing is frozen, so every
     weight stays fp32 and `deepspeed.bf16` decides the compute dtype.
     """
-    dtype = DTYPES[cfg.model.dtype]
-    if dtype == torch.float32 or cfg.lora.mode == "none":
+    dtype = DTYPES[model_cfg.dtype]
+    if dtype == torch.float32 or lora_cfg.mode == "none":
         return
     for name, p in model.named_parameters():
         if not p.requires_grad and ".router." not in name and p.dtype != dtype:
@@ -134,7 +135,7 @@ def _is_adapter(name: str) -> bool:
     return "lora_A" in name or "lora_B" in name
 
 
-def apply_lora_freezing(model: nn.Module, lora_cfg) -> None:
+def apply_lora_freezing(model: nn.Module, lora_cfg: LoRAConfig) -> None:
     """Set requires_grad by lora.mode: in LoRA modes only adapters (+ router if
     lora.train_router, + shared experts if lora.train_shared_experts) train."""
     if lora_cfg.mode == "none":

@@ -10,9 +10,9 @@ config, safetensors keyed by global expert id; or a run directory whose
 ``latest`` names one) or a Hugging Face directory (config.json; key=value
 overrides such as ``lora.mode=full`` apply to it). Checkpoints written here
 store the config with model.from_hf cleared (the weights are in the
-checkpoint) and the architecture facts that have no config key yet (head_dim,
-q/k norm, ...) in the manifest's extra_state. An adapter-only checkpoint is
-loaded on top of its config's model.from_hf. Nothing is unpickled.
+checkpoint); the architecture facts (head_dim, q/k norm, model.hf_model_type, ...)
+are config keys. An adapter-only checkpoint is loaded on top of its config's
+model.from_hf. Nothing is unpickled.
 """
 from __future__ import annotations
 
@@ -22,27 +22,23 @@ import re
 import sys
 from typing import Dict, List, Optional
 
+from moedist.choices import UPCYCLE_METHODS
 from moedist.cli_format import DefaultsFormatter
-from moedist.models.hf_maps import arch_extras, set_arch_extras
-
-ARCH_KEY = "moedist.arch"  # extra_state key of the architecture facts without a config field
+from moedist.config import MoedistConfig
 
 
-def save_model_checkpoint(model, cfg, path: str, source: Optional[str] = None) -> None:
+def save_model_checkpoint(model, cfg: MoedistConfig, path: str, source: Optional[str] = None) -> None:
     """A step-0 moedist checkpoint of `model` (`moedist.checkpoint` format).
 
-    The config is stored with model.from_hf cleared (the weights are in the
-    checkpoint); architecture facts without a config key go to extra_state.
+    The config is stored with model.from_hf cleared (the weights are in the checkpoint).
     """
-    import copy
+    import dataclasses
 
     from moedist.checkpoint import save_checkpoint
     from moedist.config import config_to_dict
 
-    out = copy.deepcopy(cfg)
-    out.model.from_hf = None
-    save_checkpoint(path, model, step=0, config=config_to_dict(out),
-                    extra_state={ARCH_KEY: arch_extras(cfg), "source": source})
+    out = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, from_hf=None))
+    save_checkpoint(path, model, step=0, config=config_to_dict(out), extra_state={"source": source})
 
 
 def load_model_checkpoint(path: str):
@@ -60,7 +56,6 @@ def load_model_checkpoint(path: str):
         cfg = apply_hf_config(config_from_dict(manifest["config"]))
     except ConfigError as err:
         raise ValueError(f"{ckpt}/manifest.json config: {err}") from None
-    set_arch_extras(cfg, (manifest.get("extra_state") or {}).get(ARCH_KEY))
     model = build_model(cfg)
     if manifest.get("adapter_only"):
         if not cfg.model.from_hf:
@@ -113,6 +108,7 @@ def _sections(overrides: List[str]) -> Dict[str, dict]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moedist convert", description="Convert between Hugging Face and moedist "
                                 "models; upcycle a dense model; export LoRA adapters for PEFT.")
+    p.set_defaults(base=None)  # only `peft` has --base
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     def source(sp):
@@ -138,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("upcycle", help="dense model -> MoE (sparse upcycling, MoEfication, LoRA-MoE)",
                         formatter_class=fmt)
     source(sp)
-    sp.add_argument("--method", required=True, choices=("sparse", "moefication", "lora_moe"),
+    sp.add_argument("--method", required=True, choices=UPCYCLE_METHODS,
                     help="sparse: copy the FFN into every expert; moefication: split the FFN into experts; "
                          "lora_moe: frozen FFN + a router over LoRA experts")
     sp.add_argument("--num-experts", type=int, required=True, help="experts per MoE layer")
@@ -173,7 +169,7 @@ def _run(args) -> int:
 
     from moedist.checkpoint.outdir import check_out
 
-    outs = [("OUT", args.out)] + ([("--base", args.base)] if getattr(args, "base", None) else [])
+    outs = [("OUT", args.out)] + ([("--base", args.base)] if args.base else [])
     for label, path in outs:
         if os.path.abspath(path) == os.path.abspath(args.src):
             raise ValueError(f"{label}={path}: is SRC; choose another output directory")

@@ -36,7 +36,7 @@ import torch.nn as nn
 from moedist.models.hf_maps import hf_config_dict
 from moedist.models.llama import CausalLM
 from moedist.models.lora import LoRAFFN, LoRALinear
-from moedist.moe import GroupedExperts, MoELayer, MoELoRAExperts
+from moedist.moe import GroupedExperts, LoRAOnExperts, MoELayer, MoELoRAExperts
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -73,9 +73,8 @@ def expert_weights(experts: nn.Module, local: int, merge_lora: bool) -> Tuple[to
               "up": experts.w_up[local], "down": experts.w_down[local]}
     else:
         raise ValueError(f"cannot export experts of type {type(experts).__name__}")
-    lora = getattr(experts, "lora", None)
-    if merge_lora and lora is not None:
-        for t, stack in lora.items():
+    if merge_lora and isinstance(experts, (LoRAOnExperts, MoELoRAExperts)):  # per-expert adapters
+        for t, stack in experts.lora.items():
             ws[t] = ws[t] + experts.scaling * (stack.lora_A[local] @ stack.lora_B[local])
     return ws["gate"], ws["up"], ws["down"]
 
@@ -91,7 +90,7 @@ def describe(model: CausalLM) -> Dict[str, Any]:
     attn = model.layers[0].self_attn
     spec = dict(vocab_size=V, hidden_size=H, num_layers=len(model.layers), num_heads=attn.nh, num_kv_heads=attn.nkv,
                 head_dim=attn.d, max_seq_len=model.max_seq_len, norm_eps=model.norm.eps, rope_theta=model.rope_theta,
-                rope_scaling=getattr(model, "rope_scaling", None),
+                rope_scaling=model.rope_scaling,
                 tie_embeddings=model.lm_head is None, dtype=_DTYPES.get(model.embed_tokens.weight.dtype, "float32"),
                 bias=base_linear(attn.q_proj).bias is not None, qk_norm=attn.q_norm is not None)
     dense_F, moe_sig, dense_layers = set(), set(), []

@@ -43,7 +43,7 @@ class HFTensors:
             self._open_dir(os.fspath(source))
         elif isinstance(source, dict):
             self._dict = source
-        elif hasattr(source, "state_dict"):
+        elif isinstance(source, nn.Module):  # an in-memory transformers model
             self._dict = source.state_dict()
         else:
             raise ValueError(f"weights source: expected a directory, a state dict or a model, got {type(source).__name__}")

@@ -15,47 +15,31 @@ qwen2_moe      MoE every ``decoder_sparse_step`` layers except ``mlp_only_layers
 qwen3_moe      as qwen2_moe without shared expert; q/k RMSNorm, ``head_dim``
 =============  =================================================================
 
-Architecture facts that MoedistConfig has no field for yet are attached to the
-config sections as plain attributes, which `build_model` reads with
-``getattr``: ``model.head_dim``, ``model.attention_bias``, ``model.qk_norm``,
-``model.mlp_only_layers``, ``model.rope_scaling`` (linear / llama3 rotary
-scaling), ``moe.shared_expert_ffn_size`` (and
-``model.hf_model_type``, informational). They are re-derived from
-``model.from_hf`` whenever a run starts from a Hugging Face directory.
+Every architecture fact lands in a typed config key (``model.head_dim``,
+``model.attention_bias``, ``model.qk_norm``, ``model.mlp_only_layers``,
+``model.rope_scaling``, ``moe.shared_expert_ffn_size`` and, informational,
+``model.hf_model_type``), so it survives `save_config` and checkpoint manifests.
+They are re-derived from ``model.from_hf`` whenever a run starts from a Hugging
+Face directory. (Checkpoints written before these keys existed kept them in the
+manifest's ``extra_state["moedist.arch"]``; `moedist.checkpoint.io.read_manifest`
+moves them into the config.)
 
 This module never imports transformers: it reads and writes plain JSON dicts.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from typing import Any, Dict, Optional
 
-DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
-SUPPORTED = DENSE_TYPES + MOE_TYPES
-ROPE_TYPES = ("default", "linear", "llama3")
+from moedist.choices import HF_DENSE_TYPES, HF_MODEL_TYPES, HF_MOE_TYPES, ROPE_TYPES
+
+DENSE_TYPES, MOE_TYPES, SUPPORTED = HF_DENSE_TYPES, HF_MOE_TYPES, HF_MODEL_TYPES
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM",
                  "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
-
-# Architecture facts without a MoedistConfig field yet, set as attributes by hf_to_moedist_config.
-ARCH_EXTRAS = {"model": ("head_dim", "attention_bias", "qk_norm", "mlp_only_layers", "rope_scaling"),
-               "moe": ("shared_expert_ffn_size",)}
-
-
-def arch_extras(cfg) -> Dict[str, dict]:
-    """The ARCH_EXTRAS attributes a config carries, {section: {key: value}} (JSON-able)."""
-    return {sec: {k: getattr(getattr(cfg, sec), k) for k in keys if hasattr(getattr(cfg, sec), k)}
-            for sec, keys in ARCH_EXTRAS.items()}
-
-
-def set_arch_extras(cfg, extras: Dict[str, dict]) -> None:
-    """Attach {section: {key: value}} (from `arch_extras`) to a config."""
-    for sec, values in (extras or {}).items():
-        for k, v in values.items():
-            setattr(getattr(cfg, sec), k, v)
 
 
 # Class defaults of transformers for keys a config.json may omit.
@@ -66,7 +50,7 @@ _EPS = {"mixtral": 1e-5}
 ARCH_KEYS = {
     "model": ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_size",
               "rope_theta", "norm_eps", "tie_embeddings", "from_hf", "head_dim", "attention_bias", "qk_norm",
-              "mlp_only_layers"),
+              "mlp_only_layers", "hf_model_type"),
     "moe": ("expert_ffn_size", "num_shared_experts", "shared_expert_gate", "activation", "shared_expert_ffn_size"),
 }
 ARCH_KEYS_MOE = {"model": ("moe_every",), "moe": ("num_experts",)}
@@ -104,10 +88,22 @@ def _num_experts(hf: dict) -> int:
     return int(hf.get("num_local_experts") or hf.get("num_experts") or 0)
 
 
-def _set_override(section_obj, section: str, key: str, value) -> None:
-    if not hasattr(section_obj, key):
-        raise ValueError(f"{section}.{key}: unknown key for from_hf overrides")
-    setattr(section_obj, key, value)
+def _apply_overrides(cfg, mt: str, overrides: Dict[str, Any]) -> None:
+    """Set ``{section: {key: value}}`` on `cfg` (in place), refusing keys the checkpoint fixes or the config lacks."""
+    sections = {f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))}
+    for section, values in overrides.items():
+        if not isinstance(values, dict) or section not in sections:
+            raise ValueError(f"from_hf override {section}={values!r}: expected a config section name "
+                             "with a dict of keys, e.g. lora={'mode': 'full'}")
+        fixed = ARCH_KEYS.get(section, ()) + (ARCH_KEYS_MOE.get(section, ()) if mt in MOE_TYPES else ())
+        old = getattr(cfg, section)
+        known = {f.name for f in dataclasses.fields(old)}
+        for key in values:
+            if key in fixed:
+                raise ValueError(f"{section}.{key}: fixed by the Hugging Face checkpoint ({mt}), cannot be overridden")
+            if key not in known:
+                raise ValueError(f"{section}.{key}: unknown key for from_hf overrides")
+        setattr(cfg, section, dataclasses.replace(old, **values))
 
 
 def hf_to_moedist_config(hf: Dict[str, Any], base=None, from_hf: Optional[str] = None, **overrides):
@@ -161,7 +157,7 @@ def hf_to_moedist_config(hf: Dict[str, Any], base=None, from_hf: Optional[str] =
         m.max_seq_len = min(m.max_seq_len, int(window))
     m.from_hf = from_hf
     moe.activation = "swiglu"
-    # architecture facts without a config field yet (read by build_model with getattr)
+    # architecture facts the config has a key for but a Llama default would get wrong
     m.head_dim = int(hf.get("head_dim") or (128 if mt == "qwen3" else H // nh))
     m.attention_bias = mt == "qwen2" or (mt == "qwen2_moe" and bool(hf.get("qkv_bias", True)))
     m.qk_norm = mt in ("qwen3", "qwen3_moe")
@@ -182,15 +178,8 @@ def hf_to_moedist_config(hf: Dict[str, Any], base=None, from_hf: Optional[str] =
         if mt == "qwen2_moe":
             moe.num_shared_experts, moe.shared_expert_gate = 1, True
             moe.shared_expert_ffn_size = int(hf["shared_expert_intermediate_size"])
-    for section, values in overrides.items():
-        if not isinstance(values, dict) or not hasattr(cfg, section):
-            raise ValueError(f"from_hf override {section}={values!r}: expected a config section name "
-                             "with a dict of keys, e.g. lora={'mode': 'full'}")
-        fixed = ARCH_KEYS.get(section, ()) + (ARCH_KEYS_MOE.get(section, ()) if mt in MOE_TYPES else ())
-        for key, value in values.items():
-            if key in fixed:
-                raise ValueError(f"{section}.{key}: fixed by the Hugging Face checkpoint ({mt}), cannot be overridden")
-            _set_override(getattr(cfg, section), section, key, value)
+    _apply_overrides(cfg, mt, overrides)
+    m, moe = cfg.model, cfg.moe
     if mt in MOE_TYPES and cfg.lora.mode == "moe_lora":
         raise ValueError(f"lora.mode='moe_lora': needs a dense model ({mt} already has experts); "
                          "use expert_lora for LoRA on its experts")

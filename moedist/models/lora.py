@@ -6,13 +6,14 @@ Names follow PEFT so adapters export as-is: `lora_A` [r, in] and `lora_B`
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F_
 
-from moedist.models.llama import draw_ffn_
+from moedist.choices import LORA_TARGETS
+from moedist.models.llama import DenseFFN, draw_ffn_
 from moedist.moe.ffn import GATED, hidden_act
 from moedist.moe.init import is_meta
 from moedist.moe.lora_math import lora_dropout, lora_scale
@@ -77,8 +78,8 @@ class LoRAFFN(nn.Module):
     lora_A_<t> [in, r] (random), lora_B_<t> [r, out] (zeros), t in gate/up/down.
     """
 
-    def __init__(self, dense: nn.Module, rank: int, alpha: Optional[float] = None, dropout: float = 0.0,
-                 targets=("gate", "up", "down"), seed: int = 0):
+    def __init__(self, dense: DenseFFN, rank: int, alpha: Optional[float] = None, dropout: float = 0.0,
+                 targets: Sequence[str] = LORA_TARGETS, seed: int = 0):
         super().__init__()
         self.activation = dense.activation
         self.w_gate, self.w_up, self.w_down = dense.w_gate, dense.w_up, dense.w_down
@@ -87,7 +88,7 @@ class LoRAFFN(nn.Module):
                 p.requires_grad_(False)
         self.scaling, self.dropout, self.seed = lora_scale(rank, alpha), dropout, seed
         # the base is drawn like the DenseFFN it came from (at materialization of a meta-built model)
-        self.base_seed, self.init_std = getattr(dense, "seed", None), getattr(dense, "init_std", None)
+        self.base_seed, self.init_std = dense.seed, dense.init_std
         self.targets = tuple(t for t in targets if t != "gate" or self.w_gate is not None)
         for t in self.targets:
             w = getattr(self, f"w_{t}")

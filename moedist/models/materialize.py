@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from moedist.config import MoedistConfig
 from moedist.models.build import build_model, moe_layers
 from moedist.models.parallelize import shard_experts_
 from moedist.moe.init import OwnsInit
@@ -81,13 +82,13 @@ def shard_meta_(model: nn.Module, ep_rank: int, ep_size: int) -> nn.Module:
     return model
 
 
-def build_meta_model(cfg, seed: Optional[int] = None) -> nn.Module:
+def build_meta_model(cfg: MoedistConfig, seed: Optional[int] = None) -> nn.Module:
     """`build_model(cfg)` on the meta device: structure, names, shapes, dtypes, requires_grad; no storage."""
     with torch.device("meta"):
         return build_model(cfg, seed=seed)
 
 
-def build_local_model(cfg, ep_rank: int = 0, ep_size: int = 1, device="cpu", seed: Optional[int] = None,
+def build_local_model(cfg: MoedistConfig, ep_rank: int = 0, ep_size: int = 1, device="cpu", seed: Optional[int] = None,
                       meta_model: Optional[nn.Module] = None, init: bool = True) -> nn.Module:
     """This rank's part of the model of `cfg`: built on meta, experts sharded, then materialized on `device`.
 
@@ -181,7 +182,7 @@ def decoder_layers(model: nn.Module) -> List[nn.Module]:
     return list(model.layers)
 
 
-def build_partitioned_model(cfg, partition: Callable[[List[nn.Parameter]], None], ep_rank: int = 0,
+def build_partitioned_model(cfg: MoedistConfig, partition: Callable[[List[nn.Parameter]], None], ep_rank: int = 0,
                             ep_size: int = 1, device="cpu", meta_model: Optional[nn.Module] = None,
                             load: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
     """`build_local_model`, but each decoder layer (then the rest) is drawn, given its loaded weights

@@ -39,10 +39,12 @@ from typing import Optional
 
 import torch
 
+from moedist.choices import UPCYCLE_METHODS
+from moedist.config import MoedistConfig
 from moedist.models.build import apply_lora_freezing, build_moe_layer, is_moe_layer
 from moedist.models.llama import CausalLM, DenseFFN
 
-METHODS = ("sparse", "moefication", "lora_moe")
+METHODS = UPCYCLE_METHODS
 
 
 def _check_method(method: str) -> None:
@@ -65,11 +67,9 @@ def _dense_ffns(model: CausalLM, moe_every: int):
     return out
 
 
-def _config_for_model(model: CausalLM):
+def _config_for_model(model: CausalLM) -> MoedistConfig:
     """Default config whose model section describes `model` (used when no cfg is given)."""
-    from moedist.config import load_config
-
-    cfg = load_config(None)
+    cfg = MoedistConfig()
     cfg.model.hidden_size = model.embed_tokens.weight.shape[1]
     cfg.model.vocab_size = model.embed_tokens.weight.shape[0]
     cfg.model.num_layers = len(model.layers)
@@ -80,7 +80,7 @@ def _config_for_model(model: CausalLM):
     return cfg
 
 
-def upcycled_config(cfg, method: str, num_experts: int, top_k: int, *, lora_rank: Optional[int] = None,
+def upcycled_config(cfg: MoedistConfig, method: str, num_experts: int, top_k: int, *, lora_rank: Optional[int] = None,
                     lora_alpha: Optional[float] = None, moe_every: int = 1):
     """The config of the upcycled model (a deep copy of the dense `cfg`).
 
@@ -149,7 +149,7 @@ def _moefy(moe, dense: DenseFFN, num_experts: int) -> None:
 
 
 def upcycle(model: CausalLM, method: str, num_experts: int, top_k: int, *, lora_rank: Optional[int] = None,
-            lora_alpha: Optional[float] = None, seed: Optional[int] = None, cfg=None, moe_every: int = 1,
+            lora_alpha: Optional[float] = None, seed: Optional[int] = None, cfg: Optional[MoedistConfig] = None, moe_every: int = 1,
             freeze: bool = True) -> CausalLM:
     """Replace the dense FFNs of `model` by MoE layers, in place; returns `model`.
 

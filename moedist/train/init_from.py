@@ -18,11 +18,12 @@ else the model has and the checkpoint lacks is an error naming the parameter.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, TypeVar
 
-from moedist.config import ConfigError
+from moedist.config import ConfigError, MoedistConfig
 
 # Keys the checkpoint fixes (its tensors have these shapes); everything else stays as the run sets it.
 MODEL_KEEP = ("from_hf", "init_from", "dtype", "init_std")
@@ -58,7 +59,7 @@ def init_checkpoint(path: str) -> Path:
     return ckpt
 
 
-def apply_init_from(cfg):
+def apply_init_from(cfg: MoedistConfig) -> MoedistConfig:
     """For a config with model.init_from set: the config with the checkpoint's architecture (else `cfg`)."""
     if not cfg.model.init_from:
         return cfg
@@ -71,25 +72,18 @@ def apply_init_from(cfg):
         src = config_from_dict(_without_paths(manifest["config"]))
     except ConfigError as err:
         raise ConfigError(f"model.init_from={cfg.model.init_from!r}: {ckpt}/manifest.json config: {err}") from None
-    out = copy.deepcopy(cfg)
-    for f in vars(src.model):
-        if f not in MODEL_KEEP:
-            setattr(out.model, f, copy.deepcopy(getattr(src.model, f)))
-    for f in MOE_ARCH:
-        setattr(out.moe, f, copy.deepcopy(getattr(src.moe, f)))
+    model_arch = [f.name for f in dataclasses.fields(src.model) if f.name not in MODEL_KEEP]
+    out = dataclasses.replace(copy.deepcopy(cfg), model=_take(cfg.model, src.model, model_arch),
+                              moe=_take(cfg.moe, src.moe, MOE_ARCH))
     if src.lora.mode != "none":  # its adapters are weights too
-        for f in LORA_ARCH:
-            setattr(out.lora, f, copy.deepcopy(getattr(src.lora, f)))
+        out.lora = _take(cfg.lora, src.lora, LORA_ARCH)
     elif out.lora.mode == "moe_lora" and src.model.moe_every == 0:
-        out.model.moe_every = cfg.model.moe_every or 1  # LoRA-MoE on the dense FFNs: the run's layers/experts
-        for f in MOE_ARCH:
-            setattr(out.moe, f, copy.deepcopy(getattr(cfg.moe, f)))
+        # LoRA-MoE on the dense FFNs: the run's layers and experts
+        out.model = dataclasses.replace(out.model, moe_every=cfg.model.moe_every or 1)
+        out.moe = copy.deepcopy(cfg.moe)
     elif out.lora.mode == "moe_lora":
         raise ConfigError(f"lora.mode='moe_lora': needs a dense model but model.init_from={cfg.model.init_from!r} "
                           "already has experts; use expert_lora for LoRA on its experts")
-    from moedist.models.hf_maps import set_arch_extras
-
-    set_arch_extras(out, (manifest.get("extra_state") or {}).get("moedist.arch"))
     from moedist.config import validate
 
     probe = copy.deepcopy(out)
@@ -98,6 +92,14 @@ def apply_init_from(cfg):
     except ConfigError as err:
         raise ConfigError(f"model.init_from={cfg.model.init_from!r}: with its architecture: {err}") from None
     return out
+
+
+T = TypeVar("T")  # a config section dataclass
+
+
+def _take(dst: T, src: T, names: Iterable[str]) -> T:
+    """A copy of config section `dst` with the fields `names` taken from `src` (same section type)."""
+    return dataclasses.replace(copy.deepcopy(dst), **{f: copy.deepcopy(getattr(src, f)) for f in names})
 
 
 def _without_paths(config: dict) -> dict:

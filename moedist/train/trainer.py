@@ -370,7 +370,7 @@ class Trainer:
                        f"clamped to {c.train.max_steps} steps")
         from moedist.models.hf_maps import MOE_TYPES
 
-        hf_type = vars(c.model).get("hf_model_type")  # set by the Hugging Face import (informational)
+        hf_type = c.model.hf_model_type  # set by the Hugging Face import
         if c.model.from_hf and hf_type in MOE_TYPES and c.moe.capacity_factor:
             self._warn(f"model.from_hf is a {hf_type} model, which routes dropless; moe.capacity_factor="
                        f"{c.moe.capacity_factor} from the config drops tokens over capacity (set "
