@@ -1,4 +1,4 @@
-"""Everything moedist needs from DeepSpeed's internals, in one module.
+"""DeepSpeed set-up: groups, parameter tagging, engine config (with `deepspeed_runner`, the only DeepSpeed code).
 
 Checked against DeepSpeed 0.19.8 (setup.py pins >=0.19,<0.20); see
 `shared/notes/deepspeed-moe.md` for the experiments behind each choice.
@@ -47,14 +47,12 @@ once (verified). The fp32 ZeRO-0 path averages per-rank norms (DeepSpeed issue
 #8475), so there DeepSpeed's clipping is switched off and the trainer clips
 with `moedist.distributed.clip_grad_norm_` between backward and step.
 
-Checkpoints: the trainer writes the layout-independent moedist format
-(`moedist.train.checkpointing`); what it needs from DeepSpeed is here:
-`materialize_optimizer_state` (AdamW state before the first step, and a fresh
-link of ZeRO-1/2's per-parameter fragments to it) and `set_optimizer_step`.
-Every stage and precision saves in that format (ZeRO-0 bf16 included: its
-BF16_Optimizer links fp32 masters and Adam state to each parameter like ZeRO-1/2).
-DeepSpeed's own `engine.save_checkpoint`/`load_checkpoint` are never called: their
-files are pickles, and loading them could run code planted in a checkpoint.
+The runner (`moedist.train.deepspeed_runner.DeepSpeedRunner`: step, learning rate, gradient
+norm) and its state for checkpoints and export (fp32 masters, ZeRO-3 partitions, optimizer
+state) live beside this module, in `moedist.train.deepspeed_runner`. Every stage and precision
+saves in the layout-independent moedist format; DeepSpeed's own
+`engine.save_checkpoint`/`load_checkpoint` are never called: their files are pickles, and
+loading them could run code planted in a checkpoint.
 """
 from __future__ import annotations
 
@@ -450,194 +448,7 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, config: Dict[
     return engine
 
 
-# ------------------------------------------------------------------ engine access
-
-def set_lr(engine, lr: float) -> None:
-    """Set the learning rate of every param group the engine's optimizer steps."""
-    opt = engine.optimizer
-    seen = set()
-    for o in (opt, getattr(opt, "optimizer", None)):
-        if o is None or not hasattr(o, "param_groups"):
-            continue
-        for g in o.param_groups:
-            if id(g) not in seen:
-                g["lr"] = lr
-                seen.add(id(g))
-
-
-def global_grad_norm(engine) -> Optional[float]:
-    """The norm DeepSpeed computed in its last step (ZeRO-1/2/3 and mixed precision), or None."""
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return None
-    return float(norm.item() if torch.is_tensor(norm) else norm)
-
-
-def inner_optimizer(engine) -> torch.optim.Optimizer:
-    """The torch optimizer that holds the state DeepSpeed steps (flat partitions under ZeRO)."""
-    opt = engine.optimizer
-    return getattr(opt, "optimizer", opt)
-
-
-def optimizer_state_numel(engine) -> int:
-    """Elements of optimizer state (exp_avg, exp_avg_sq, ...) held by this rank."""
-    total = 0
-    for state in inner_optimizer(engine).state.values():
-        total += sum(v.numel() for k, v in state.items() if torch.is_tensor(v) and k != "step")
-    return total
-
-
-def _optimizer_flats(engine) -> list:
-    """The tensors DeepSpeed's torch optimizer keeps state for (flat fp32 partitions)."""
-    inner = inner_optimizer(engine)
-    flats = [p for group in inner.param_groups for p in group["params"]]
-    flats += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))  # ZeRO-3 swaps these in per step
-    return [p for p in flats if p is not None]
-
-
-def set_optimizer_step(engine, step: int) -> None:
-    """Set AdamW's step count (bias correction) on every state DeepSpeed's optimizer holds."""
-    inner = inner_optimizer(engine)
-    for p in _optimizer_flats(engine):
-        st = inner.state.get(p)
-        if st and "step" in st:
-            st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
-
-
-def _is_cpu_adam(opt) -> bool:
-    from deepspeed.ops.adam import DeepSpeedCPUAdam  # importing does not build the extension
-
-    return isinstance(opt, DeepSpeedCPUAdam)
-
-
-def materialize_optimizer_state(engine) -> None:
-    """Give the optimizer its AdamW state (zeros, step 0) before the first step, so that state
-    can be written into it (resume). Torch AdamW creates exactly these lazily at its first step;
-    ZeRO-1/2 then link them to each parameter's fragment (`_lazy_init_hp_params_optimizer_state`),
-    which `safe_get/set_full_optimizer_state` need; ZeRO-3 keys them by its flat fp32 sub-groups."""
-    opt = engine.optimizer
-    inner = inner_optimizer(engine)
-    cpu_adam = _is_cpu_adam(inner)  # ZeRO-Offload: its C++ step wants an int step count
-    if not (isinstance(inner, torch.optim.AdamW) or cpu_adam):
-        return
-    for p in _optimizer_flats(engine):
-        st = inner.state[p]
-        if not st:
-            st["step"] = 0 if cpu_adam else torch.tensor(0.0)
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    link = getattr(opt, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:
-        # ZeRO-1/2 link once, after the first step; at world > 1 the state can be re-keyed after
-        # that (the fragments then hold nothing), so link again against the current state.
-        opt._hp_optimizer_states_linked = False
-        link()
-
-
-ADAM_STATES = ("exp_avg", "exp_avg_sq")
-
-
-def optimizer_state_keys(engine) -> tuple:
-    """The per-parameter state tensors the engine's optimizer keeps: Adam's two moments, or none (SGD)."""
-    inner = inner_optimizer(engine)
-    return ADAM_STATES if isinstance(inner, torch.optim.AdamW) or _is_cpu_adam(inner) else ()
-
-
-def _unfused_masters(engine) -> Optional[Dict[int, torch.Tensor]]:
-    """ZeRO-0 with bf16/fp16 and a torch optimizer: {id(model parameter): its fp32 master}, else None.
-
-    DeepSpeed's FP16_UnfusedOptimizer keeps one fp32 copy per parameter (`fp32_groups`, in
-    the order of `fp16_groups`) and the torch optimizer's state is keyed by those copies;
-    DeepSpeed's `safe_get_full_*` helpers do not know this wrapper (they return None).
-    """
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
-    opt = engine.optimizer
-    if not isinstance(opt, FP16_UnfusedOptimizer):
-        return None
-    return {id(lp): hp for lg, hg in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lg, hg)}
-
-
-def get_full_fp32_param(engine, p: torch.Tensor) -> Optional[torch.Tensor]:
-    """The full fp32 master value of trainable `p` (collective under ZeRO-3), or None if it has none."""
-    masters = _unfused_masters(engine)
-    if masters is not None:
-        return masters.get(id(p))
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    return safe_get_full_fp32_param(p)
-
-
-def set_full_fp32_param(engine, p: torch.Tensor, value: torch.Tensor) -> None:
-    """Write the full fp32 master value of trainable `p` (the module parameter is the caller's)."""
-    masters = _unfused_masters(engine)
-    if masters is not None:
-        if id(p) in masters:
-            masters[id(p)].copy_(value.to(masters[id(p)].device))
-        return
-    from deepspeed.utils import safe_set_full_fp32_param
-
-    safe_set_full_fp32_param(p, value)
-
-
-def _get_state(engine, p: torch.Tensor, key: str) -> Optional[torch.Tensor]:
-    masters = _unfused_masters(engine)
-    if masters is None:
-        from deepspeed.utils import safe_get_full_optimizer_state
-
-        return safe_get_full_optimizer_state(p, key)
-    hp = masters.get(id(p))
-    return None if hp is None else inner_optimizer(engine).state.get(hp, {}).get(key)
-
-
-def _set_state(engine, p: torch.Tensor, value: torch.Tensor, key: str) -> None:
-    masters = _unfused_masters(engine)
-    if masters is None:
-        from deepspeed.utils import safe_set_full_optimizer_state
-
-        safe_set_full_optimizer_state(p, value, key)
-    elif id(p) in masters:
-        inner_optimizer(engine).state[masters[id(p)]][key].copy_(value)
-
-
-def get_full_optimizer_state(module: nn.Module, engine) -> Dict[str, Dict[str, torch.Tensor]]:
-    """{param name: {exp_avg, exp_avg_sq, step}} full tensors from a ZeRO 0-3 engine.
-
-    Collective (DeepSpeed's `safe_get_full_optimizer_state` gathers partitions):
-    every rank calls it for the same parameters in the same order.
-    """
-    keys = optimizer_state_keys(engine)
-    if not keys:
-        return {}
-    materialize_optimizer_state(engine)  # links the state to each parameter's fragment
-    step = next((int(st["step"]) for st in inner_optimizer(engine).state.values() if "step" in st), 0)
-    out: Dict[str, Dict[str, torch.Tensor]] = {}
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        st = {s: v.detach().float().cpu().clone() for s in keys
-              if (v := _get_state(engine, p, s)) is not None}
-        if st:
-            st["step"] = torch.tensor(float(step))
-            out[name] = st
-    return out
-
-
-def set_full_optimizer_state(module: nn.Module, engine, state: Dict[str, Dict[str, torch.Tensor]]) -> None:
-    """Write full per-parameter Adam state (as `get_full_optimizer_state` returns) into the engine."""
-    keys = optimizer_state_keys(engine)
-    if not keys:
-        return
-    materialize_optimizer_state(engine)
-    for name, p in module.named_parameters():
-        if p.requires_grad and name in state:
-            for s in keys:
-                if s in state[name]:
-                    _set_state(engine, p, state[name][s].to(p.device), s)
-    steps = [int(st["step"]) for st in state.values() if "step" in st]
-    if steps:
-        set_optimizer_step(engine, steps[0])
-
+# ------------------------------------------------------------------ ZeRO-3 parameters
 
 def local_param_numel(p: torch.Tensor) -> int:
     """Elements of `p` this rank stores (its ZeRO-3 partition, or the whole tensor)."""
