@@ -24,6 +24,7 @@ from moedist.moe.capacity import compute_capacity, select_tokens
 from moedist.moe.dispatcher import permute_pairs
 from moedist.moe.ffn import GATED, GATED_GRAD
 from moedist.moe.kernels.gated_ffn import GroupedGatedFFN
+from moedist.moe.parts import Experts
 
 if TYPE_CHECKING:
     from moedist.bench.layer import LayerBenchConfig
@@ -50,7 +51,7 @@ class Case:
         return f"{self.impl}/{self.mode}/{self.ffn}"
 
 
-class _BenchExperts(nn.Module):
+class _BenchExperts(nn.Module, Experts):
     """moedist's GroupedExperts (same parameters) with the bench's chosen expert FFN.
 
     plain: each expert's slice through `ffns.ffn_forward(..., "plain")` (weights unbound once);
@@ -62,7 +63,7 @@ class _BenchExperts(nn.Module):
     def __init__(self, inner: GroupedExperts, ffn: str):
         super().__init__()
         self.inner, self.ffn = inner, ffn
-        self.num_local, self.first_expert = inner.num_local, inner.first_expert
+        self.num_experts, self.num_local, self.first_expert = inner.num_experts, inner.num_local, inner.first_expert
 
     def path(self, x: torch.Tensor) -> str:
         e = self.inner
@@ -217,12 +218,14 @@ def _floor_case(mode, router_w, experts, x, grad, cfg, ffn) -> Case:
     return Case("floor", mode, m, backward, clear, a2a_bytes=lambda: 0, rows_executed=lambda: n, ffn=ffn)
 
 
-class _PerPairExperts(nn.Module):
-    """Hides MoELoRAExperts.forward_tokens so MoELayer takes the per-pair path (the naive form)."""
+class _PerPairExperts(nn.Module, Experts):
+    """MoELoRAExperts without the `FusedLocalExperts` capability (nor `FrozenBaseExperts`), so
+    MoELayer takes the per-pair path (the naive form)."""
 
     def __init__(self, inner: MoELoRAExperts):
         super().__init__()
-        self.inner, self.num_local = inner, inner.num_local
+        self.inner = inner
+        self.num_experts, self.num_local, self.first_expert = inner.num_experts, inner.num_local, inner.first_expert
 
     def forward(self, x_NH, counts_L):
         return self.inner(x_NH, counts_L)

@@ -14,7 +14,8 @@ from typing import Dict, Iterator, List, Tuple
 import torch
 import torch.nn as nn
 
-from moedist.moe.experts import EXPERT_ATTR
+from moedist.distributed.grad_sync import is_expert_param
+from moedist.moe.parts import Experts
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,8 @@ class ExpertSlot:
 
 
 def expert_modules(model: nn.Module) -> Dict[str, nn.Module]:
-    """Modules that own stacked experts (they carry num_local/first_expert/num_experts)."""
-    return {n: m for n, m in model.named_modules() if all(hasattr(m, a) for a in ("num_local", "first_expert", "num_experts"))}
+    """Modules that own stacked experts (`moedist.moe.parts.Experts`: num_experts, num_local, first_expert)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, Experts)}
 
 
 def param_slots(model: nn.Module) -> Dict[str, ExpertSlot]:
@@ -36,7 +37,7 @@ def param_slots(model: nn.Module) -> Dict[str, ExpertSlot]:
     owners = expert_modules(model)
     slots = {}
     for name, p in model.named_parameters():
-        if not getattr(p, EXPERT_ATTR, False):
+        if not is_expert_param(p):
             continue
         owner = max((o for o in owners if name.startswith(o + ".")), key=len, default=None)
         if owner is None:

@@ -6,6 +6,10 @@ dispatcher over the EP communicator. Expert parameters (tagged
 parameter stays replicated. Because experts are seeded by global id, slicing a
 fully built model equals building the shard directly (`moedist.models.materialize`
 builds on the meta device and materializes only the shard).
+
+This is where the parts are checked, once: every layer's experts must be a
+`moedist.moe.parts.Experts` and its dispatcher a `Dispatcher` (a TypeError names
+the layer, the part and the member it lacks).
 """
 from __future__ import annotations
 
@@ -13,9 +17,11 @@ import torch
 import torch.nn as nn
 
 from moedist.distributed.comm import ExpertParallelComm
+from moedist.distributed.grad_sync import is_expert_param
 from moedist.moe.dispatcher import TokenDispatcher
-from moedist.moe.experts import EXPERT_ATTR, tag_expert_param
+from moedist.moe.experts import tag_expert_param
 from moedist.moe.layer import MoELayer
+from moedist.moe.parts import Dispatcher, Experts, check_part
 
 
 def shard_experts_(experts: nn.Module, ep_rank: int, ep_size: int) -> nn.Module:
@@ -29,7 +35,7 @@ def shard_experts_(experts: nn.Module, ep_rank: int, ep_size: int) -> nn.Module:
     first = ep_rank * L
     for mod in experts.modules():
         for name, p in list(mod.named_parameters(recurse=False)):
-            if getattr(p, EXPERT_ATTR, False):
+            if is_expert_param(p):
                 new = nn.Parameter(p.data[first:first + L].clone(), requires_grad=p.requires_grad)
                 setattr(mod, name, tag_expert_param(new))
     experts.num_local, experts.first_expert = L, first
@@ -42,8 +48,10 @@ def parallelize(model: nn.Module, comm: ExpertParallelComm) -> nn.Module:
     A model whose experts are already this rank's shard (`moedist.models.materialize.build_local_model`)
     only gets its dispatchers.
     """
-    for layer in model.modules():
+    for path, layer in model.named_modules():
         if isinstance(layer, MoELayer):
+            check_part(layer.experts, Experts, f"{path or 'model'}.experts")
+            check_part(layer.dispatcher, Dispatcher, f"{path or 'model'}.dispatcher")
             ex = layer.experts
             if comm.size > 1 and ex.num_local == ex.num_experts:
                 shard_experts_(ex, comm.rank, comm.size)

@@ -18,12 +18,13 @@ Flow for P ranks, L local experts each (E = P * L):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Mapping, Optional
 
 import torch
 
 from moedist.distributed.comm import ExpertParallelComm
 from moedist.moe.counts import count_ids
+from moedist.moe.parts import Dispatcher
 
 
 @dataclass
@@ -78,17 +79,17 @@ class DispatchState:
     from_local: Optional[torch.Tensor] = None  # inverse permutation
 
 
-class TokenDispatcher:
+class TokenDispatcher(Dispatcher):
     """Moves routed tokens to the ranks holding their experts and back.
 
     Args:
         num_experts: E (global); must divide by the EP size.
         comm: the EP communicator (`ExpertParallelComm.single()` for EP size 1).
 
-    After each dispatch, `last_stats` holds `a2a_rows` (rows sent each way),
-    `a2a_bytes` (bytes of activations sent by this rank in the forward
-    dispatch, = rows * H * element size; the combine sends the same count back)
-    and `a2a_bytes_remote` (the part that leaves this rank).
+    After each dispatch (and `permute_local`), `last_stats` holds `a2a_rows` (rows sent each
+    way), `a2a_bytes` (bytes of activations sent by this rank in the forward dispatch,
+    = rows * H * element size; the combine sends the same count back) and `a2a_bytes_remote`
+    (the part that leaves this rank). Only the dispatcher writes them.
     """
 
     def __init__(self, num_experts: int, comm: Optional[ExpertParallelComm] = None):
@@ -99,7 +100,21 @@ class TokenDispatcher:
         self.ep_size, self.ep_rank = self.comm.size, self.comm.rank
         self.num_local_experts = num_experts // self.comm.size
         self.first_expert = self.ep_rank * self.num_local_experts
-        self.last_stats: dict = {}
+        self._stats: dict = {}
+
+    @property
+    def last_stats(self) -> Mapping[str, int]:
+        """The last dispatch's all-to-all rows and bytes ({} before the first one)."""
+        return self._stats
+
+    def permute_local(self, idx_TK: torch.Tensor, keep_TK: torch.Tensor) -> LocalPermutation:
+        """EP size 1: the kept pairs sorted by expert with host counts (the forward's one sync), rows
+        not moved, for experts with a fused local path (`moedist.moe.parts.FusedLocalExperts`).
+        Nothing crosses the network: `last_stats` records zeros."""
+        if self.ep_size != 1:
+            raise ValueError(f"permute_local: needs EP size 1 (this dispatcher spans {self.ep_size} ranks)")
+        self._stats = dict(a2a_rows=0, a2a_bytes=0, a2a_bytes_remote=0)
+        return permute_pairs(idx_TK, keep_TK, self.num_experts)
 
     def dispatch(self, x_TH: torch.Tensor, idx_TK: torch.Tensor, keep_TK: torch.Tensor, host_counts: bool = True):
         """Send each kept pair's token row to its expert's rank.
@@ -113,7 +128,7 @@ class TokenDispatcher:
         P, L = self.ep_size, self.num_local_experts
         if P == 1:
             perm = permute_pairs(idx_TK, keep_TK, self.num_experts, host_counts)
-            self.last_stats = dict(a2a_rows=0, a2a_bytes=0, a2a_bytes_remote=0)
+            self._stats = dict(a2a_rows=0, a2a_bytes=0, a2a_bytes_remote=0)
             counts_L = perm.counts_host if host_counts else perm.counts_E
             return x_TH.index_select(0, perm.token_N), counts_L, DispatchState(perm, x_TH.shape[0])
         if not host_counts:
@@ -140,7 +155,7 @@ class TokenDispatcher:
         state.from_local = torch.argsort(state.to_local)
         row_bytes = x_TH.shape[1] * x_TH.element_size()
         sent = sum(state.in_splits)
-        self.last_stats = dict(a2a_rows=sent, a2a_bytes=sent * row_bytes,
+        self._stats = dict(a2a_rows=sent, a2a_bytes=sent * row_bytes,
                                a2a_bytes_remote=(sent - state.in_splits[self.ep_rank]) * row_bytes)
         x_local = x_recv.index_select(0, state.to_local)  # [M, H] sorted by local expert
         return x_local, got_PL.sum(0).tolist(), state

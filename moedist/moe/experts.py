@@ -8,7 +8,7 @@ weights whatever the EP layout.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Protocol, Sequence, runtime_checkable
+from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,30 +18,11 @@ from moedist.moe.ffn import (GATED, Counts, Path, check_activation, choose_path,
                              hidden_act, moe_lora_hidden)
 from moedist.moe.init import is_meta, normal_
 from moedist.moe.lora_math import lora_dropout, lora_scale
+from moedist.moe.parts import DeviceCountExperts, Experts, FrozenBaseExperts, FusedLocalExperts
 
 # One tag for expert parameters, owned by moedist.distributed (which reduces them
 # over the expert-data-parallel group only); re-exported here for the expert modules.
 from moedist.distributed.grad_sync import EXPERT_ATTR, mark_expert_param as tag_expert_param  # noqa: E402
-
-
-@runtime_checkable
-class FrozenBaseExperts(Protocol):
-    """Experts that are adapters on ONE frozen FFN (MoE-LoRA): the layer applies that FFN to every
-    token, also to the pairs capacity dropped (`MoELayer`), so it must be able to run it alone."""
-
-    def base_forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        """The frozen FFN on every token, [T, H] -> [T, H]."""
-        ...
-
-
-@runtime_checkable
-class DeviceCountExperts(Protocol):
-    """Experts that can take their per-expert counts as an [L] device tensor (no host sync):
-    `forward(x_NH, counts_L)` then gets T*K rows, the padding rows last (`MoELayer` masks them)."""
-
-    def takes_device_counts(self, x_NH: torch.Tensor) -> bool:
-        """True when forward(x_NH, counts) accepts counts as a device tensor for these rows."""
-        ...
 
 
 def _expert_normal(shape: Sequence[int], std: float, seed: int, expert: int, which: int) -> torch.Tensor:
@@ -57,7 +38,7 @@ def _check_layout(num_experts: int, num_local: Optional[int], first_expert: int)
     return L
 
 
-class GroupedExperts(nn.Module):
+class GroupedExperts(nn.Module, Experts, DeviceCountExperts):
     """L FFN experts stacked as w_gate/w_up [L, H, F] and w_down [L, F, H].
 
     Args:
@@ -224,7 +205,7 @@ class LoRAOnExperts(_LoRAMixin, GroupedExperts):
         return self._proj("down", h, self.w_down, counts_L)  # [N, H]
 
 
-class MoELoRAExperts(_LoRAMixin, nn.Module):
+class MoELoRAExperts(_LoRAMixin, nn.Module, Experts, FusedLocalExperts, FrozenBaseExperts):
     """MoE-LoRA / MixLoRA experts: one frozen FFN shared by all experts; expert e is
     a LoRA adapter (per projection) on it.
 

@@ -29,12 +29,12 @@ import torch.nn as nn
 
 from moedist.choices import AUX_LOSS_TYPES, DROP_POLICIES, ROUTER_TYPES
 from moedist.moe.capacity import compute_capacity, select_tokens
-from moedist.moe.dispatcher import TokenDispatcher, combine_pairs, permute_pairs
+from moedist.moe.dispatcher import TokenDispatcher
 from moedist.moe.expert_choice import expert_choice
 from moedist.moe.counts import count_ids
-from moedist.moe.experts import DeviceCountExperts, FrozenBaseExperts
 from moedist.moe.losses import importance_loss, load_loss, router_entropy, router_z_loss, switch_load_balancing_loss
 from moedist.moe.groups import GroupTable, RouteInfo, random_group_routing
+from moedist.moe.parts import DeviceCountExperts, Dispatcher, Experts, FrozenBaseExperts, FusedLocalExperts
 from moedist.moe.router import Router, RouterOutput
 
 
@@ -71,11 +71,12 @@ class MoELayer(nn.Module):
     """A Mixture-of-Experts FFN built from parts.
 
     Args:
-        router: a `Router`. experts: a module with forward(x_NH, counts_L) (and
-            optionally forward_tokens for a fused local path) holding the
-            dispatcher's local experts.
+        router: a `Router`. experts: a module with forward(x_NH, counts_L) holding the
+            dispatcher's local experts; `moedist.moe.parts.Experts` declares the whole contract
+            (its layout is then checked against the dispatcher), and the capabilities
+            `FusedLocalExperts`, `FrozenBaseExperts`, `DeviceCountExperts` pick the paths below.
         shared_experts: optional dense module applied to every token.
-        dispatcher: `TokenDispatcher` (EP size 1 when omitted).
+        dispatcher: a `moedist.moe.parts.Dispatcher` (`TokenDispatcher` of EP size 1 when omitted).
         capacity_factor: None or 0 for dropless. min_capacity: lower bound.
         drop_policy: "position" or "probs".
         aux_loss_type: "switch", "importance" (Shazeer importance + load) or "none".
@@ -97,7 +98,7 @@ class MoELayer(nn.Module):
     """
 
     def __init__(self, router: Router, experts: nn.Module, shared_experts: Optional[nn.Module] = None,
-                 dispatcher: Optional[TokenDispatcher] = None, capacity_factor: Optional[float] = None,
+                 dispatcher: Optional[Dispatcher] = None, capacity_factor: Optional[float] = None,
                  min_capacity: int = 0, drop_policy: str = "position", aux_loss_type: str = "switch",
                  aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0, eval_capacity_factor: Optional[float] = None,
                  router_type: str = "token_choice", stats: bool = True):
@@ -107,8 +108,7 @@ class MoELayer(nn.Module):
         E = router.num_experts
         if self.dispatcher.num_experts != E:
             raise ValueError(f"dispatcher num_experts={self.dispatcher.num_experts} != router num_experts={E}")
-        if getattr(experts, "num_local", self.dispatcher.num_local_experts) != self.dispatcher.num_local_experts:
-            raise ValueError(f"experts hold {experts.num_local} local experts, the dispatcher expects {self.dispatcher.num_local_experts}")
+        self._check_layout()
         if capacity_factor is not None and not (capacity_factor >= 0 and math.isfinite(capacity_factor)):
             raise ValueError(f"capacity_factor={capacity_factor}: must be a finite number > 0, or 0/None for dropless")
         if eval_capacity_factor is not None and not (eval_capacity_factor >= 0 and math.isfinite(eval_capacity_factor)):
@@ -155,14 +155,11 @@ class MoELayer(nn.Module):
             sel = select_tokens(r.idx_TK, r.weight_TK, E, cap, self.drop_policy, r.active_TK)
         base_w_T = self._base_weight(r, sel)  # [T] weight of the frozen FFN, or None
         d = self.dispatcher
-        if getattr(self.experts, "first_expert", d.first_expert) != d.first_expert:  # parallelize() swaps dispatchers
-            raise ValueError(f"experts start at global id {self.experts.first_expert}, the dispatcher's rank holds "
-                             f"experts from {d.first_expert}: shard the experts with the same EP layout")
-        if d.ep_size == 1 and hasattr(self.experts, "forward_tokens"):
-            perm = permute_pairs(r.idx_TK, sel.keep_TK, E)  # host counts: the forward's one sync
+        self._check_layout()  # parallelize() swaps dispatchers
+        if d.ep_size == 1 and isinstance(self.experts, FusedLocalExperts):
+            perm = d.permute_local(r.idx_TK, sel.keep_TK)  # host counts: the forward's one sync
             w_N = r.weight_TK.reshape(-1).index_select(0, perm.pair_N)  # [N]
             y_TH = self.experts.forward_tokens(x_TH, perm.token_N, w_N, perm.counts_host, base_weight_T=base_w_T)
-            d.last_stats = dict(a2a_rows=0, a2a_bytes=0, a2a_bytes_remote=0)
         else:
             on_device = (d.ep_size == 1 and isinstance(self.experts, DeviceCountExperts)
                          and self.experts.takes_device_counts(x_TH))
@@ -181,6 +178,17 @@ class MoELayer(nn.Module):
             y_TH = y_TH + self.shared_experts(x_TH)
         aux = self._aux(r, sel, T)
         return y_TH.to(x_BSH.dtype).reshape(shape), aux
+
+    def _check_layout(self) -> None:
+        """Experts that declare their layout (`Experts`) hold exactly the dispatcher's local experts."""
+        ex, d = self.experts, self.dispatcher
+        if not isinstance(ex, Experts):
+            return
+        if ex.num_local != d.num_local_experts:
+            raise ValueError(f"experts hold {ex.num_local} local experts, the dispatcher expects {d.num_local_experts}")
+        if ex.first_expert != d.first_expert:
+            raise ValueError(f"experts start at global id {ex.first_expert}, the dispatcher's rank holds "
+                             f"experts from {d.first_expert}: shard the experts with the same EP layout")
 
     def current_capacity_factor(self) -> Optional[float]:
         """capacity_factor in training; eval_capacity_factor (when set; 0 = dropless) in eval mode. None = dropless."""

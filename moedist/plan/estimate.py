@@ -85,13 +85,13 @@ def count_params(cfg) -> ParamCounts:
     import torch
 
     from moedist.models import build_model
-    from moedist.moe.experts import EXPERT_ATTR
+    from moedist.distributed.grad_sync import is_expert_param
 
     with torch.device("meta"):
         model = build_model(cfg)
     tot = exp = tr = tr_exp = 0
     for p in model.parameters():
-        n, is_exp = p.numel(), bool(getattr(p, EXPERT_ATTR, False))
+        n, is_exp = p.numel(), is_expert_param(p)
         tot += n
         exp += n if is_exp else 0
         tr += n if p.requires_grad else 0
@@ -102,7 +102,7 @@ def count_params(cfg) -> ParamCounts:
         n = sum(p.numel() for p in ps)
         if n > largest:
             largest = n
-            largest_exp = sum(p.numel() for p in ps if getattr(p, EXPERT_ATTR, False))
+            largest_exp = sum(p.numel() for p in ps if is_expert_param(p))
     return ParamCounts(tot, exp, tr, tr_exp, largest, largest_exp)
 
 

@@ -19,9 +19,10 @@ How DeepSpeed is told which parameters are experts:
   full data-parallel size.
 * ZeRO 0/1/2: the engine only runs its expert reduction paths when the model
   contains an instance of ``deepspeed.moe.layer.MoE``. Each of our `MoELayer`s
-  gets a class that also derives from ``MoE`` (``MoE.__init__`` never runs;
-  its attributes are set by hand and ``set_deepspeed_parallelism`` is a no-op
-  because the groups exist already). Forward stays ours.
+  gets a child ``ds_moe_marker``, a ``MoE`` subclass with no parameters
+  (``MoE.__init__`` never runs; its attributes are set by hand and
+  ``set_deepspeed_parallelism`` is a no-op because the groups exist already).
+  The layer keeps its class and forward.
 * ZeRO-3: the engine refuses ``MoE`` instances, so the layers stay plain and
   the expert parameters carry AutoEP's per-parameter placement attributes
   (``ds_zero_placement_family = "autoep_expert"``, partition group name and
@@ -64,7 +65,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from moedist.moe.experts import EXPERT_ATTR
+from moedist.distributed.grad_sync import is_expert_param
 from moedist.moe.layer import MoELayer
 from moedist.train.param_groups import decay_groups
 
@@ -164,32 +165,51 @@ def _moe_class():
     return MoE
 
 
-_VIEW_CLASSES: Dict[type, type] = {}
+MARKER_NAME = "ds_moe_marker"  # the child each MoELayer gets under ZeRO-0/1/2
+_MARKER: Dict[str, type] = {}
 
 
-def _deepspeed_view_class(cls: type) -> type:
-    """`cls` (a MoELayer subclass) that DeepSpeed's engine also sees as ``MoE``."""
-    if cls not in _VIEW_CLASSES:
+def _marker_class() -> type:
+    """``DeepSpeedMoEMarker``: a ``deepspeed.moe.layer.MoE`` with none of MoE's parts.
+
+    The ZeRO-0/1/2 engine runs its expert-gradient paths only when its model holds a ``MoE``;
+    from each one it reads ``num_experts`` and calls ``set_deepspeed_parallelism``. Each of our
+    `MoELayer`s gets a marker as a child (composition: the layer keeps its own class and
+    forward). The marker holds no parameters or buffers (the state dict is unchanged) and never
+    runs: ``MoE.__init__`` is not called and its forward refuses. Made on first use, as DeepSpeed
+    is imported lazily; registered in this module's namespace so a model holding it pickles.
+    """
+    if "cls" not in _MARKER:
         MoE = _moe_class()
 
-        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False, **_: Any) -> None:
-            # The groups were created by init_expert_groups before the model was built.
-            from deepspeed.utils import groups
+        class DeepSpeedMoEMarker(MoE):
+            def __init__(self, num_experts: int, ep_size: int):
+                nn.Module.__init__(self)  # not MoE.__init__: it would build DeepSpeed's own gate and experts
+                self.num_experts, self.ep_size = num_experts, ep_size
+                self.num_local_experts = num_experts // ep_size
+                self.expert_group_name = group_name(ep_size)
+                self.use_residual = False
+                self.enable_expert_tensor_parallelism = False
 
-            if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-                raise RuntimeError(f"DeepSpeed group {self.expert_group_name} is missing; call "
-                                   "moedist.train.deepspeed_setup.init_expert_groups first")
+            def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False, **_: Any) -> None:
+                # The groups were created by init_expert_groups before the model was built.
+                from deepspeed.utils import groups
 
-        name = f"DeepSpeedView{cls.__name__}"
-        view = type(name, (cls, MoE), {"set_deepspeed_parallelism": set_deepspeed_parallelism,
-                                       "__module__": __name__, "__qualname__": name})
-        globals()[name] = view  # importable by name, so a model holding it still pickles
-        _VIEW_CLASSES[cls] = view
-    return _VIEW_CLASSES[cls]
+                if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+                    raise RuntimeError(f"DeepSpeed group {self.expert_group_name} is missing; call "
+                                       "moedist.train.deepspeed_setup.init_expert_groups first")
+
+            def forward(self, *args: Any, **kwargs: Any):
+                raise RuntimeError("DeepSpeedMoEMarker only marks a moedist MoELayer for DeepSpeed; it never runs")
+
+        DeepSpeedMoEMarker.__module__, DeepSpeedMoEMarker.__qualname__ = __name__, "DeepSpeedMoEMarker"
+        globals()["DeepSpeedMoEMarker"] = DeepSpeedMoEMarker  # importable by name: a model holding it pickles
+        _MARKER["cls"] = DeepSpeedMoEMarker
+    return _MARKER["cls"]
 
 
 def expert_params(model: nn.Module) -> List[nn.Parameter]:
-    return [p for p in model.parameters() if getattr(p, EXPERT_ATTR, False)]
+    return [p for p in model.parameters() if is_expert_param(p)]
 
 
 def prepare_model(model: nn.Module, ep_size: int, zero_stage: int, dims=None) -> nn.Module:
@@ -200,19 +220,14 @@ def prepare_model(model: nn.Module, ep_size: int, zero_stage: int, dims=None) ->
         ep_size: expert-parallel size. zero_stage: 0-3.
         dims: the `ParallelDims` from `init_expert_groups` (needed for ZeRO-3).
     """
-    name = group_name(ep_size)
     if zero_stage == 3 and dims is None:
         raise ValueError("prepare_model: ZeRO-3 needs dims (from init_expert_groups)")
     tag_expert_params(expert_params(model), ep_size, zero_stage, dims)
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     if zero_stage < 3:
+        marker = _marker_class()
         for layer in layers:
-            layer.__class__ = _deepspeed_view_class(type(layer))
-            layer.ep_size = ep_size
-            layer.num_local_experts = layer.num_experts // ep_size
-            layer.expert_group_name = name
-            layer.use_residual = False
-            layer.enable_expert_tensor_parallelism = False
+            layer.add_module(MARKER_NAME, marker(layer.num_experts, ep_size))
     else:
         if layers:
             from deepspeed.utils import set_z3_leaf_modules
@@ -227,7 +242,7 @@ def tag_expert_params(params, ep_size: int, zero_stage: int, dims=None) -> None:
     """DeepSpeed's per-parameter expert tags (see the module docstring) on the expert ones among `params`."""
     name = group_name(ep_size)
     for p in params:
-        if not getattr(p, EXPERT_ATTR, False):
+        if not is_expert_param(p):
             continue
         p.allreduce = False
         p.group_name = name
