@@ -39,3 +39,13 @@ def test_the_rule_sees_an_import(tmp_path, monkeypatch):
     (bad / "x.py").write_text("def f():\n    from deepspeed.utils import groups\n")
     monkeypatch.setattr(__import__(__name__), "PKG", tmp_path / "moedist")
     assert _offenders("distributed", "deepspeed") == ["moedist/distributed/x.py imports deepspeed.utils"]
+
+
+def test_deepspeed_internals_stay_in_the_deepspeed_modules():
+    """Inside train/ only the DeepSpeed modules import deepspeed; checkpointing, export, averaging,
+    evaluation and the trainer reach the engine only through the runner interface (`train/state.py`)."""
+    ds_modules = {"deepspeed_setup.py", "deepspeed_runner.py"}
+    assert [o for o in _offenders("train", "deepspeed") if Path(o.split()[0]).name not in ds_modules] == []
+    for name in ("checkpointing", "export", "averaging", "evaluate", "trainer"):
+        source = (PKG / "train" / f"{name}.py").read_text()
+        assert "deepspeed_setup" not in source and "deepspeed_runner" not in source, name

@@ -52,12 +52,10 @@ def _train(rank: int, world: int, jobs: list) -> dict:
         t = Trainer(config_from_dict(d), write_outputs=False, console=False, save_checkpoints=False)
         res = t.train()
         opt = type(t.runner.engine.optimizer).__name__, type(t.runner.engine.optimizer.optimizer).__name__
-        expert = next(p for p in t.model.parameters() if getattr(p, EXPERT_ATTR, False))
-        from moedist.train.deepspeed_setup import get_full_fp32_param
-
-        full = get_full_fp32_param(t.runner.engine, expert)
+        expert = next(n for n, p in t.model.named_parameters() if getattr(p, EXPERT_ATTR, False))
+        full = t.runner.trainable_state()[expert]  # the optimizer's fp32 master (moedist.train.state.Runner)
         out[label] = {"records": [(r["loss"], r["grad_norm"]) for r in res.records], "optimizer": opt,
-                      "expert": full.detach().float().clone() if full is not None else None,
+                      "expert": full.detach().float().cpu().clone(),
                       "offload_cfg": t.runner.config["zero_optimization"].get("offload_optimizer")}
         del t
         torch.cuda.empty_cache() if torch.cuda.is_available() else None

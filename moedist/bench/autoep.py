@@ -79,7 +79,7 @@ class _MoedistSide:
     def __init__(self, cfg, dims, device):
         from moedist.models import parallelize
         from moedist.models.materialize import build_local_model
-        from moedist.train.runners import DeepSpeedRunner
+        from moedist.train.deepspeed_runner import DeepSpeedRunner
         from moedist.train.trainer import load_weights
 
         model = build_local_model(cfg, dims.ep_rank, cfg.parallel.ep_size, device=device)

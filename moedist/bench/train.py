@@ -111,7 +111,7 @@ def run_train_bench(config: Optional[str], overrides: List[str], steps: int, war
     from moedist.models import build_model, parallelize
     from moedist.train import deepspeed_setup as dss
     from moedist.train.data import ByteLMData
-    from moedist.train.runners import DeepSpeedRunner
+    from moedist.train.deepspeed_runner import DeepSpeedRunner
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0")

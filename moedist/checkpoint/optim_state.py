@@ -1,8 +1,8 @@
 """Optimizer state as {param name: {state name: full tensor}} for a plain `torch.optim` optimizer.
 
-This is the form `save_checkpoint` / `load_checkpoint` take. A DeepSpeed engine's
-ZeRO-partitioned state is converted to and from it in
-`moedist.train.deepspeed_setup` (the one module that touches DeepSpeed internals).
+This is the form `save_checkpoint` / `load_checkpoint` take and runners give
+(`moedist.train.state.Runner.optimizer_state`). A DeepSpeed engine's ZeRO-partitioned
+state is converted to and from it in `moedist.train.deepspeed_runner`.
 """
 from __future__ import annotations
 

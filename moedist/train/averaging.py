@@ -13,12 +13,12 @@
   (train.save_every; the final step is always saved), read back from disk at the end.
 
 Only trainable parameters are averaged (frozen ones are the same in every copy), in fp32:
-the optimizer's master values (`deepspeed_setup.get_full_fp32_param` under DeepSpeed ZeRO
-0-2, the parameter itself for the PyTorch runner). Each rank averages only what it holds,
-so expert averages are EP-sharded like the experts. EMA and SWA state travels in the step
-checkpoints as per-parameter state `avg_ema::<key>` / `avg_swa::<key>` (layout-independent,
-split by global expert id like the optimizer state), the SWA count in the manifest's
-extra_state, so a resumed run ends with the same averages as an uninterrupted one.
+the optimizer's master values (`moedist.train.state.Runner.trainable_state`). Each rank
+averages only what it holds, so expert averages are EP-sharded like the experts. EMA and
+SWA state travels in the step checkpoints as per-parameter state `avg_ema::<key>` /
+`avg_swa::<key>` (layout-independent, split by global expert id like the optimizer state),
+the SWA count in the manifest's extra_state, so a resumed run ends with the same averages
+as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -53,24 +53,6 @@ def mean_of(weights: List[Weights]) -> Weights:
     return {k: v / len(weights) for k, v in out.items()}
 
 
-# ------------------------------------------------------------------ the trainer's weights
-
-def trainable_fp32(trainer) -> Weights:
-    """{name: fp32 value} of this rank's trainable parameters, on their device (collective under DeepSpeed)."""
-    out = {}
-    ds = trainer.runner.kind == "deepspeed"
-    for name, p in trainer.runner.module.named_parameters():
-        if not p.requires_grad:
-            continue
-        value = None
-        if ds:
-            from moedist.train.deepspeed_setup import get_full_fp32_param
-
-            value = get_full_fp32_param(trainer.runner.engine, p)
-        out[name] = (p.detach() if value is None else value).to(torch.float32)
-    return out
-
-
 @dataclass
 class WeightAverages:
     """EMA and SWA state of one rank (LAWA needs none: it reads the saved checkpoints)."""
@@ -94,7 +76,7 @@ class WeightAverages:
             if trainer.step > 0:
                 trainer._warn(f"train.ema_decay={self.ema_decay}: the checkpoint holds no EMA; it starts from the "
                               f"weights of step {trainer.step}")
-            self.ema = {k: v.clone() for k, v in trainable_fp32(trainer).items()}
+            self.ema = {k: v.clone() for k, v in trainer.runner.trainable_state().items()}
         if self.swa_start and self.swa is None and trainer.step >= self.swa_start:
             trainer._warn(f"train.swa_start={self.swa_start}: the checkpoint of step {trainer.step} holds no SWA "
                           "average; it averages from the next step on")
@@ -103,7 +85,7 @@ class WeightAverages:
         """Fold the weights of step `trainer.step` in (a skipped update changed nothing: not counted)."""
         if skipped or not (self.ema_decay or (self.swa_start and trainer.step >= self.swa_start)):
             return
-        w = trainable_fp32(trainer)
+        w = trainer.runner.trainable_state()  # fp32 masters (may alias parameters)
         if self.ema_decay:
             for k, v in w.items():
                 ema_update(self.ema[k], v, self.ema_decay)

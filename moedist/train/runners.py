@@ -4,8 +4,11 @@
   `moedist.distributed.sync_gradients` (non-expert over the world, experts over
   their expert-data-parallel group) and clipped by the true global norm
   (`clip_grad_norm_`, each expert counted once).
-* `DeepSpeedRunner`: a DeepSpeed engine (ZeRO 0/1/2/3, bf16/fp16); every
-  DeepSpeed internal it needs lives in `moedist.train.deepspeed_setup`.
+* `DeepSpeedRunner` (`moedist.train.deepspeed_runner`): a DeepSpeed engine (ZeRO 0/1/2/3,
+  bf16/fp16); every DeepSpeed internal lives there and in `moedist.train.deepspeed_setup`.
+
+Both implement `moedist.train.state.Runner`, the interface the trainer, checkpointing, export
+and weight averaging use (`runner_class(cfg)` picks one by `deepspeed.enabled`).
 
 Both take a `moedist.data.Batch` (input ids, labels, and for packed documents
 position and segment ids) and the loss of one micro-batch, and average over
@@ -24,17 +27,15 @@ return skips that update (the guard is collective and agrees over ranks).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-from typing import Callable, List, Optional
+from typing import List, Optional, Type
 
 import torch
 import torch.nn as nn
 
 from moedist.distributed.grad_sync import clip_grad_norm_, sync_gradients
-from moedist.train import deepspeed_setup as dss
-from moedist.train.nonfinite import GradWatch
 from moedist.train.param_groups import decay_groups
+from moedist.train.state import Guard, OptimState, Runner, Weights, collect_full_state, copy_buffers, copy_parameters
 
 
 def build_optimizer(param_groups: List[dict], train_cfg) -> torch.optim.Optimizer:
@@ -45,7 +46,7 @@ def build_optimizer(param_groups: List[dict], train_cfg) -> torch.optim.Optimize
                              weight_decay=train_cfg.weight_decay, foreach=False)
 
 
-def _max_norm(clip: float) -> float:
+def max_norm(clip: float) -> float:
     return clip if clip > 0 else math.inf  # inf: measure the norm, never scale
 
 
@@ -60,11 +61,28 @@ def first_nonfinite_grad(module: nn.Module) -> Optional[str]:
     return named[int((~ok).nonzero()[0])][0]
 
 
-class PlainRunner:
-    """Single- or multi-process training with moedist's own gradient reduction."""
+def runner_class(cfg) -> Type[Runner]:
+    """The runner a config asks for: `DeepSpeedRunner` with deepspeed.enabled, else `PlainRunner`."""
+    if cfg.deepspeed.enabled:
+        from moedist.train.deepspeed_runner import DeepSpeedRunner
+
+        return DeepSpeedRunner
+    return PlainRunner
+
+
+class PlainRunner(Runner):
+    """Single- or multi-process training with moedist's own gradient reduction; the module's fp32
+    parameters are the weights the optimizer steps, and its state is keyed by them."""
 
     kind = "pytorch"
+    guard_sees_gradients = True
     skipped = False  # a non-finite step is skipped before it reaches the optimizer (see step's guard)
+
+    @classmethod
+    def process_groups(cls, cfg, world_size: int, rank: int):
+        from moedist.distributed import ParallelDims
+
+        return ParallelDims(world_size, cfg.parallel.ep_size, rank).build()
 
     def __init__(self, model: nn.Module, cfg, dims, device: torch.device):
         self.module = model.to(device)
@@ -80,7 +98,7 @@ class PlainRunner:
         (loss / self.cfg.train.grad_accum).backward()
         self._accum += 1
 
-    def step(self, lr: float, guard: Optional[Callable[[Optional[float], Optional[str]], bool]] = None) -> Optional[float]:
+    def step(self, lr: float, guard: Optional[Guard] = None) -> Optional[float]:
         """Called after every micro-batch; steps at the accumulation boundary and returns the grad norm."""
         if self._accum < self.cfg.train.grad_accum:
             return None
@@ -88,7 +106,7 @@ class PlainRunner:
         sync_gradients(self.module, self.dims)
         trainable = [p for p in self.module.parameters() if p.requires_grad]
         bad = first_nonfinite_grad(self.module) if guard is not None else None  # before clipping spreads it
-        norm = clip_grad_norm_(trainable, _max_norm(self.cfg.train.grad_clip), self.dims)
+        norm = clip_grad_norm_(trainable, max_norm(self.cfg.train.grad_clip), self.dims)
         if guard is not None and not guard(float(norm), bad):
             self.optimizer.zero_grad(set_to_none=True)
             return float(norm)
@@ -109,81 +127,31 @@ class PlainRunner:
         return sum(v.numel() for s in self.optimizer.state.values() for k, v in s.items()
                    if torch.is_tensor(v) and k != "step")
 
+    def describe(self) -> str:
+        return "PyTorch, fp32"
 
-class DeepSpeedRunner:
-    """A DeepSpeed engine around the (parallelized) model."""
+    def manifest_info(self) -> dict:
+        return {"engine": self.kind, "zero_stage": 0}
 
-    kind = "deepspeed"
+    def full_state(self) -> Weights:
+        return collect_full_state(self.module)
 
-    def __init__(self, model: nn.Module, cfg, dims, device: torch.device):
-        self.cfg, self.dims, self.device = cfg, dims, device
-        stage = cfg.deepspeed.zero_stage
-        dss.prepare_model(model, cfg.parallel.ep_size, stage, dims)
-        groups = dss.optimizer_param_groups(model, cfg.train.weight_decay)
-        if cfg.deepspeed.offload_optimizer == "cpu":  # ZeRO-Offload steps CPU partitions with DeepSpeed's CPU Adam
-            optimizer = dss.build_offload_optimizer(groups, cfg.train)
-        else:
-            optimizer = build_optimizer(groups, cfg.train)
-        self.config = dss.ds_config(cfg, dims.world_size)
-        self.zero3 = stage == 3
-        self.engine = dss.initialize(dss.wrap_for_zero3(model) if self.zero3 else model, optimizer, self.config)
-        self.module = model  # the CausalLM (under ZeRO-3 the engine holds a thin wrapper around it)
-        self.clips_itself = dss.clips_itself(cfg)
-        self._norm: Optional[float] = None
-        self.skipped = False  # the last boundary step was dropped by DeepSpeed (non-finite gradients)
-        # DeepSpeed reduces gradients away from p.grad (and zeroes them after an invalid norm):
-        # hooks note which one was non-finite as backward produced it (train.nonfinite=stop names it)
-        self.watch = GradWatch(model)
+    def trainable_state(self) -> Weights:
+        return {n: p.detach().to(torch.float32) for n, p in self.module.named_parameters() if p.requires_grad}
 
-    def forward(self, batch):
-        out = self.engine(batch.input_ids, batch.labels, batch.position_ids, batch.segment_ids,
-                          domain_ids=batch.domain_ids)
-        if not self.zero3:
-            return out
-        # Backward must start from the tensor the engine returned (it carries ZeRO-3's hooks).
-        return dataclasses.replace(self.engine.module.last_output, loss=out)
+    def load_full_state(self, state: Weights) -> None:
+        copy_parameters(self.module, state)
+        copy_buffers(self.module, state)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        at_boundary = self.engine.is_gradient_accumulation_boundary()
-        self.engine.backward(loss)
-        if self.zero3:
-            self.engine.module.last_output = None  # do not keep the logits alive until the next forward
-        if at_boundary and self.clips_itself:
-            # ZeRO-0 fp32: grads are reduced now; DeepSpeed's own clip would average
-            # per-rank norms under EP, so clip by the true global norm here.
-            trainable = [p for p in self.module.parameters() if p.requires_grad and p.grad is not None]
-            self._norm = float(clip_grad_norm_(trainable, _max_norm(self.cfg.train.grad_clip), self.dims))
+    def optimizer_state(self) -> OptimState:
+        from moedist.checkpoint import get_torch_optimizer_state
 
-    def step(self, lr: float, guard: Optional[Callable[[Optional[float], Optional[str]], bool]] = None) -> Optional[float]:
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        # skip: a non-finite loss has made the gradients non-finite, and ZeRO 1-3 then drop the
-        # update themselves (invalid global norm -> overflow path); `skipped` checks that they did.
-        skip = boundary and guard is not None and not guard(None, None)
-        if boundary:
-            dss.set_lr(self.engine, lr)
-        before = self.engine.skipped_steps
-        self.engine.step()
-        self.skipped = boundary and self.engine.skipped_steps > before
-        if boundary:
-            self.watch.end_window()
-        if skip and not self.skipped:
-            raise RuntimeError("train.nonfinite=skip: DeepSpeed applied a step whose loss was non-finite")
-        if not boundary:
-            return None
-        if self.clips_itself:
-            return self._norm
-        return dss.global_grad_norm(self.engine)
+        return get_torch_optimizer_state(self.module, self.optimizer)
 
-    def eval_forward(self, batch):
-        return self.forward(batch)
+    def load_optimizer_state(self, state: OptimState) -> None:
+        from moedist.checkpoint import set_torch_optimizer_state
 
-    def nonfinite_grad(self) -> Optional[str]:
-        """This rank's first parameter (module order) whose gradient of the last step was non-finite
-        before DeepSpeed reduced it, or None. One host sync: call it only for a step found bad."""
-        return self.watch.first_nonfinite()
-
-    def optimizer_state_numel(self) -> int:
-        return dss.optimizer_state_numel(self.engine)
+        set_torch_optimizer_state(self.module, self.optimizer, state)
 
 
 @contextlib.contextmanager

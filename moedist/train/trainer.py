@@ -161,16 +161,11 @@ class Trainer:
         self.tokenizer = run_tokenizer(cfg, self.data)
         self.eval_data = dict(eval_data or {})
         torch.manual_seed(cfg.train.seed)
-        ds = cfg.deepspeed.enabled
         ep = cfg.parallel.ep_size
-        if ds:
-            from moedist.train import deepspeed_setup
+        from moedist.train.runners import runner_class
 
-            self.dims = deepspeed_setup.init_expert_groups(ep)
-        else:
-            from moedist.distributed import ParallelDims
-
-            self.dims = ParallelDims(self.world, ep, self.rank).build()
+        Runner = runner_class(cfg)  # PyTorch or DeepSpeed, behind moedist.train.state.Runner
+        self.dims = Runner.process_groups(cfg, self.world, self.rank)
         from moedist.models.materialize import build_local_model, build_meta_model
         from moedist.train.memory import MemoryMeter
 
@@ -182,9 +177,9 @@ class Trainer:
         self.total_params = sum(p.numel() for p in meta.parameters())
         self.trainable_params = sum(p.numel() for p in meta.parameters() if p.requires_grad)
         # shard on meta, then allocate and draw only this rank's experts and the replicated parts
-        if ds and cfg.deepspeed.zero_stage == 3 and model_init is None:  # ZeRO-3: one decoder layer whole at a time
+        partition = Runner.partitioner(cfg, self.dims) if model_init is None else None
+        if partition is not None:  # ZeRO-3: one decoder layer whole at a time
             from moedist.models.materialize import build_partitioned_model
-            from moedist.train.deepspeed_setup import zero3_partitioner
 
             calls = []  # per layer, while only that layer is real; checksums once
 
@@ -192,8 +187,8 @@ class Trainer:
                 load_weights(cfg, m, verify=not calls)
                 calls.append(1)
 
-            model = build_partitioned_model(cfg, zero3_partitioner(cfg, self.dims), self.dims.ep_rank, ep,
-                                            device=self.device, meta_model=meta,
+            model = build_partitioned_model(cfg, partition, self.dims.ep_rank, ep, device=self.device,
+                                            meta_model=meta,
                                             load=load if cfg.model.from_hf or cfg.model.init_from else None)
         else:  # (model_init writes whole tensors: ZeRO-3 then partitions in deepspeed.initialize)
             model = build_local_model(cfg, self.dims.ep_rank, ep, device=self.device, meta_model=meta)
@@ -207,20 +202,13 @@ class Trainer:
 
             apply_activation_checkpointing(model, cfg.train.activation_checkpointing, model_generators)
         self.num_moe_layers = len(moe_layers(model))
-        self._poison = None  # test hook (DeepSpeed), see _nan_hook
-        if ds:
-            from moedist.train.runners import DeepSpeedRunner
+        self._poison = None  # test hook where gradients leave p.grad in backward (DeepSpeed), see _nan_hook
+        spec = _nan_hook(self.rank)
+        if not Runner.guard_sees_gradients and spec is not None and spec[1] is not None:
+            from moedist.train.nonfinite import poison_hook  # test hook: the NaN enters inside backward
 
-            spec = _nan_hook(self.rank)
-            if spec is not None and spec[1] is not None:  # test hook: the NaN enters inside backward
-                from moedist.train.nonfinite import poison_hook
-
-                self._poison = poison_hook(dict(model.named_parameters())[spec[1]])  # before the runner's watch
-            self.runner = DeepSpeedRunner(model, cfg, self.dims, self.device)
-        else:
-            from moedist.train.runners import PlainRunner
-
-            self.runner = PlainRunner(model, cfg, self.dims, self.device)
+            self._poison = poison_hook(dict(model.named_parameters())[spec[1]])  # before the runner's watch
+        self.runner = Runner(model, cfg, self.dims, self.device)
         self.model = self.runner.module
         from moedist.train.balance import ExpertBiasUpdater
 
@@ -252,11 +240,8 @@ class Trainer:
 
     @property
     def layout(self) -> str:
-        c = self.cfg
-        engine = f"DeepSpeed ZeRO-{c.deepspeed.zero_stage}" if c.deepspeed.enabled else "PyTorch"
-        prec = "bf16" if c.deepspeed.bf16 else "fp16" if c.deepspeed.fp16 else "fp32"
-        return (f"{self.world} rank(s), EP {c.parallel.ep_size} x EDP {self.world // c.parallel.ep_size}, "
-                f"{engine}, {prec}, {self.device.type}")
+        ep = self.cfg.parallel.ep_size
+        return f"{self.world} rank(s), EP {ep} x EDP {self.world // ep}, {self.runner.describe()}, {self.device.type}"
 
     def _model_text(self) -> str:
         m, moe, lora = self.cfg.model, self.cfg.moe, self.cfg.lora
@@ -469,7 +454,7 @@ class Trainer:
             what = "the loss is non-finite (NaN/Inf)"
         elif bad is not None:
             what = f"the gradient of {bad} is non-finite (NaN/Inf; the first such parameter)"
-        elif norm is not None and self.runner.kind == "pytorch":
+        elif norm is not None and self.runner.guard_sees_gradients:  # each rank named its own first bad one
             what = "a parameter gradient on another rank is non-finite (NaN/Inf)"
         else:
             what = f"the gradient norm is {norm} (DeepSpeed does not say which parameter)"
