@@ -143,13 +143,18 @@ class MoEConfig:
                                          "picks top_k consecutive experts of the group, combine weights 1/top_k.",
                               choices=C.GROUP_ROUTING)
     freeze_experts: list[int] = _opt([], "Expert ids whose weights (their LoRA adapters in lora.mode moe_lora/"
-                                         "expert_lora) and router rows stay bitwise unchanged in training; [] = none. "
+                                         "expert_lora) and router rows stay bitwise unchanged in training (the "
+                                         "shared LoRA expert, lora.shared_rank, still trains); [] = none. "
                                          "Under DeepSpeed needs train.weight_decay=0 and zero_stage <= 2.")
 
 
 @dataclass
 class LoRAConfig:
     rank: int = _opt(8, "LoRA rank r (must be > 0 unless mode is none).", ge=0)
+    shared_rank: int = _opt(0, "Rank of a shared LoRA expert in lora.mode=moe_lora: one LoRA adapter on the "
+                               "frozen FFN that every token gets, added to every routed expert's projections "
+                               "(DeepSeekMoE-style shared expert; same alpha, dropout and targets; scale "
+                               "alpha / shared_rank); replicated, not frozen by moe.freeze_experts; 0 = off.", ge=0)
     alpha: float | None = _opt(None, "LoRA updates are scaled by alpha / rank; null = rank (scale 1).", gt=0)
     dropout: float = _opt(0.0, "Dropout on the LoRA branch.", ge=0, lt=1)
     mode: str = _opt("none", "Adapter mode: 'none' = no adapters, all weights train; 'moe_lora' = frozen "

@@ -108,6 +108,9 @@ def cross_key_rules(cfg: Any) -> None:
     need(lora.mode not in ("moe_lora", "expert_lora") or has_moe,
          f"lora.mode={_fmt(lora.mode)}: needs MoE layers but model.moe_every=0 (dense model); "
          f"set model.moe_every >= 1 or lora.mode to none|full")
+    need(lora.shared_rank == 0 or lora.mode == "moe_lora",
+         f"lora.shared_rank={lora.shared_rank}: a shared LoRA expert needs lora.mode=moe_lora "
+         f"(got lora.mode={_fmt(lora.mode)}); set lora.shared_rank=0")
     need(lora.mode == "none" or len(lora.targets) > 0,
          f"lora.targets=[]: must name one of {'|'.join(LORA_TARGETS)} when lora.mode={_fmt(lora.mode)}")
     need(len(set(lora.targets)) == len(lora.targets), f"lora.targets={_fmt(lora.targets)}: has duplicates")

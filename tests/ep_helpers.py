@@ -72,6 +72,7 @@ class EPConfig:
     aux_type: str = "switch"
     activation: str = "swiglu"
     lora_rank: int = 2
+    shared_rank: int = 0  # moelora: rank of the shared LoRA expert (replicated, averaged over the world)
     batch: int = 2
     seq: Tuple[int, ...] = (4, 5, 6, 3)
     route: str = "random"
@@ -107,7 +108,7 @@ def build_layer(cfg: EPConfig, comm: ExpertParallelComm, ep_rank: int, ep_size: 
     if cfg.experts == "grouped":
         experts = GroupedExperts(E, H, F, **ekw)
     elif cfg.experts == "moelora":
-        experts = MoELoRAExperts(E, H, F, lora_rank=cfg.lora_rank, lora_alpha=4.0, **ekw)
+        experts = MoELoRAExperts(E, H, F, lora_rank=cfg.lora_rank, lora_alpha=4.0, shared_rank=cfg.shared_rank, **ekw)
     else:
         experts = LoRAOnExperts(E, H, F, lora_rank=cfg.lora_rank, lora_alpha=4.0, **ekw)
     if cfg.experts != "grouped":
@@ -128,6 +129,10 @@ def _set_lora_B(experts, seed: int) -> None:
         for l in range(experts.num_local):
             g = torch.Generator().manual_seed(seed * 7919 + (experts.first_expert + l) * 31 + i)
             stack.lora_B[l].copy_(torch.randn(stack.lora_B.shape[1:], generator=g) * 0.3)
+    shared = experts.lora_shared if isinstance(experts, MoELoRAExperts) else {}
+    for i, (name, sh) in enumerate(sorted(shared.items())):  # the shared LoRA expert: replicated, same on every rank
+        g = torch.Generator().manual_seed(seed * 7919 + 997 + i)
+        sh.lora_B.copy_(torch.randn(sh.lora_B.shape, generator=g) * 0.3)
 
 
 def make_batch(cfg: EPConfig, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,7 @@ def build_moe_layer(i: int, model_cfg: ModelConfig, moe_cfg: MoEConfig, lora_cfg
     if lora_cfg.mode == "moe_lora":
         # the frozen base is the layer's dense FFN (seed part 2): drawn as DenseFFN draws it, or copied from dense_ffn
         experts = MoELoRAExperts(E, H, model_cfg.ffn_size, activation=act, init_std=std, seed=_seed(seed, i, 3),
-                                 base_seed=_seed(seed, i, 2), **lora_kw)
+                                 base_seed=_seed(seed, i, 2), shared_rank=lora_cfg.shared_rank, **lora_kw)
         if dense_ffn is not None:
             experts.load_base(dense_ffn.w_gate, dense_ffn.w_up, dense_ffn.w_down)
     elif lora_cfg.mode in ("expert_lora", "full"):

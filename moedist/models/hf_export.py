@@ -15,7 +15,7 @@ The HF architecture is chosen from the model's structure (first match):
 LoRA is merged by default (``merge_lora=True``): a LoRA linear becomes
 W + (alpha/r) B A; LoRA on experts is added to each expert; a LoRA-MoE layer
 (frozen FFN + LoRA experts) becomes real experts, expert e being the FFN with
-adapter e merged in, so LoRA-MoE exports as Mixtral (or Qwen2-MoE when it has
+adapter e (and the shared LoRA expert, lora.shared_rank) merged in, so LoRA-MoE exports as Mixtral (or Qwen2-MoE when it has
 shared experts). ``merge_lora=False`` writes the frozen base only (the base of
 a PEFT export, see `peft_export`).
 
@@ -67,7 +67,7 @@ def expert_weights(experts: nn.Module, local: int, merge_lora: bool) -> Tuple[to
     if isinstance(experts, MoELoRAExperts):
         if not merge_lora:
             raise ValueError("merge_lora=false: a LoRA-MoE layer's experts exist only as adapters; export it merged")
-        ws = {"gate": experts.w_gate, "up": experts.w_up, "down": experts.w_down}
+        ws = experts.base_weights()  # W + S: the shared LoRA expert (lora.shared_rank) folds into every expert
     elif isinstance(experts, GroupedExperts):
         ws = {"gate": None if experts.w_gate is None else experts.w_gate[local],
               "up": experts.w_up[local], "down": experts.w_down[local]}

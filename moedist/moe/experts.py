@@ -18,6 +18,7 @@ from moedist.moe.ffn import (GATED, Counts, Path, check_activation, choose_path,
                              hidden_act, moe_lora_hidden)
 from moedist.moe.init import is_meta, normal_
 from moedist.moe.lora_math import lora_dropout, lora_scale
+from moedist.moe.shared_lora import shared_lora
 from moedist.moe.parts import DeviceCountExperts, Experts, FrozenBaseExperts, FusedLocalExperts
 
 # One tag for expert parameters, owned by moedist.distributed (which reduces them
@@ -215,12 +216,19 @@ class MoELoRAExperts(_LoRAMixin, nn.Module, Experts, FusedLocalExperts, FrozenBa
     `forward_tokens` (EP size 1) runs the frozen gate/up once per token and the
     frozen down once per token on the weight-combined hidden (down is linear),
     so the frozen FFN costs what it costs in the dense model.
+
+    shared_rank > 0 adds a shared LoRA expert (`moedist.moe.shared_lora`): S = s_S * A_S B_S
+    per targeted projection (s_S = alpha / shared_rank), replicated and untagged (averaged over
+    the whole world, saved once as `lora_shared.<proj>.lora_A/B`). Every projection of the frozen
+    FFN becomes W + S, so expert e is W + S + D_e and the frozen-FFN path (`base_forward`, the
+    layer's weight for dropped pairs) is W + S. S's dropout mask is drawn on the rows it sees:
+    per token on the once-per-token path (`forward_tokens`), per routed row otherwise.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, lora_rank: int, lora_alpha: Optional[float] = None,
                  lora_dropout: float = 0.0, targets: Iterable[str] = ("gate", "up", "down"), activation: str = "swiglu",
                  num_local: Optional[int] = None, first_expert: int = 0, init_std: float = 0.02, seed: int = 0,
-                 dtype=torch.float32, device=None, base_seed: Optional[int] = None):
+                 dtype=torch.float32, device=None, base_seed: Optional[int] = None, shared_rank: int = 0):
         super().__init__()
         check_activation(activation)
         self.num_experts, self.hidden_size, self.ffn_size = num_experts, hidden_size, ffn_size
@@ -235,6 +243,11 @@ class MoELoRAExperts(_LoRAMixin, nn.Module, Experts, FusedLocalExperts, FrozenBa
         self.w_up = nn.Parameter(torch.empty(H, F, **kw), requires_grad=False)
         self.w_down = nn.Parameter(torch.empty(F, H, **kw), requires_grad=False)
         self.lora = self._lora_stacks(H, F, dtype, self.w_up.device)
+        # the shared LoRA expert (empty for shared_rank 0: no parameter, no state-dict key)
+        self.shared_rank = shared_rank
+        self.shared_scaling = lora_scale(shared_rank, lora_alpha) if shared_rank > 0 else 0.0
+        dims = {"gate": (H, F), "up": (H, F), "down": (F, H)} if self.w_gate is not None else {"up": (H, F), "down": (F, H)}
+        self.lora_shared = shared_lora(dims, self.targets, shared_rank, seed, dtype, self.w_up.device)
         if not is_meta(self.w_up):  # meta: drawn at materialization
             self._init_base()
 
@@ -244,10 +257,13 @@ class MoELoRAExperts(_LoRAMixin, nn.Module, Experts, FusedLocalExperts, FrozenBa
             normal_(w, g, self.init_std)
 
     def init_weights(self) -> None:
-        """The frozen base (gate, up, down from `base_seed`), then each local expert's LoRA factors."""
+        """The frozen base (gate, up, down from `base_seed`), then each local expert's LoRA factors
+        and the shared LoRA expert's."""
         self._init_base()
         for st in self.lora.values():
             st.reset(self.first_expert)
+        for sh in self.lora_shared.values():
+            sh.reset()
 
     @torch.no_grad()
     def load_base(self, w_gate: Optional[torch.Tensor], w_up: torch.Tensor, w_down: torch.Tensor) -> None:
@@ -256,6 +272,22 @@ class MoELoRAExperts(_LoRAMixin, nn.Module, Experts, FusedLocalExperts, FrozenBa
             self.w_gate.copy_(w_gate)
         self.w_up.copy_(w_up)
         self.w_down.copy_(w_down)
+
+    @torch.no_grad()
+    def base_weights(self) -> dict:
+        """{"gate", "up", "down"}: the weights of the FFN every token takes, W + S (math orientation;
+        gate None when not gated; dtype promoted to the adapter's). Routed expert e adds its adapter D_e."""
+        ws = {"gate": self.w_gate, "up": self.w_up, "down": self.w_down}
+        for t, sh in self.lora_shared.items():
+            ws[t] = ws[t] + self.shared_scaling * sh.merged()
+        return ws
+
+    def _base_proj(self, name: str, x_NI: torch.Tensor, w_IO: torch.Tensor) -> torch.Tensor:
+        """x @ W plus the shared LoRA expert's s_S * drop(x) @ A_S @ B_S on that projection. [N, O]."""
+        y = x_NI @ w_IO
+        if name in self.lora_shared:
+            y = y + self.shared_scaling * self.lora_shared[name].delta(self._drop(x_NI))
+        return y
 
     def _delta(self, name: str, x_NI: torch.Tensor, counts_L) -> Optional[torch.Tensor]:
         return self.scaling * self.lora[name].delta(self._drop(x_NI), counts_L) if name in self.lora else None
@@ -268,16 +300,17 @@ class MoELoRAExperts(_LoRAMixin, nn.Module, Experts, FusedLocalExperts, FrozenBa
         return hidden_act(gate, up, self.activation)
 
     def base_forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        """The frozen FFN alone (no adapter) on every token. [T, H] -> [T, H]."""
+        """The frozen FFN (W + S: no routed adapter) on every token. [T, H] -> [T, H]."""
         x_TH = x_TH.to(self.w_up.dtype)
-        gate = x_TH @ self.w_gate if self.w_gate is not None else None  # [T, F]
-        return hidden_act(gate, x_TH @ self.w_up, self.activation) @ self.w_down  # [T, H]
+        gate = self._base_proj("gate", x_TH, self.w_gate) if self.w_gate is not None else None  # [T, F]
+        return self._base_proj("down", hidden_act(gate, self._base_proj("up", x_TH, self.w_up), self.activation),
+                               self.w_down)  # [T, H]
 
     def forward(self, x_NH: torch.Tensor, counts_L: Sequence[int]) -> torch.Tensor:
         x_NH = x_NH.to(self.w_up.dtype)
-        gate_base = x_NH @ self.w_gate if self.w_gate is not None else None  # [N, F]
-        h_NF = self._hidden(gate_base, x_NH @ self.w_up, x_NH, counts_L)  # [N, F]
-        y_NH = h_NF @ self.w_down  # [N, H]
+        gate_base = self._base_proj("gate", x_NH, self.w_gate) if self.w_gate is not None else None  # [N, F]
+        h_NF = self._hidden(gate_base, self._base_proj("up", x_NH, self.w_up), x_NH, counts_L)  # [N, F]
+        y_NH = self._base_proj("down", h_NF, self.w_down)  # [N, H]
         dd = self._delta("down", h_NF, counts_L)
         return y_NH if dd is None else y_NH + dd
 
@@ -299,15 +332,15 @@ class MoELoRAExperts(_LoRAMixin, nn.Module, Experts, FusedLocalExperts, FrozenBa
         """
         x_TH = x_TH.to(self.w_up.dtype)
         tok = pair_token_N
-        gate_T = x_TH @ self.w_gate if self.w_gate is not None else None  # [T, F] once per token
-        up_T = x_TH @ self.w_up  # [T, F] once per token
+        gate_T = self._base_proj("gate", x_TH, self.w_gate) if self.w_gate is not None else None  # [T, F] once per token
+        up_T = self._base_proj("up", x_TH, self.w_up)  # [T, F] once per token (W + S)
         x_NH = x_TH.index_select(0, tok)  # [N, H]
         if self._fused_ok(x_NH):
             lora = {k: (st.lora_A, st.lora_B) for k, st in self.lora.items()}
             w_N = weight_N.to(x_NH.dtype)
             h_TF, z_Nr = moe_lora_hidden(gate_T, up_T, x_NH, tok, w_N, lora, counts_L, self.scaling, self.activation)
             h_TF = self._add_base(h_TF, gate_T, up_T, base_weight_T)
-            y_TH = h_TF @ self.w_down  # [T, H] frozen down once per token
+            y_TH = self._base_proj("down", h_TF, self.w_down)  # [T, H] frozen down (+ S) once per token
             if z_Nr is not None:  # down adapter: weight and scale applied at rank r
                 y_TH = y_TH.index_add(0, tok, grouped_mm(z_Nr, self.lora["down"].lora_B, counts_L))
             return y_TH
@@ -324,7 +357,7 @@ class MoELoRAExperts(_LoRAMixin, nn.Module, Experts, FusedLocalExperts, FrozenBa
         T = x_TH.shape[0]
         h_TF = weighted_scatter_add(h_NF, w_N, tok, T).to(h_NF.dtype)  # [T, F] combined hidden
         h_TF = self._add_base(h_TF, gate_T, up_T, base_weight_T)
-        y_TH = h_TF @ self.w_down  # [T, H] frozen down once per token
+        y_TH = self._base_proj("down", h_TF, self.w_down)  # [T, H] frozen down (+ S, linear) once per token
         if "down" in self.lora:
             st = self.lora["down"]
             h_lora = self._drop(h_NF).to(st.lora_A.dtype)  # adapter in its own dtype (fp32 under model.dtype=bf16)

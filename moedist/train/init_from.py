@@ -29,7 +29,7 @@ from moedist.config import ConfigError, MoedistConfig
 MODEL_KEEP = ("from_hf", "init_from", "dtype", "init_std")
 MOE_ARCH = ("num_experts", "top_k", "num_shared_experts", "shared_expert_gate", "shared_expert_ffn_size",
             "expert_ffn_size", "activation", "score_func", "renormalize", "expert_bias")
-LORA_ARCH = ("mode", "rank", "alpha", "targets")
+LORA_ARCH = ("mode", "rank", "shared_rank", "alpha", "targets")
 
 
 def init_checkpoint(path: str) -> Path:

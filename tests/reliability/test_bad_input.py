@@ -54,6 +54,8 @@ CASES = [
     ("unknown-key", ["moe.topk=2"], {}, ["moe.topk", "unknown key", "did you mean moe.top_k"]),
     ("string-for-int", ["model.hidden_size='64'"], {}, ["model.hidden_size='64'", "an integer"]),
     ("lora-dropout-one", ["lora.dropout=1.0"], {}, ["lora.dropout=1.0", "< 1"]),
+    ("shared-rank-without-moe-lora", ["lora.shared_rank=4"], {}, ["lora.shared_rank=4", "needs lora.mode=moe_lora"]),
+    ("shared-rank-negative", ["lora.mode=moe_lora", "lora.shared_rank=-1"], {}, ["lora.shared_rank=-1", ">= 0"]),
     ("kv-heads-not-dividing", ["model.num_kv_heads=3"], {}, ["model.num_kv_heads=3", "must divide model.num_heads"]),
     ("data-path-without-file-source", ["data.path={file}"], {}, ["data.path='/", "no effect", "data.source='file'"]),
     ("keep-last-negative", ["train.keep_last=-1"], {}, ["train.keep_last=-1", ">= 0"]),
