@@ -14,7 +14,7 @@ from moedist.checkpoint.keys import expert_modules, param_slots
 from moedist.models.parallelize import parallelize
 from moedist.moe import GroupedExperts, LoRAOnExperts, MoELayer, MoELoRAExperts, Router, TokenDispatcher
 from moedist.moe.parts import (DeviceCountExperts, Dispatcher, Experts, FrozenBaseExperts, FusedLocalExperts,
-                               check_part)
+                               check_part, has_capability)
 
 PKG = Path(__file__).resolve().parents[1] / "moedist"
 E, H, F, K, R = 4, 6, 8, 2, 2
@@ -77,6 +77,35 @@ def test_fused_path_leaves_stats_to_the_dispatcher():
     assert layer.dispatcher.last_stats == {}
     layer(torch.randn(2, 3, H))
     assert dict(layer.dispatcher.last_stats) == dict(a2a_rows=0, a2a_bytes=0, a2a_bytes_remote=0)
+
+
+def test_capabilities_are_asked_of_the_class_declared_or_not():
+    class Wrapper(nn.Module):  # declares nothing; has base_forward (as the test wrappers of test_moe_layer)
+        def forward(self, x_NH, counts_L):
+            return x_NH
+
+        def base_forward(self, x_TH):
+            return x_TH
+
+    w = Wrapper()
+    assert has_capability(w, FrozenBaseExperts) and not has_capability(w, FusedLocalExperts)
+    for name, m in _experts().items():
+        assert {c for c in CAPS if has_capability(m, c)} == EXPECTED[name]
+
+
+def test_the_layer_checks_the_layout_again_after_a_part_is_replaced():
+    layer = MoELayer(Router(H, E, K, seed=1), GroupedExperts(E, H, F))
+    x = torch.randn(2, 3, H)
+    layer(x)
+    layer.dispatcher = TokenDispatcher(E, comm=_Comm(2, 1))  # rank 1 of 2 holds experts [2, 4); these hold [0, 4)
+    with pytest.raises(ValueError, match="experts hold 4 local experts, the dispatcher expects 2"):
+        layer(x)
+    ex = GroupedExperts(E, H, F, num_local=2, first_expert=0)
+    layer.experts = ex
+    with pytest.raises(ValueError, match="experts start at global id 0, the dispatcher's rank holds experts from 2"):
+        layer(x)
+    with pytest.raises(ValueError, match="the dispatcher expects 4"):
+        MoELayer(Router(H, E, K, seed=1), ex)
 
 
 def test_a_declared_capability_must_be_implemented():

@@ -163,7 +163,10 @@ class DeepSpeedMoE(nn.Module):
             ds_experts = self.moe.deepspeed_moe.experts.deepspeed_experts
             for l in range(L):
                 g = ep_rank * L + l  # DeepSpeed places global expert g on rank g // L
-                src = list(experts.global_ids()).index(g) if hasattr(experts, "global_ids") else g
+                src = g - experts.first_expert  # its local slot (the `Experts` layout)
+                if not 0 <= src < experts.num_local:
+                    raise ValueError(f"DeepSpeedMoE: experts hold [{experts.first_expert}, "
+                                     f"{experts.first_expert + experts.num_local}), not expert {g} of EP rank {ep_rank}")
                 wg, wu, wd = expert_weights(experts, src)
                 if wg is not None:
                     ds_experts[l].w_gate.copy_(wg)

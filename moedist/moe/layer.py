@@ -34,7 +34,8 @@ from moedist.moe.expert_choice import expert_choice
 from moedist.moe.counts import count_ids
 from moedist.moe.losses import importance_loss, load_loss, router_entropy, router_z_loss, switch_load_balancing_loss
 from moedist.moe.groups import GroupTable, RouteInfo, random_group_routing
-from moedist.moe.parts import DeviceCountExperts, Dispatcher, Experts, FrozenBaseExperts, FusedLocalExperts
+from moedist.moe.parts import (DeviceCountExperts, Dispatcher, Experts, FrozenBaseExperts, FusedLocalExperts,
+                               has_capability)
 from moedist.moe.router import Router, RouterOutput
 
 
@@ -155,13 +156,14 @@ class MoELayer(nn.Module):
             sel = select_tokens(r.idx_TK, r.weight_TK, E, cap, self.drop_policy, r.active_TK)
         base_w_T = self._base_weight(r, sel)  # [T] weight of the frozen FFN, or None
         d = self.dispatcher
-        self._check_layout()  # parallelize() swaps dispatchers
-        if d.ep_size == 1 and isinstance(self.experts, FusedLocalExperts):
+        if (id(self.experts), id(d)) != self._layout_checked:  # parallelize() swaps dispatchers
+            self._check_layout()
+        if d.ep_size == 1 and has_capability(self.experts, FusedLocalExperts):
             perm = d.permute_local(r.idx_TK, sel.keep_TK)  # host counts: the forward's one sync
             w_N = r.weight_TK.reshape(-1).index_select(0, perm.pair_N)  # [N]
             y_TH = self.experts.forward_tokens(x_TH, perm.token_N, w_N, perm.counts_host, base_weight_T=base_w_T)
         else:
-            on_device = (d.ep_size == 1 and isinstance(self.experts, DeviceCountExperts)
+            on_device = (d.ep_size == 1 and has_capability(self.experts, DeviceCountExperts)
                          and self.experts.takes_device_counts(x_TH))
             x_NH, counts_L, state = d.dispatch(x_TH, r.idx_TK, sel.keep_TK, host_counts=not on_device)
             pad_N1 = None  # [N, 1] padding rows (refused pairs), device counts only
@@ -180,15 +182,18 @@ class MoELayer(nn.Module):
         return y_TH.to(x_BSH.dtype).reshape(shape), aux
 
     def _check_layout(self) -> None:
-        """Experts that declare their layout (`Experts`) hold exactly the dispatcher's local experts."""
+        """Experts that declare their layout (`Experts`) hold exactly the dispatcher's local experts.
+
+        Checked at construction and again in the first forward after either part is replaced
+        (`_layout_checked` remembers the pair; the structural check costs microseconds per call)."""
         ex, d = self.experts, self.dispatcher
-        if not isinstance(ex, Experts):
-            return
-        if ex.num_local != d.num_local_experts:
-            raise ValueError(f"experts hold {ex.num_local} local experts, the dispatcher expects {d.num_local_experts}")
-        if ex.first_expert != d.first_expert:
-            raise ValueError(f"experts start at global id {ex.first_expert}, the dispatcher's rank holds "
-                             f"experts from {d.first_expert}: shard the experts with the same EP layout")
+        if isinstance(ex, Experts):
+            if ex.num_local != d.num_local_experts:
+                raise ValueError(f"experts hold {ex.num_local} local experts, the dispatcher expects {d.num_local_experts}")
+            if ex.first_expert != d.first_expert:
+                raise ValueError(f"experts start at global id {ex.first_expert}, the dispatcher's rank holds "
+                                 f"experts from {d.first_expert}: shard the experts with the same EP layout")
+        self._layout_checked = (id(ex), id(d))
 
     def current_capacity_factor(self) -> Optional[float]:
         """capacity_factor in training; eval_capacity_factor (when set; 0 = dropless) in eval mode. None = dropless."""
@@ -202,7 +207,7 @@ class MoELayer(nn.Module):
         None when the experts have no frozen base, or when every pair is kept and the weights of a token
         sum to 1 (renormalized token choice without capacity): the term is then zero.
         """
-        if not isinstance(self.experts, FrozenBaseExperts):
+        if not has_capability(self.experts, FrozenBaseExperts):
             return None
         if (sel.capacity is None and self.router_type == "token_choice" and r.active_TK is None
                 and self.router.renormalize):

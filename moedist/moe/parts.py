@@ -132,6 +132,13 @@ class Dispatcher(Protocol):
         ...
 
 
+def has_capability(part: object, capability: type) -> bool:
+    """Whether `part`'s class has `capability` (a method-only protocol above): declared, or the
+    methods present. Asked of the class, so the answer is cached after the first call (ABC cache)
+    and costs what a dict look-up costs in every forward."""
+    return issubclass(type(part), capability)
+
+
 # The members `check_part` requires, per protocol (data members included: isinstance alone
 # cannot say which one is missing).
 REQUIRED_MEMBERS = {
