@@ -46,6 +46,21 @@ def test_eval_a_run_directory_uses_its_own_config(run, capsys):
     assert text.startswith("val_loss ") and str(ckpt) in text
 
 
+def test_eval_runs_preflight_once_per_model(run, monkeypatch, capsys):
+    """`moedist eval` checks every model (opening its data) before any is evaluated and hands what it opened
+    to the trainer: one preflight per model, not a second one inside the Trainer."""
+    from moedist.train import preflight, trainer
+
+    calls = []
+    real = preflight.preflight
+    counted = lambda *a, **k: calls.append(a[1]) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(preflight, "preflight", counted)   # what the eval command imports
+    monkeypatch.setattr(trainer, "preflight", counted)     # what the Trainer calls
+    assert main(["eval", str(run), str(run / "checkpoints" / "step_000002"), "--json"]) == 0
+    assert len([ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]) == 2
+    assert calls == [1, 1]
+
+
 def test_eval_at_one_and_two_processes_is_the_same(run):
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "moedist", "eval", str(run),

@@ -158,14 +158,17 @@ def _for_eval(cfg, ckpt: str, overrides: List[str], world_size: int):
     return dataclasses.replace(cfg, parallel=par, deepspeed=ds, train=tr, model=model)
 
 
-def evaluate_models(specs: List[Tuple[str, object, str]]) -> List[Dict]:
+def evaluate_models(specs: List[Tuple[str, object, str]], data: Optional[List] = None) -> List[Dict]:
     """[{"model": label, **val losses, "step", "checkpoint"}] for each (label, cfg, ckpt) of `eval_config`
-    (collective: every rank evaluates every model; torch.distributed must be initialised)."""
+    (collective: every rank evaluates every model; torch.distributed must be initialised).
+
+    data: what `preflight(cfg, world_size)` returned for each spec when the caller ran it (else the
+    trainer runs it)."""
     from moedist.train.trainer import Trainer
 
     rows = []
-    for label, cfg, ckpt in specs:
-        trainer = Trainer(cfg, write_outputs=False, console=False, save_checkpoints=False)
+    for (label, cfg, ckpt), d in zip(specs, data or [None] * len(specs)):
+        trainer = Trainer(cfg, write_outputs=False, console=False, save_checkpoints=False, data=d)
         if cfg.train.resume is not None and not trainer.resume():
             raise ConfigError(f"{ckpt}: no checkpoint loaded")
         rows.append({"model": label, **trainer.evaluate_all(), "step": trainer.step, "checkpoint": ckpt})
@@ -196,10 +199,10 @@ def main_eval(argv: Optional[List[str]] = None) -> int:
             raise ConfigError(f"RUN_OR_CKPT: none given (only overrides: {' '.join(overrides)})")
         _check_output("--table", args.table)
         _check_output("--plot", args.plot)
-        specs = []
+        specs, data = [], []
         for target in targets:  # every model checked before any is evaluated
             cfg, ckpt = eval_config(target, overrides, env.world_size)
-            preflight(cfg, env.world_size)
+            data.append(preflight(cfg, env.world_size))  # once: the trainer takes what it opened
             specs.append((target, cfg, ckpt))
     except ConfigError:
         if env.rank != 0:
@@ -213,7 +216,7 @@ def main_eval(argv: Optional[List[str]] = None) -> int:
     init_distributed(timeout_s=specs[0][1].parallel.timeout_s)
     try:
         try:
-            rows = evaluate_models(specs)
+            rows = evaluate_models(specs, data)
         except ConfigError:
             if env.rank != 0:
                 return 2
