@@ -196,3 +196,41 @@ def test_builders_take_typed_sections():
     for fn in (build.apply_param_dtype, build.apply_expert_groups, build.apply_lora_freezing):
         params = list(inspect.signature(fn, eval_str=True).parameters.values())[1:]
         assert all(dataclasses.is_dataclass(p.annotation) for p in params), fn.__name__
+
+
+# part keyword -> the config key build_moe_layer passes for it
+PART_KEYS = {
+    "MoELayer": {"capacity_factor": "moe.capacity_factor", "min_capacity": "moe.min_capacity",
+                 "drop_policy": "moe.drop_policy", "aux_loss_type": "moe.aux_loss_type",
+                 "aux_loss_coef": "moe.aux_loss_coef", "z_loss_coef": "moe.z_loss_coef",
+                 "eval_capacity_factor": "moe.eval_capacity_factor", "router_type": "moe.router_type"},
+    "Router": {"score_func": "moe.score_func", "renormalize": "moe.renormalize", "noisy_gating": "moe.noisy_gating",
+               "jitter_eps": "moe.jitter_eps", "expert_bias": "moe.expert_bias", "init_std": "model.init_std",
+               "second_expert_policy": "moe.second_expert_policy"},
+    "SharedExperts": {"activation": "moe.activation", "gated": "moe.shared_expert_gate", "init_std": "model.init_std"},
+    "GroupedExperts": {"activation": "moe.activation", "init_std": "model.init_std"},
+    "LoRAOnExperts": {"lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "targets": "lora.targets"},
+    "MoELoRAExperts": {"lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "targets": "lora.targets",
+                       "activation": "moe.activation", "init_std": "model.init_std"},
+}
+
+
+def test_part_defaults_agree_with_the_config_or_are_documented():
+    """The only keyword defaults of the parts that differ from the config's are the three MoELayer documents."""
+    import inspect
+
+    from moedist import moe
+    from moedist.config import config_schema
+
+    defaults = {info.key: info.default for info in config_schema()}
+    differ = []
+    for cls_name, keys in PART_KEYS.items():
+        params = inspect.signature(getattr(moe, cls_name).__init__).parameters
+        for kw, key in keys.items():
+            if kw not in params:
+                continue
+            part, config = params[kw].default, defaults[key]
+            if (list(part) if isinstance(part, tuple) else part) != config:
+                differ.append(f"{cls_name}.{kw}")
+                assert f"`{key}`" in moe.MoELayer.__doc__, f"{cls_name}.{kw}={part!r} vs {key}={config!r}: undocumented"
+    assert sorted(differ) == ["MoELayer.aux_loss_coef", "MoELayer.drop_policy", "MoELayer.min_capacity"]
