@@ -234,3 +234,23 @@ def test_part_defaults_agree_with_the_config_or_are_documented():
                 differ.append(f"{cls_name}.{kw}")
                 assert f"`{key}`" in moe.MoELayer.__doc__, f"{cls_name}.{kw}={part!r} vs {key}={config!r}: undocumented"
     assert sorted(differ) == ["MoELayer.aux_loss_coef", "MoELayer.drop_policy", "MoELayer.min_capacity"]
+
+
+def test_more_parts_take_their_choices_from_moedist_choices():
+    import importlib
+    import inspect
+
+    from moedist import choices as C
+    from moedist.layers import dense_lora
+    from moedist.models import convert_cli, hf_maps, lora
+
+    upcycle = importlib.import_module("moedist.models.upcycle")   # moedist.models.upcycle is also a function
+    from moedist.moe import LoRAOnExperts, MoELoRAExperts
+
+    assert hf_maps.SUPPORTED is C.HF_MODEL_TYPES and hf_maps.MOE_TYPES is C.HF_MOE_TYPES
+    assert hf_maps.ROPE_TYPES is C.ROPE_TYPES and set(C.ROPE_SCALING_TYPES) < set(C.ROPE_TYPES)
+    assert upcycle.METHODS is C.UPCYCLE_METHODS and dense_lora.LORA_TARGETS is C.DENSE_LORA_TARGETS
+    upcycle_action = convert_cli._parser()._subparsers._group_actions[0].choices["upcycle"]
+    assert next(a for a in upcycle_action._actions if a.dest == "method").choices is C.UPCYCLE_METHODS
+    for cls in (LoRAOnExperts, MoELoRAExperts, lora.LoRAFFN):
+        assert inspect.signature(cls.__init__).parameters["targets"].default is C.LORA_TARGETS, cls.__name__

@@ -13,6 +13,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from moedist.choices import LORA_TARGETS
 from moedist.moe.dispatcher import weighted_scatter_add
 from moedist.moe.ffn import (GATED, Counts, Path, check_activation, choose_path, gather_lora_proj, grouped_ffn, grouped_mm,
                              hidden_act, moe_lora_hidden)
@@ -132,9 +133,9 @@ class _LoRAMixin:
     def _init_lora(self, rank: int, alpha: Optional[float], dropout: float, targets: Iterable[str], seed: int):
         if rank < 1:
             raise ValueError(f"lora_rank={rank}: must be >= 1")
-        bad = [t for t in targets if t not in ("gate", "up", "down")]
+        bad = [t for t in targets if t not in LORA_TARGETS]
         if bad or not list(targets):
-            raise ValueError(f"lora targets={list(targets)}: allowed a non-empty subset of gate, up, down")
+            raise ValueError(f"lora targets={list(targets)}: allowed a non-empty subset of {', '.join(LORA_TARGETS)}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"lora_dropout={dropout}: must be in [0, 1)")
         self.lora_rank, self.lora_alpha = rank, float(rank if alpha is None else alpha)
@@ -174,7 +175,7 @@ class LoRAOnExperts(_LoRAMixin, GroupedExperts):
     """
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, lora_rank: int, lora_alpha: Optional[float] = None,
-                 lora_dropout: float = 0.0, targets: Iterable[str] = ("gate", "up", "down"), freeze_base: bool = True, **kw):
+                 lora_dropout: float = 0.0, targets: Iterable[str] = LORA_TARGETS, freeze_base: bool = True, **kw):
         super().__init__(num_experts, hidden_size, ffn_size, **kw)
         self._init_lora(lora_rank, lora_alpha, lora_dropout, targets, self.seed)
         self.lora = self._lora_stacks(hidden_size, ffn_size, self.w_up.dtype, self.w_up.device)
@@ -226,7 +227,7 @@ class MoELoRAExperts(_LoRAMixin, nn.Module, Experts, FusedLocalExperts, FrozenBa
     """
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, lora_rank: int, lora_alpha: Optional[float] = None,
-                 lora_dropout: float = 0.0, targets: Iterable[str] = ("gate", "up", "down"), activation: str = "swiglu",
+                 lora_dropout: float = 0.0, targets: Iterable[str] = LORA_TARGETS, activation: str = "swiglu",
                  num_local: Optional[int] = None, first_expert: int = 0, init_std: float = 0.02, seed: int = 0,
                  dtype=torch.float32, device=None, base_seed: Optional[int] = None, shared_rank: int = 0):
         super().__init__()
