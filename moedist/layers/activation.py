@@ -1,6 +1,6 @@
 """Activation types of the GLU MLPs and the weight initialisation they imply.
 
-The activation decides two things (specs/layers.md):
+The activation decides two things (part of the `moedist.layers` contract):
 
 * the non-linearity `phi` in `(phi(X @ gate_proj) * (X @ up_proj)) @ down_proj`;
 * the initialisation family: Xavier for SIGMOID and BILINEAR (activations that

@@ -1,17 +1,29 @@
-"""DenseMLPWithLoRA: a GLU MLP with an optional LoRA branch (specs/layers.md).
+"""DenseMLPWithLoRA: a GLU MLP with an optional LoRA branch.
+
+Contract (fixed, so results reproduce bit for bit across machines and EP layouts):
 
     MLP(X) = (phi(X @ gate_proj) * (X @ up_proj)) @ down_proj
     out    = MLP(X) + Dropout_p((alpha / r) * (X @ lora_A @ lora_B))
 
-Weights are stored in math orientation (`x @ W`): `up_proj`/`gate_proj` [H, F],
-`down_proj` [F, H], `lora_A` [H, r], `lora_B` [r, H]. No biases.
+with p = lora_dropout_rate and alpha = r when lora_alpha is None; lora_rank = 0 means no
+LoRA at all (no parameters, no dropout, no RNG use). Weights are stored in math orientation
+(`x @ W`), no biases: `up_proj`/`gate_proj` [H, F], `down_proj` [F, H], `lora_A` [H, r],
+`lora_B` [r, H]. Computation runs in the parameters' dtype/device; the output has the input's.
 
-Seeds (each draw has its own `torch.Generator`, drawn in float32 on CPU then
-cast/moved, see `activation.py`): up = init_base_seed + 1, gate = + 2,
-down = + 3; lora_A = lora_init_base_seed + 1, lora_B = + 2.
+Initialisation (`reset_parameters`, called by `__init__`), each draw from its own
+`torch.Generator` in float32 on the CPU, then cast/moved (see `activation.py`):
+base weights normal (Xavier for SIGMOID/BILINEAR, Kaiming fan_in with ReLU gain otherwise),
+seeds up = init_base_seed + 1, gate = + 2, down = + 3; LoRA weights uniform (same family rule),
+seeds lora_A = lora_init_base_seed + 1, lora_B = + 2. Dropout masks come from a private
+generator seeded with lora_dropout_seed (never the global RNG) and advance call by call; dropout
+is off in eval().
+
+Built from the LoRA primitive's pieces in `moedist.moe.lora` (`lora_delta`, `lora_scale`,
+`SeededDropout`).
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Union
 
 import torch
@@ -25,9 +37,31 @@ from moedist.layers.activation import (
     draw_uniform_weight,
     parse_activation,
 )
-from moedist.layers.lora import SeededDropout, check_lora_args, lora_delta
+from moedist.moe.lora import SeededDropout, lora_delta, lora_scale
 
 _PROJS = ("up", "gate", "down")  # draw order of the per-projection adapters
+
+
+def check_lora_args(lora_rank: int, lora_alpha: Optional[float], lora_dropout_rate: float) -> float:
+    """Validate the LoRA arguments and return the branch scale `alpha / r` (0.0 for r = 0).
+
+    Args:
+        lora_rank: r >= 0; 0 disables LoRA.
+        lora_alpha: alpha, or None for alpha = r (scale 1).
+        lora_dropout_rate: dropout probability p in [0, 1].
+
+    Raises:
+        ValueError: naming the offending argument.
+    """
+    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
+        raise ValueError(f"lora_rank must be an int >= 0, got {lora_rank!r}")
+    if lora_alpha is not None:
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number or None, got {lora_alpha!r}")
+    if isinstance(lora_dropout_rate, bool) or not isinstance(lora_dropout_rate, (int, float)) \
+            or not 0.0 <= float(lora_dropout_rate) <= 1.0:
+        raise ValueError(f"lora_dropout_rate must be a float in [0, 1], got {lora_dropout_rate!r}")
+    return 0.0 if lora_rank == 0 else lora_scale(lora_rank, lora_alpha)
 
 
 def check_positive_int(name: str, value) -> int:
@@ -163,7 +197,7 @@ class DenseMLPWithLoRA(nn.Module):
         y = x @ getattr(self, f"{name}_proj")
         if self.lora_rank > 0 and self.lora_target == "proj":
             x_d = self.lora_dropout(x)
-            y = y + lora_delta(x_d, getattr(self, f"{name}_lora_A"), getattr(self, f"{name}_lora_B"), self.lora_scale)
+            y = y + self.lora_scale * lora_delta(x_d, getattr(self, f"{name}_lora_A"), getattr(self, f"{name}_lora_B"))
         return y
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -185,5 +219,5 @@ class DenseMLPWithLoRA(nn.Module):
         hid = self._phi(gate) * up  # [b, s, F]
         out = self._proj(hid, "down")  # [b, s, H]
         if self.lora_rank > 0 and self.lora_target == "mlp":
-            out = out + self.lora_dropout(lora_delta(x, self.lora_A, self.lora_B, self.lora_scale))  # [b, s, H]
+            out = out + self.lora_dropout(self.lora_scale * lora_delta(x, self.lora_A, self.lora_B))  # [b, s, H]
         return out.to(device=input.device, dtype=input.dtype)

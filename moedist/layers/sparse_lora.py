@@ -1,25 +1,34 @@
-"""SparseMLPWithLoRA: a top-k routed mixture of DenseMLPWithLoRA experts (specs/layers.md).
+"""SparseMLPWithLoRA: a top-k routed mixture of DenseMLPWithLoRA experts.
 
-The ffh dimension is split into `ne` experts of width `e = ffh // ne`; global
-expert `i` is `DenseMLPWithLoRA(h, e, ...)` with every seed + i, so an expert's
-weights do not depend on which rank holds it. This rank holds the `nle` experts
-`[rank * nle, (rank + 1) * nle)`.
+Contract (fixed, so results reproduce bit for bit across machines and EP layouts):
 
-    probs_TE = softmax(X_TH @ gate_HE)                 (float32)
-    w_TK, idx_TK = topk(probs_TE, K); w_TK /= w_TK.sum(-1)
-    out_TH = sum_k w_TK[:, k] * expert[idx_TK[:, k]](X_TH)
+* The ffh dimension is split into `ne = num_experts` experts of width `e = ffh // ne` (an error
+  if it does not divide). Global expert `i` is `DenseMLPWithLoRA(h, e, ...)` whose
+  init_base_seed, lora_dropout_seed and lora_init_base_seed are each the given value + i, so an
+  expert's weights do not depend on which rank holds it.
+* This rank holds `nle = ne // world_size` experts, global ids `[rank * nle, (rank + 1) * nle)`,
+  in `self.experts` (an `nn.ModuleList` in that order); an error if world_size does not divide
+  ne or rank >= world_size.
+* Router weight `gate` [h, ne] is always float32, drawn from Normal(init_mean, init_std) with a
+  generator seeded by init_base_seed (no offset). Routing, in float32:
+
+      probs_TE = softmax(X_TH @ gate_HE)
+      w_TK, idx_TK = topk(probs_TE, K); w_TK /= w_TK.sum(-1)
+      out_TH = sum_k w_TK[:, k] * expert[idx_TK[:, k]](X_TH)
 
 Two modes:
 
-* `process_group=None`: partial sums. Every rank sees the same input and adds
-  only its local experts' contributions; the caller sums over ranks.
-* `process_group` given: expert parallel. Each rank passes its own tokens; the
-  shared `TokenDispatcher` (moedist.moe.dispatcher) sends each (token, slot)
-  pair to the rank owning its expert and brings the results back, so every
-  rank's output equals the world_size=1 layer applied to its own input.
+* `process_group=None`: partial sums. Every rank sees the same input and adds only its local
+  experts' contributions (zeros for tokens routed elsewhere); summing the outputs of ranks
+  0..world_size-1 gives the full layer, and world_size=1 is the whole layer.
+* `process_group` of world_size ranks: expert parallel. Each rank passes its OWN tokens (counts
+  may differ between ranks); the `TokenDispatcher` sends each (token, slot) pair to the rank
+  owning its expert and brings the results back, so every rank's output equals the world_size=1
+  layer applied to its own input, and each local expert's gradient holds all ranks' tokens.
 
-Dispatch is index based (sort (token, slot) pairs by expert, contiguous
-slices); there is no one-hot [T, E, C] mask.
+Built from `moedist.moe`: routing is `router.softmax_topk`, the pairs are sorted by expert with
+`dispatcher.permute_pairs` (index based, no one-hot [T, E, C] mask) and combined with
+`dispatcher.combine_pairs` in at least float32.
 Legend: T tokens, E experts, L local experts, K top-k, H hidden, N pairs.
 """
 from __future__ import annotations
@@ -28,23 +37,17 @@ import math
 from typing import List, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moedist.distributed.comm import ExpertParallelComm
 from moedist.layers.activation import MLPActivationType, parse_activation
-from moedist.layers.dense_lora import DenseMLPWithLoRA, check_dtype, check_positive_int
-from moedist.layers.lora import check_lora_args
-from moedist.moe.counts import count_ids
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half/bfloat16/float32 expert outputs, float64 for float64."""
-    return torch.promote_types(dtype, torch.float32)
+from moedist.layers.dense_lora import DenseMLPWithLoRA, check_dtype, check_lora_args, check_positive_int
+from moedist.moe.dispatcher import LocalPermutation, TokenDispatcher, accumulate_dtype, combine_pairs, permute_pairs
+from moedist.moe.router import softmax_topk
 
 
 def route_topk(x_TH: torch.Tensor, gate_HE: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Softmax top-k routing in float32 with renormalised weights.
+    """Softmax top-k routing in float32 (`moedist.moe.router.softmax_topk`) with renormalised weights.
 
     Args:
         x_TH: [T, H] tokens (any float dtype; cast to float32 on gate's device).
@@ -55,31 +58,20 @@ def route_topk(x_TH: torch.Tensor, gate_HE: torch.Tensor, k: int) -> Tuple[torch
         (w_TK float32 [T, K] summing to 1 per token, idx_TK int64 [T, K]).
     """
     logits_TE = x_TH.to(device=gate_HE.device, dtype=torch.float32) @ gate_HE  # [T, E]
-    probs_TE = F.softmax(logits_TE, dim=-1)  # [T, E]
-    top_TK, idx_TK = torch.topk(probs_TE, k, dim=-1)  # [T, K], [T, K]
-    w_TK = top_TK / top_TK.sum(dim=-1, keepdim=True)  # [T, K]
-    return w_TK, idx_TK
+    idx_TK, top_TK, _ = softmax_topk(logits_TE, k, renormalize=False)  # [T, K], [T, K]
+    # w = topk / sum(topk) as written, also for k = 1 (the router's shortcut there drops the gate's graph)
+    return top_TK / top_TK.sum(dim=-1, keepdim=True), idx_TK
 
 
-def sort_local_pairs(idx_TK: torch.Tensor, first: int, num_local: int) -> Tuple[torch.Tensor, List[int]]:
-    """The (token, slot) pairs routed to experts `[first, first + num_local)`, sorted by expert.
+def local_pairs(idx_TK: torch.Tensor, first: int, num_local: int, num_experts: int) -> Tuple[LocalPermutation, List[int]]:
+    """The (token, slot) pairs routed to experts `[first, first + num_local)`, sorted by expert
+    (`permute_pairs` with only this rank's experts kept; token order inside each expert).
 
-    Args:
-        idx_TK: [T, K] int64 global expert ids.
-        first: global id of the first local expert.
-        num_local: L, number of local experts.
-
-    Returns:
-        (pos_N int64 [N]: flat positions `t * K + k` into idx_TK, grouped by
-        local expert and in token order inside each group;
-        counts_L: list of L ints, rows per local expert.)
+    Returns (the permutation: pair_N, token_N; counts_L: rows per local expert, host ints).
     """
-    flat_P = idx_TK.reshape(-1)  # [T*K]
-    local_P = (flat_P >= first) & (flat_P < first + num_local)  # [T*K]
-    key_P = torch.where(local_P, flat_P - first, num_local)  # [T*K] local expert id, L for other ranks' pairs
-    order_P = torch.argsort(key_P, stable=True)  # [T*K] by local expert, then position; others last
-    counts_L = count_ids(key_P, num_local + 1)[:num_local].tolist()  # [L] the one host read of the counts
-    return order_P[:sum(counts_L)], counts_L
+    keep_TK = (idx_TK >= first) & (idx_TK < first + num_local)  # [T, K] pairs of my experts
+    perm = permute_pairs(idx_TK, keep_TK, num_experts)
+    return perm, perm.counts_host[first:first + num_local]
 
 
 class SparseMLPWithLoRA(nn.Module):
@@ -168,6 +160,7 @@ class SparseMLPWithLoRA(nn.Module):
             if comm.rank != rank:
                 raise ValueError(f"rank={rank} but this process is rank {comm.rank} of process_group")
             self.comm = comm
+            self._dispatcher = TokenDispatcher(num_experts=self.num_experts, comm=comm)
 
         # Router: [H, E], always float32.
         self.gate = nn.Parameter(torch.empty(hidden_size, num_experts, dtype=torch.float32, device=device))
@@ -246,26 +239,16 @@ class SparseMLPWithLoRA(nn.Module):
 
     def _forward_partial_sum(self, x_TH: torch.Tensor, w_TK: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
         """This rank's share of the output: only its local experts, zeros elsewhere."""
-        k = self.moe_topk
-        pos_N, counts_L = sort_local_pairs(idx_TK, self.first_local_expert, self.num_local_experts)  # [N]
-        tok_N = pos_N // k  # [N] source token of each pair
-        x_NH = x_TH.index_select(0, tok_N)  # [N, H]
+        perm, counts_L = local_pairs(idx_TK, self.first_local_expert, self.num_local_experts, self.num_experts)
+        x_NH = x_TH.index_select(0, perm.token_N)  # [N, H]
         y_NH = self._run_local_experts(x_NH, counts_L)  # [N, H]
-        acc = _accumulate_dtype(y_NH.dtype)
-        w_N = w_TK.reshape(-1).index_select(0, pos_N).to(acc)  # [N]
-        out_TH = torch.zeros(x_TH.shape, dtype=acc, device=x_TH.device)  # [T, H]
-        return out_TH.index_add(0, tok_N, y_NH.to(acc) * w_N.unsqueeze(1))  # [T, H]
+        return combine_pairs(y_NH, perm, w_TK, x_TH.shape[0])  # [T, H] in accumulate_dtype
 
     def _forward_expert_parallel(self, x_TH: torch.Tensor, w_TK: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
         """Send pairs to the ranks owning their experts, compute, bring results back."""
-        if self._dispatcher is None:
-            # Imported here: moe/ sits above layers/ in DESIGN.md, so no import at module load.
-            from moedist.moe.dispatcher import TokenDispatcher
-
-            self._dispatcher = TokenDispatcher(num_experts=self.num_experts, comm=self.comm)
         keep_TK = torch.ones_like(idx_TK, dtype=torch.bool)  # [T, K] no capacity dropping here
         x_NH, counts_L, state = self._dispatcher.dispatch(x_TH, idx_TK, keep_TK)  # [N, H], L ints
         counts_L = [int(c) for c in counts_L]
         y_NH = self._run_local_experts(x_NH, counts_L)  # [N, H]
         # Weighted sum in (at least) float32, as in the partial-sum path.
-        return self._dispatcher.combine(y_NH.to(_accumulate_dtype(y_NH.dtype)), state, w_TK)  # [T, H]
+        return self._dispatcher.combine(y_NH.to(accumulate_dtype(y_NH.dtype)), state, w_TK)  # [T, H]

@@ -41,6 +41,7 @@ from moedist.cli_format import DefaultsFormatter
 from moedist.checkpoint.cli import (_checkpoint_arg, _emptied, _expected, _load_model, _manifest, _out_arg,
                                     _Parser, _run, _say, _staged, _tensor_keys)
 from moedist.merge import methods
+from moedist.moe.lora import is_lora_factor_key
 
 METHODS = ("average", "task_arithmetic", "ties", "lorahub")
 State = Dict[str, torch.Tensor]
@@ -248,7 +249,7 @@ def _lorahub(args, cfg, model, states: List[State], weights) -> Tuple[State, Lis
                          "LoRA experts (use average, task_arithmetic or ties for full fine-tunes)")
     keys = trained_keys(model)
     frozen = [k for k in states[0] if k not in set(keys)]
-    lora = [k for k in keys if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")]
+    lora = [k for k in keys if is_lora_factor_key(k)]
     if not lora:
         raise ValueError(f"MODEL {args.models[0]}: no LoRA factors (lora_A/lora_B) to combine")
     # routers, shared experts, ... that the lora config also trains: their equal average (a soup), since

@@ -16,6 +16,7 @@ from moedist.config import DataConfig, LoRAConfig, ModelConfig, MoEConfig, Moedi
 from moedist.models.llama import Attention, CausalLM, DecoderLayer, DenseFFN
 from moedist.models.lora import LoRAFFN, LoRALinear
 from moedist.moe import GroupedExperts, LoRAOnExperts, MoELayer, MoELoRAExperts, Router, SharedExperts, TokenDispatcher
+from moedist.moe.lora import model_adapter_params
 
 
 
@@ -131,25 +132,23 @@ def apply_param_dtype(model: nn.Module, model_cfg: ModelConfig, lora_cfg: LoRACo
             p.data = p.data.to(dtype)
 
 
-def _is_adapter(name: str) -> bool:
-    return "lora_A" in name or "lora_B" in name
-
-
 def apply_lora_freezing(model: nn.Module, lora_cfg: LoRAConfig) -> None:
     """Set requires_grad by lora.mode: in LoRA modes only adapters (+ router if
     lora.train_router, + shared experts if lora.train_shared_experts) train."""
     if lora_cfg.mode == "none":
         return
+    adapters = {id(p) for p in adapter_params(model)}
     for name, p in model.named_parameters():
-        train = _is_adapter(name)
+        train = id(p) in adapters
         train |= lora_cfg.train_router and ".router." in name
         train |= lora_cfg.train_shared_experts and ".shared_experts." in name
         p.requires_grad_(train)
 
 
 def adapter_params(model: nn.Module) -> List[nn.Parameter]:
-    """The LoRA parameters (lora_A / lora_B) of the model."""
-    return [p for n, p in model.named_parameters() if _is_adapter(n)]
+    """The LoRA parameters (lora_A / lora_B) of the model: what its LoRA modules declare
+    (`moedist.moe.lora.AdapterModule`), not a match on names."""
+    return model_adapter_params(model)
 
 
 def trainable_params(model: nn.Module) -> List[nn.Parameter]:

@@ -57,8 +57,8 @@ def dense_ffn_weights(mlp: nn.Module, merge_lora: bool) -> Tuple[torch.Tensor, t
     """(gate [H, F], up [H, F], down [F, H]) of a DenseFFN / LoRAFFN, LoRA merged or not."""
     ws = {t: getattr(mlp, f"w_{t}") for t in ("gate", "up", "down")}
     if isinstance(mlp, LoRAFFN) and merge_lora:
-        for t in mlp.targets:
-            ws[t] = ws[t] + mlp.scaling * (getattr(mlp, f"lora_A_{t}") @ getattr(mlp, f"lora_B_{t}"))
+        for t, (A, B) in mlp.adapters().items():
+            ws[t] = ws[t] + mlp.scaling * (A @ B)
     return ws["gate"], ws["up"], ws["down"]
 
 
@@ -75,7 +75,7 @@ def expert_weights(experts: nn.Module, local: int, merge_lora: bool) -> Tuple[to
         raise ValueError(f"cannot export experts of type {type(experts).__name__}")
     if merge_lora and isinstance(experts, (LoRAOnExperts, MoELoRAExperts)):  # per-expert adapters
         for t, stack in experts.lora.items():
-            ws[t] = ws[t] + experts.scaling * (stack.lora_A[local] @ stack.lora_B[local])
+            ws[t] = ws[t] + experts.scaling * stack.merged(local)
     return ws["gate"], ws["up"], ws["down"]
 
 

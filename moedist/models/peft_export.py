@@ -26,6 +26,7 @@ from moedist.models.hf_export import describe, save_json_and_safetensors, to_hf
 from moedist.models.llama import CausalLM
 from moedist.models.lora import LoRAFFN, LoRALinear
 from moedist.moe import MoELayer
+from moedist.moe.lora import model_adapter_params
 
 _FFN_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
@@ -40,11 +41,10 @@ def _adapters(model: CausalLM):
                 yield f"{p}self_attn.{name}", lin.lora_A, lin.lora_B, lin.lora_rank, lin.scaling * lin.lora_rank, lin.dropout
         mlp = layer.mlp
         if isinstance(mlp, MoELayer):
-            if any("lora_" in n for n, _ in mlp.named_parameters()):
+            if model_adapter_params(mlp):
                 raise ValueError(f"layer {i}: LoRA on experts / LoRA-MoE has no PEFT format; export it merged with to_hf")
         elif isinstance(mlp, LoRAFFN):
-            for t in mlp.targets:
-                A, B = getattr(mlp, f"lora_A_{t}"), getattr(mlp, f"lora_B_{t}")  # [in, r], [r, out]
+            for t, (A, B) in mlp.adapters().items():  # [in, r], [r, out]
                 r = A.shape[1]
                 yield f"{p}mlp.{_FFN_NAMES[t]}", A.t(), B.t(), r, mlp.scaling * r, mlp.dropout
 

@@ -18,9 +18,9 @@ from moedist.moe.dispatcher import weighted_scatter_add
 from moedist.moe.ffn import (GATED, Counts, Path, check_activation, choose_path, gather_lora_proj, grouped_ffn, grouped_mm,
                              hidden_act, moe_lora_hidden)
 from moedist.moe.init import is_meta, normal_
-from moedist.moe.lora_math import lora_dropout, lora_scale
-from moedist.moe.shared_lora import shared_lora
+from moedist.moe.lora import LoRA, kaiming_uniform_a5, lora_dropout, lora_scale
 from moedist.moe.parts import DeviceCountExperts, Experts, FrozenBaseExperts, FusedLocalExperts
+from moedist.moe.shared_lora import reset_shared_lora, shared_lora
 
 # One tag for expert parameters, owned by moedist.distributed (which reduces them
 # over the expert-data-parallel group only); re-exported here for the expert modules.
@@ -100,31 +100,12 @@ class GroupedExperts(nn.Module, Experts, DeviceCountExperts):
         return grouped_ffn(x_NH, self.w_gate, self.w_up, self.w_down, counts_L, self.activation)  # [N, H]
 
 
-class _LoRAStack(nn.Module):
-    """Per-expert LoRA factors for one projection: A [L, I, r] (random), B [L, r, O] (zeros)."""
-
-    def __init__(self, L: int, d_in: int, d_out: int, rank: int, seed: int, first_expert: int, which: int, dtype, device):
-        super().__init__()
-        self.lora_A = tag_expert_param(nn.Parameter(torch.empty(L, d_in, rank, dtype=dtype, device=device)))
-        self.lora_B = tag_expert_param(nn.Parameter(torch.zeros(L, rank, d_out, dtype=dtype, device=device)))
-        self.seed, self.which = seed, which
-        if not is_meta(self.lora_A):  # meta: the owning expert module draws it at materialization
-            self.reset(first_expert)
-
-    @torch.no_grad()
-    def reset(self, first_expert: int) -> None:
-        """A[l] of global expert first_expert + l from its own generator (seed, expert, projection); B = 0."""
-        L, d_in, rank = self.lora_A.shape
-        bound = (1.0 / d_in) ** 0.5  # Kaiming-uniform(a=sqrt(5)): gain sqrt(1/3) * sqrt(3 / fan_in), as in peft/nn.Linear
-        for l in range(L):
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + (first_expert + l) * 101 + 50 + self.which)
-            self.lora_A[l].copy_((torch.rand(d_in, rank, generator=g, device="cpu") * 2 - 1) * bound)
-        self.lora_B.zero_()
-
-    def delta(self, x_NI: torch.Tensor, counts_L: Sequence[int]) -> torch.Tensor:
-        """x @ A[e] @ B[e] per expert slice, computed in the adapter's dtype. Returns [N, O] (unscaled) in x's dtype."""
-        d = grouped_mm(grouped_mm(x_NI.to(self.lora_A.dtype), self.lora_A, counts_L), self.lora_B, counts_L)
-        return d.to(x_NI.dtype)
+def _reset_expert_lora(st: LoRA, seed: int, first_expert: int, which: int) -> None:
+    """A[l] of global expert first_expert + l from its own generator (seed, expert, projection); B = 0."""
+    L, d_in, rank = st.lora_A.shape
+    for l in range(L):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + (first_expert + l) * 101 + 50 + which)
+        st.reset_(kaiming_uniform_a5((d_in, rank), d_in, g), expert=l)
 
 
 class _LoRAMixin:
@@ -145,14 +126,24 @@ class _LoRAMixin:
         self.targets = tuple(targets)
 
     def _lora_stacks(self, H: int, F: int, dtype, device) -> nn.ModuleDict:
-        """One `_LoRAStack` per targeted projection (gate only when the activation is gated).
+        """One stacked, expert-tagged `LoRA` [L, ...] per targeted projection (gate only when the
+        activation is gated), drawn unless on the meta device.
 
         Needs self.num_local, self.first_expert, self.seed and self.w_gate set."""
         dims = {"gate": (H, F), "up": (H, F), "down": (F, H)}
-        return nn.ModuleDict({t: _LoRAStack(self.num_local, *dims[t], self.lora_rank, self.seed, self.first_expert, i,
-                                            dtype=dtype, device=device)
-                              for i, t in enumerate(("gate", "up", "down"))
-                              if t in self.targets and (t != "gate" or self.w_gate is not None)})
+        stacks = nn.ModuleDict({t: LoRA(*dims[t], self.lora_rank, num_stacked=self.num_local, expert=True,
+                                        dtype=dtype, device=device)
+                                for t in LORA_TARGETS if t in self.targets and (t != "gate" or self.w_gate is not None)})
+        if stacks and not is_meta(next(iter(stacks.values())).lora_A):  # meta: drawn at materialization
+            self._reset_lora(stacks)
+        return stacks
+
+    def _reset_lora(self, stacks: nn.ModuleDict) -> None:
+        """Each local expert's factors by global id; `which` is the projection's index in (gate, up, down),
+        so a projection draws the same A whatever the other targets are."""
+        for which, t in enumerate(LORA_TARGETS):
+            if t in stacks:
+                _reset_expert_lora(stacks[t], self.seed, self.first_expert, which)
 
     def named_generators(self) -> dict:
         """The private LoRA-dropout stream (`moedist.train.rng.OwnsGenerators`)."""
@@ -162,8 +153,8 @@ class _LoRAMixin:
         return lora_dropout(x, self.lora_dropout_rate, self.training, self._drop_gen)
 
     def adapter_params(self) -> list:
-        """The parameters that train in LoRA fine-tuning (all lora_A / lora_B)."""
-        return [p for n, p in self.named_parameters() if "lora_A" in n or "lora_B" in n]
+        """The parameters that train in LoRA fine-tuning: every `LoRA` primitive's lora_A / lora_B."""
+        return [p for m in self.modules() if isinstance(m, LoRA) for p in m.adapter_params()]
 
 
 class LoRAOnExperts(_LoRAMixin, GroupedExperts):
@@ -187,8 +178,7 @@ class LoRAOnExperts(_LoRAMixin, GroupedExperts):
     def init_weights(self) -> None:
         """The frozen experts, then each local expert's LoRA factors (by global id)."""
         self.reset_parameters()
-        for st in self.lora.values():
-            st.reset(self.first_expert)
+        self._reset_lora(self.lora)
 
     def takes_device_counts(self, x_NH: torch.Tensor) -> bool:
         """Host counts: the adapters' low-rank products are not checked for the grouped kernel here."""
@@ -197,7 +187,8 @@ class LoRAOnExperts(_LoRAMixin, GroupedExperts):
     def _proj(self, name: str, x_NI: torch.Tensor, w: torch.Tensor, counts_L) -> torch.Tensor:
         y = grouped_mm(x_NI, w, counts_L)
         if name in self.lora:
-            y = y + self.scaling * self.lora[name].delta(self._drop(x_NI), counts_L)
+            x_d = self._drop(x_NI)
+            y = y + self.scaling * self.lora[name].delta(x_d, counts_L).to(x_d.dtype)
         return y
 
     def forward(self, x_NH: torch.Tensor, counts_L: Sequence[int]) -> torch.Tensor:
@@ -261,10 +252,8 @@ class MoELoRAExperts(_LoRAMixin, nn.Module, Experts, FusedLocalExperts, FrozenBa
         """The frozen base (gate, up, down from `base_seed`), then each local expert's LoRA factors
         and the shared LoRA expert's."""
         self._init_base()
-        for st in self.lora.values():
-            st.reset(self.first_expert)
-        for sh in self.lora_shared.values():
-            sh.reset()
+        self._reset_lora(self.lora)
+        reset_shared_lora(self.lora_shared, self.seed)
 
     @torch.no_grad()
     def load_base(self, w_gate: Optional[torch.Tensor], w_up: torch.Tensor, w_down: torch.Tensor) -> None:
@@ -287,11 +276,15 @@ class MoELoRAExperts(_LoRAMixin, nn.Module, Experts, FusedLocalExperts, FrozenBa
         """x @ W plus the shared LoRA expert's s_S * drop(x) @ A_S @ B_S on that projection. [N, O]."""
         y = x_NI @ w_IO
         if name in self.lora_shared:
-            y = y + self.shared_scaling * self.lora_shared[name].delta(self._drop(x_NI))
+            x_d = self._drop(x_NI)
+            y = y + self.shared_scaling * self.lora_shared[name].delta(x_d).to(x_d.dtype)
         return y
 
     def _delta(self, name: str, x_NI: torch.Tensor, counts_L) -> Optional[torch.Tensor]:
-        return self.scaling * self.lora[name].delta(self._drop(x_NI), counts_L) if name in self.lora else None
+        if name not in self.lora:
+            return None
+        x_d = self._drop(x_NI)
+        return self.scaling * self.lora[name].delta(x_d, counts_L).to(x_d.dtype)
 
     def _hidden(self, gate_base: Optional[torch.Tensor], up_base: torch.Tensor, x_NH: torch.Tensor, counts_L) -> torch.Tensor:
         """phi(gate_base + dgate) * (up_base + dup) per routed row. [N, F]."""
