@@ -190,6 +190,9 @@ def test_lora_dropout_is_seeded_and_leaves_the_global_rng_alone():
     assert torch.equal(a, b) and not torch.equal(a, c)
     u = torch.rand(64, 8, generator=torch.Generator().manual_seed(3))   # by hand
     assert torch.equal(a, (u >= 0.25).float() / 0.75)
+    xr = _rand(64, 8, seed=1, dtype=torch.float32)   # bitwise: kept values divided by (1 - p), as every LoRA mode did
+    kept = (torch.rand(64, 8, generator=torch.Generator().manual_seed(3)) >= 0.1).float()
+    assert torch.equal(lora_dropout(xr, 0.1, True, torch.Generator().manual_seed(3)), xr * kept / 0.9)
     assert lora_dropout(x, 0.25, False, torch.Generator()) is x and lora_dropout(x, 0.0, True, torch.Generator()) is x
 
 
@@ -200,6 +203,9 @@ def test_seeded_dropout_module_masks_by_hand_and_per_call():
     assert torch.equal(first, d2(x)) and torch.equal(second, d2(x)) and not torch.equal(first, second)
     g = torch.Generator().manual_seed(9)
     assert torch.equal(first, x * (torch.rand(32, 4, generator=g) >= 0.5).float() * 2.0)
+    xr = _rand(32, 4, seed=2, dtype=torch.float32)   # bitwise: times 1 / (1 - p), as moedist.layers always did
+    kept = (torch.rand(32, 4, generator=torch.Generator().manual_seed(5)) >= 0.1).float()
+    assert torch.equal(SeededDropout(0.1, 5)(xr), xr * kept * (1.0 / 0.9))
     d1.eval()
     assert d1(x) is x
     assert torch.equal(SeededDropout(1.0, 0)(x), torch.zeros_like(x))
