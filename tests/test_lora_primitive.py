@@ -163,6 +163,7 @@ def test_model_adapters_are_the_lora_names_of_every_mode(mode):
     named = dict(model.named_parameters())
     declared = [n for n, p in named.items() if any(p is q for q in adapter_params(model))]
     assert declared == [n for n in named if "lora_A" in n or "lora_B" in n]
+    assert [id(p) for p in model_adapter_params(model)] == [id(p) for p in adapter_params(model)]
     assert set(MODES[mode]) <= set(declared)
     trainable = [n for n, p in named.items() if p.requires_grad]
     if mode == "none":
