@@ -124,10 +124,10 @@ def _candidates(name: str) -> List[str]:
     return out
 
 
-def _is_fresh(name: str) -> bool:
-    """Parameters a LoRA mode adds on top of a base: they keep their initialisation."""
-    leaf = name.rsplit(".", 1)[-1]
-    return "lora_" in leaf or ".lora." in name or ".router." in name or leaf.startswith("lora")
+def _is_fresh(name: str, p, adapters: set) -> bool:
+    """Parameters a LoRA mode adds on top of a base (its adapters, `adapters` by id, and the routers):
+    they keep their initialisation."""
+    return id(p) in adapters or ".router." in name
 
 
 def load_init_weights(model, path: str, names: Optional[Iterable[str]] = None, verify: bool = True) -> int:
@@ -142,6 +142,7 @@ def load_init_weights(model, path: str, names: Optional[Iterable[str]] = None, v
 
     from moedist.checkpoint.io import CorruptCheckpoint, _Reader, read_manifest, verify_checkpoint
     from moedist.checkpoint.keys import global_keys_for, param_slots
+    from moedist.moe.lora import model_adapter_params
 
     ckpt = init_checkpoint(path)
     try:
@@ -151,6 +152,7 @@ def load_init_weights(model, path: str, names: Optional[Iterable[str]] = None, v
         raise ConfigError(f"model.init_from={path!r}: {err}") from None
     rd = _Reader(ckpt, read_manifest(ckpt))
     slots = param_slots(model)
+    adapters = {id(p) for p in model_adapter_params(model)}
     loaded = 0
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -159,7 +161,7 @@ def load_init_weights(model, path: str, names: Optional[Iterable[str]] = None, v
                 if rd.has(keys[0]):
                     break
             else:
-                if _is_fresh(name):
+                if _is_fresh(name, p, adapters):
                     continue
                 raise ConfigError(f"model.init_from={path!r}: {ckpt} has no weights for {name}")
             if p.is_meta:  # not materialized here (ZeRO-3 builds a layer at a time): nothing to read into
