@@ -81,20 +81,31 @@ def test_bad_input_one_line_exit_2(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_tiny_table_a_report_comes_from_runs(tmp_path):
+def _tiny_table(tmp_path, table: str, keys: str, method: str) -> Path:
+    """A tiny study config for `table` on code + prose (the tiny base below, 2 steps a run, eval 1 x 2)."""
+    cfg = tmp_path / f"{table}.yaml"
+    cfg.write_text(f"table: {table}\nout: {tmp_path}/{table}\ndomains_dir: {tmp_path}/domains\nmax_train_bytes: 20000\n"
+                   f"base_config: {_tiny_base(tmp_path)}\ncache_dir: {tmp_path}/cache\neval_batches: 1\n"
+                   f"eval_micro_batch: 2\ndomains: [code, prose]\nsteps: 2\n{keys}"
+                   "common: [train.micro_batch_size=2, train.warmup_steps=0, data.seq_len=32]\n"
+                   f"methods:\n  {method}\n")
+    return cfg
+
+
+def _tiny_base(tmp_path):
+    """A 1-layer byte-level base config (2 steps on prose) for the tiny end-to-end tables."""
     base = tmp_path / "base.yaml"
     base.write_text("name: tb\nmodel: {vocab_size: 256, hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 2,"
                     " ffn_size: 64, max_seq_len: 32, moe_every: 0}\n"
                     "train: {max_steps: 2, lr: 1.0e-3, warmup_steps: 0, micro_batch_size: 2, eval_batches: 1}\n"
                     "data: {tokenizer: bytes, seq_len: 32, sources: [{name: prose, path: '{domains}/prose.train.jsonl', "
                     "format: jsonl}]}\n")
-    cfg = tmp_path / "a.yaml"
-    cfg.write_text(f"table: a\nout: {tmp_path}/a\ndomains_dir: {tmp_path}/domains\nmax_train_bytes: 20000\n"
-                   f"base_config: {base}\ncache_dir: {tmp_path}/cache\neval_batches: 1\neval_micro_batch: 2\n"
-                   "domains: [code, prose]\nsteps: 2\nseeds: [0, 1]\n"
-                   "common: [train.micro_batch_size=2, train.warmup_steps=0, data.seq_len=32]\n"
-                   "methods:\n  lora_moe: {lrs: [1.0e-2], overrides: [lora.mode=moe_lora, model.moe_every=1, "
-                   "moe.num_experts=2, moe.top_k=1, lora.rank=2]}\n")
+    return base
+
+
+def test_tiny_table_a_report_comes_from_runs(tmp_path):
+    cfg = _tiny_table(tmp_path, "a", "seeds: [0, 1]\n", "lora_moe: {lrs: [1.0e-2], overrides: [lora.mode=moe_lora, "
+                      "model.moe_every=1, moe.num_experts=2, moe.top_k=1, lora.rank=2]}")
     r = _study("run", "a", "--config", str(cfg))
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "a"
@@ -120,19 +131,9 @@ def test_tiny_table_c_moe_replay_grows_freezes_and_replays(tmp_path):
     """moe_replay: stage 1 starts from the grown stage-0 model, freezes the old experts and trains on the new
     domain plus the old one at replay_weight; the frozen experts' weights equal the grown model's bitwise."""
     from safetensors.torch import load_file
-    base = tmp_path / "base.yaml"
-    base.write_text("name: tb\nmodel: {vocab_size: 256, hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 2,"
-                    " ffn_size: 64, max_seq_len: 32, moe_every: 0}\n"
-                    "train: {max_steps: 2, lr: 1.0e-3, warmup_steps: 0, micro_batch_size: 2, eval_batches: 1}\n"
-                    "data: {tokenizer: bytes, seq_len: 32, sources: [{name: prose, path: '{domains}/prose.train.jsonl', "
-                    "format: jsonl}]}\n")
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"table: c\nout: {tmp_path}/c\ndomains_dir: {tmp_path}/domains\nmax_train_bytes: 20000\n"
-                   f"base_config: {base}\ncache_dir: {tmp_path}/cache\neval_batches: 1\neval_micro_batch: 2\n"
-                   "domains: [code, prose]\nsteps: 2\nseeds: [0]\nreplay_weight: 0.25\n"
-                   "common: [train.micro_batch_size=2, train.warmup_steps=0, data.seq_len=32]\n"
-                   "methods:\n  mr: {kind: moe_replay, lrs: [1.0e-2], experts: 2, add_experts: 1, overrides: "
-                   "[lora.mode=moe_lora, model.moe_every=1, moe.num_experts=2, moe.top_k=2, lora.rank=2]}\n")
+    cfg = _tiny_table(tmp_path, "c", "seeds: [0]\nreplay_weight: 0.25\n",
+                      "mr: {kind: moe_replay, lrs: [1.0e-2], experts: 2, add_experts: 1, overrides: [lora.mode=moe_lora, "
+                      "model.moe_every=1, moe.num_experts=2, moe.top_k=2, lora.rank=2]}")
     r = _study("run", "c", "--config", str(cfg))
     assert r.returncode == 0, r.stderr[-2000:]
     root = tmp_path / "c" / "mr" / "seed0"
