@@ -225,7 +225,6 @@ ALLOWED = {
     "config": "argparse namespace: only some subcommands define the option",
     "overrides": "argparse namespace: only some subcommands define the option",
     "overwrite": "argparse namespace: only some subcommands define the option",
-    "initial_val": "the Trainer's own attribute, set when validation ran before the first step",
     "name": "signal module: which signals exist depends on the platform (name from a fixed list)",
 }
 

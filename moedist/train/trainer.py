@@ -31,7 +31,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -223,6 +223,7 @@ class Trainer:
         self.position = 0
         self.ckpt_dir = os.path.join(cfg.train.output_dir, "checkpoints")
         self.last_checkpoint: Optional[str] = None
+        self.initial_val: Optional[Dict[str, float]] = None   # validation before the first step, when run
         self.skipped_steps = 0  # train.nonfinite=skip: steps whose update was dropped
         self.preempted = False  # every rank agreed to stop after this step (SIGTERM/SIGUSR1/SIGINT)
         self.interrupted = False  # ... and it was Ctrl-C (SIGINT): save only if train.save_on_interrupt
@@ -586,7 +587,7 @@ class Trainer:
             "expert_load": last.get("expert_load", []),
             "trainable_params": self.trainable_params, "total_params": self.total_params,
             "metrics": os.path.join(self.cfg.train.output_dir, "metrics.jsonl") if self.write else None,
-            "checkpoint": self.last_checkpoint, "initial_val": getattr(self, "initial_val", None),
+            "checkpoint": self.last_checkpoint, "initial_val": self.initial_val,
         }
         from moedist.train.memory import gather_peaks
 
