@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from moedist.study import domains as dom
-from moedist.study.report import continual_metrics
+from moedist.study.report import continual_metrics, report_a
 from moedist.study.stats import domain_mean, forgetting, paired, summarize, t975
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +46,18 @@ def test_forgetting_and_continual_metrics_by_hand():
     assert forgetting({"a": 1.0}, {"a": 2.0}, []) == 0.0
     with pytest.raises(KeyError):
         domain_mean({"a": 1.0}, ["a", "b"])
+
+
+def test_report_a_flags_a_tuned_lr_on_the_grid_edge():
+    def row(lr, grid):
+        runs = {str(s): {"losses": {"x": 1.0 + s / 10}, "trainable_params": 7} for s in (0, 1)}
+        return {"lr": lr, "dev_loss_by_lr": {f"{g:g}": 1.0 for g in grid}, "runs": runs}
+    res = {"domains": ["x"], "methods": {"low": row(1e-3, [1e-3, 3e-3, 1e-2]), "mid": row(3e-3, [1e-3, 3e-3, 1e-2]),
+                                         "high": row(1e-2, [1e-3, 3e-3, 1e-2]), "one": row(1e-2, [1e-2])}}
+    lines, stats, _ = report_a(res)
+    edge = {m: v["lr_at_grid_edge"] for m, v in stats["methods"].items()}
+    assert edge == {"low": True, "mid": False, "high": True, "one": False}
+    assert sum("(grid edge)" in ln for ln in lines) == 2
 
 
 def test_domain_splits_fixed_and_disjoint(tmp_path):

@@ -40,9 +40,11 @@ def report_a(res: Dict[str, Any]) -> Tuple[List[str], Dict[str, Any], Any]:
         per = {d: summarize([r["losses"][d] for r in row["runs"].values()]) for d in names}
         diff = paired(scores[m], scores[ref]) if m != ref else None
         trainable = next(iter(row["runs"].values())).get("trainable_params")
-        stats["methods"][m] = {"lr": row["lr"], "mean": s.as_dict(), "per_domain": {d: v.as_dict() for d, v in per.items()},
+        grid = sorted(float(k) for k in row.get("dev_loss_by_lr", {}))
+        edge = len(grid) > 1 and row["lr"] in (grid[0], grid[-1])    # tuned lr on the grid's edge: widen the grid
+        stats["methods"][m] = {"lr": row["lr"], "lr_at_grid_edge": edge, "mean": s.as_dict(), "per_domain": {d: v.as_dict() for d, v in per.items()},
                                "minus_ref": diff.as_dict() if diff else None}
-        lines.append(f"| {m} | {row['lr']:g} | {trainable} | {fmt(s)} | " + " | ".join(f"{per[d].mean:.4f}" for d in names)
+        lines.append(f"| {m} | {row['lr']:g}{' (grid edge)' if edge else ''} | {trainable} | {fmt(s)} | " + " | ".join(f"{per[d].mean:.4f}" for d in names)
                      + f" | {fmt(diff) if diff else '—'} |")
 
     def draw(ax):
