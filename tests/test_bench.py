@@ -456,3 +456,39 @@ def test_every_bench_subcommand_defaults_to_the_default_allocator():
 
     for what in ("layer", "ep", "train"):
         assert build_parser().parse_args([what]).cpu_allocator == "default", what
+
+
+def test_moedist_recompute_case_reuses_expert_grads_and_counts_them():
+    """The bench's moedist/recompute rows train as the PyTorch runner does: expert gradients zeroed
+    inside the timed step and reused (the same storage every step, the same values as a fresh
+    autograd gradient, i.e. the plain-FFN row's), and the peak memory counts them as resident bytes."""
+    from moedist.bench.cases import build_cases
+    from moedist.bench.layer import make_inputs
+    from moedist.bench.memory import measure_step_memory
+
+    cfg = LayerBenchConfig(tokens=64, hidden=H, ffn=F, experts=4, iters=1, warmup=0, impls=("moedist",),
+                           modes=("dropless",))
+    dev = torch.device("cpu")
+    x, grad, router_w = make_inputs(cfg, dev, torch.float32)
+    x.requires_grad_(True)
+    grads = {}
+    for ffn in ("plain", "recompute"):
+        (case,), _ = build_cases(cfg, dev, torch.float32, x, grad, router_w, ffn)
+        experts = case.notes["layer"].experts.inner
+        ptrs = []
+        for _ in range(3):
+            case.clear()
+            case.backward(case.forward())
+            ptrs.append(experts.w_up.grad.data_ptr())
+        grads[ffn] = [experts.w_gate.grad.clone(), experts.w_up.grad.clone(), experts.w_down.grad.clone()]
+        if ffn == "recompute":
+            assert experts.grad_in_place and len(set(ptrs)) == 1
+            resident = case.resident_bytes()
+            assert resident == 3 * 4 * H * F * 4
+            case.clear()
+            mem = measure_step_memory(case.forward, case.backward, dev, resident)
+            assert mem["peak_mem_mb"] * 2**20 >= resident
+        else:
+            assert not experts.grad_in_place and case.resident_bytes() == 0
+    for a, b in zip(grads["plain"], grads["recompute"]):
+        torch.testing.assert_close(a, b)

@@ -277,3 +277,54 @@ def test_grouped_mm_rejects_mixed_dtypes_and_bad_counts():
         grouped_mm(x, w, [2, 2])
     with pytest.raises(ValueError, match=r"grouped_ffn: counts \[2, 1\] do not match 2 groups and 4 rows"):
         grouped_ffn(x, None, w.float(), w.float().transpose(1, 2), [2, 1], "gelu")
+
+
+class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
+    """The largest tensor any op returns while active (numel)."""
+
+    numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def test_gated_ffn_weight_grads_in_place_equal_autograd_bitwise_and_allocate_nothing():
+    """grad_params: the weight gradients are added into the Parameters' existing .grad (bitwise what
+    autograd's `grad += new` gives, over two accumulations), the kernel returns None for them, and no
+    [L, H, F] tensor is allocated in backward; a Parameter without a .grad gets a new one as before."""
+    counts = (3, 0, 5, 2)
+    L, N = len(counts), sum(counts)
+    xs = [_rand(N, H, dtype=torch.float32, seed=s) for s in (1, 2)]
+    ws = [_rand(L, H, F, dtype=torch.float32, seed=3), _rand(L, H, F, dtype=torch.float32, seed=4),
+          _rand(L, F, H, dtype=torch.float32, seed=5)]
+    ref = [torch.nn.Parameter(w.clone()) for w in ws]
+    inp = [torch.nn.Parameter(w.clone()) for w in ws]
+    act = (GATED["swiglu"], GATED_GRAD["swiglu"])
+    for i, x in enumerate(xs):
+        GroupedGatedFFN.apply(x, *ref, counts, *act).square().sum().backward()
+        if i == 0:  # first backward: no .grad yet -> new tensors (as autograd), then kept
+            GroupedGatedFFN.apply(x, *inp, counts, *act, tuple(inp)).square().sum().backward()
+            ptrs = [p.grad.data_ptr() for p in inp]
+            continue
+        y = GroupedGatedFFN.apply(x, *inp, counts, *act, tuple(inp)).square().sum()
+        with _LargestOutput() as big:
+            y.backward()
+        assert 0 < big.numel < L * H * F, big.numel  # no [L, H, F] gradient allocated in backward
+        assert [p.grad.data_ptr() for p in inp] == ptrs
+    for p, q in zip(inp, ref):
+        assert torch.equal(p.grad, q.grad)
+    # through grouped_ffn, with x's gradient unchanged
+    x = xs[0].clone().requires_grad_(True)
+    x2 = xs[0].clone().requires_grad_(True)
+    for p, q in zip(inp, ref):
+        p.grad.zero_()
+        q.grad = None
+    grouped_ffn(x, *inp, counts, "swiglu", tuple(inp)).sum().backward()
+    grouped_ffn(x2, *ref, counts, "swiglu").sum().backward()
+    assert torch.equal(x.grad, x2.grad)
+    for p, q in zip(inp, ref):
+        assert torch.equal(p.grad, q.grad)

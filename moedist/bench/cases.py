@@ -21,6 +21,7 @@ from moedist.bench import peers
 from moedist.bench.ffns import ffn_forward
 from moedist.moe import GroupedExperts, MoELayer, MoELoRAExperts, Router
 from moedist.moe.capacity import compute_capacity, select_tokens
+from moedist.moe.experts import keep_expert_grads
 from moedist.moe.dispatcher import permute_pairs
 from moedist.moe.ffn import GATED, GATED_GRAD
 from moedist.moe.kernels.gated_ffn import GroupedGatedFFN
@@ -45,6 +46,9 @@ class Case:
     notes: dict = field(default_factory=dict)
     ffn: str = "plain"
     """the expert-FFN implementation this case runs (plain | recompute)."""
+    resident_bytes: Callable[[], int] = lambda: 0
+    """bytes the case keeps between steps that a step's own allocations do not show (moedist's kept
+    expert gradients): added to its measured memory."""
 
     @property
     def name(self) -> str:
@@ -83,8 +87,9 @@ class _BenchExperts(nn.Module, Experts):
         counts = [int(c) for c in counts_L]
         if self.ffn == "recompute":
             if self._recompute_ok() and x_NH.shape[0] and len(counts) > 1:
+                kept = (e.w_gate, e.w_up, e.w_down) if e.grad_in_place else None  # as GroupedExperts.forward
                 return GroupedGatedFFN.apply(x_NH, e.w_gate, e.w_up, e.w_down, tuple(counts), GATED[e.activation],
-                                             GATED_GRAD[e.activation])
+                                             GATED_GRAD[e.activation], kept)
             return e(x_NH, counts)
         wg = e.w_gate.unbind(0) if e.w_gate is not None else [None] * len(counts)
         wu, wd = e.w_up.unbind(0), e.w_down.unbind(0)
@@ -126,9 +131,15 @@ def _moedist_case(mode, router_w, experts, x, grad, cfg, elem, ffn) -> Case:
     cf = cfg.capacity_factor if mode == "capacity" else None
     bench_experts = _BenchExperts(experts, ffn)
     layer = MoELayer(router, bench_experts, capacity_factor=cf, min_capacity=cfg.min_capacity, stats=cfg.stats)
+    # as moedist's PyTorch runner trains: expert gradients zeroed (inside the timed step) and reused
+    kept = keep_expert_grads(layer) if ffn == "recompute" else []
+    kept_ids = {id(p) for p in kept}
     last = {}
 
     def forward():
+        for p in kept:
+            if p.grad is not None:
+                p.grad.zero_()
         y, aux = layer(x)
         last["aux"] = aux
         return y
@@ -136,13 +147,15 @@ def _moedist_case(mode, router_w, experts, x, grad, cfg, elem, ffn) -> Case:
     def clear():
         x.grad = None
         for p in layer.parameters():
-            p.grad = None
+            if id(p) not in kept_ids:
+                p.grad = None
 
-    kept = lambda: int(last["aux"].tokens_per_expert.sum())  # noqa: E731
+    rows = lambda: int(last["aux"].tokens_per_expert.sum())  # noqa: E731
     return Case("moedist", mode, forward, _tensor_backward(grad), clear,
-                a2a_bytes=lambda: kept() * cfg.hidden * elem, rows_executed=kept,
+                a2a_bytes=lambda: rows() * cfg.hidden * elem, rows_executed=rows,
                 capacity=lambda: last["aux"].capacity, notes=dict(layer=layer, expert_ffn=bench_experts.path(x)),
-                ffn=ffn)
+                ffn=ffn, resident_bytes=lambda: sum(p.grad.numel() * p.grad.element_size() for p in kept
+                                                    if p.grad is not None))
 
 
 def _deepspeed_case(mode, router_w, experts, x, grad, cfg, elem, dtype, ffn) -> Case:

@@ -279,7 +279,7 @@ def _run(cfg: LayerBenchConfig, device: torch.device, dtype: torch.dtype, log) -
     if cfg.memory:
         for c in cases:
             c.clear()
-            mem[c.name] = measure_step_memory(c.forward, c.backward, device)
+            mem[c.name] = measure_step_memory(c.forward, c.backward, device, c.resident_bytes())
             log(f"memory {c.name}: peak {mem[c.name]['peak_mem_mb']:.1f} MB, after forward {mem[c.name]['act_mem_mb']:.1f} MB")
     stats = {}
     for c in cases:  # a2a bytes, capacity and rows from a plain forward

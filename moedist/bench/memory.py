@@ -14,7 +14,8 @@ scratch space inside a kernel (e.g. a matmul's packing buffers).
 
 Two figures per step, both relative to the memory live when the step starts:
     peak_mem_mb: the highest live total during forward + backward (activations,
-                 temporaries and parameter gradients);
+                 temporaries and parameter gradients, including gradients an impl
+                 keeps allocated between steps: `resident_bytes`);
     act_mem_mb:  the live total right after forward (what the layer keeps for
                  backward, plus its output).
 """
@@ -70,12 +71,14 @@ class AllocationTracker(TorchDispatchMode):
 
 
 def measure_step_memory(forward: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None],
-                        device: torch.device) -> dict:
+                        device: torch.device, resident_bytes: int = 0) -> dict:
     """Run one forward + backward and return {"peak_mem_mb", "act_mem_mb", "method"}.
 
     `forward()` returns the layer output; `backward(out)` runs its backward.
     Parameter gradients must be cleared by the caller before the call, so
-    every impl allocates them afresh inside the step.
+    every impl allocates them afresh inside the step; gradients an impl keeps
+    between steps instead (moedist's expert gradients) are `resident_bytes`,
+    added to the peak (not to the activations: they are not saved by forward).
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -88,14 +91,16 @@ def measure_step_memory(forward: Callable[[], torch.Tensor], backward: Callable[
         del out
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
-        return dict(peak_mem_mb=peak / MB, act_mem_mb=act / MB, mem_method="torch.cuda.max_memory_allocated")
+        return dict(peak_mem_mb=(peak + resident_bytes) / MB, act_mem_mb=act / MB,
+                    mem_method="torch.cuda.max_memory_allocated")
     tracker = AllocationTracker()
     with tracker:
         out = forward()
         act = tracker.live
         backward(out)
         del out
-    return dict(peak_mem_mb=tracker.peak / MB, act_mem_mb=act / MB, mem_method="tracked aten allocations (TorchDispatchMode)")
+    return dict(peak_mem_mb=(tracker.peak + resident_bytes) / MB, act_mem_mb=act / MB,
+                mem_method="tracked aten allocations (TorchDispatchMode)")
 
 
 def use_cached_cpu_allocator() -> bool:

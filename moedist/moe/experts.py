@@ -8,7 +8,7 @@ weights whatever the EP layout.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -48,7 +48,12 @@ class GroupedExperts(nn.Module, Experts, DeviceCountExperts):
         activation: "swiglu", "geglu" (gated) or "gelu", "relu", "silu".
         num_local: L (default E); first_expert: global id of local expert 0.
         init_std: weight std; seed: base seed; dtype/device: parameter placement.
+
+    `grad_in_place` (default False; set by `keep_expert_grads`): the fused kernel adds the weight
+    gradients into the weights' existing `.grad` instead of allocating new [L, H, F] tensors.
     """
+
+    grad_in_place: bool = False
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, activation: str = "swiglu",
                  num_local: Optional[int] = None, first_expert: int = 0, init_std: float = 0.02,
@@ -97,7 +102,32 @@ class GroupedExperts(nn.Module, Experts, DeviceCountExperts):
 
     def forward(self, x_NH: torch.Tensor, counts_L: Counts) -> torch.Tensor:
         x_NH = x_NH.to(self.w_up.dtype)
-        return grouped_ffn(x_NH, self.w_gate, self.w_up, self.w_down, counts_L, self.activation)  # [N, H]
+        params = (self.w_gate, self.w_up, self.w_down) if self.grad_in_place else None
+        return grouped_ffn(x_NH, self.w_gate, self.w_up, self.w_down, counts_L, self.activation, params)  # [N, H]
+
+
+def keep_expert_grads(model: nn.Module) -> List[nn.Parameter]:
+    """Switch every trainable `GroupedExperts` of `model` to in-place weight gradients and return
+    those weights: the caller zeroes their `.grad` between steps instead of freeing it (the first
+    backward allocates it; every later one adds into it, see `kernels.gated_ffn`). Only for a
+    runner that reads `.grad` after backward: hooks on these weights no longer see their gradients."""
+    kept: List[nn.Parameter] = []
+    for m in model.modules():
+        if isinstance(m, GroupedExperts):
+            ws = [w for w in (m.w_gate, m.w_up, m.w_down) if w is not None and w.requires_grad]
+            if ws:
+                m.grad_in_place = True
+                kept += ws
+    return kept
+
+
+def hook_expert_grads(model: nn.Module, params: Iterable[nn.Parameter]) -> None:
+    """Give `params` their gradients through autograd again (undoes `keep_expert_grads` for the
+    experts holding them): call before registering a gradient hook on an expert weight."""
+    ids = {id(p) for p in params}
+    for m in model.modules():
+        if isinstance(m, GroupedExperts) and any(id(w) in ids for w in (m.w_gate, m.w_up, m.w_down)):
+            m.grad_in_place = False
 
 
 def _reset_expert_lora(st: LoRA, seed: int, first_expert: int, which: int) -> None:

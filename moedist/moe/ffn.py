@@ -173,18 +173,22 @@ def grouped_mm(x_NI: torch.Tensor, w_LIO: torch.Tensor, counts_L: Counts) -> tor
 
 
 def grouped_ffn(x_NH: torch.Tensor, w_gate: Optional[torch.Tensor], w_up: torch.Tensor, w_down: torch.Tensor,
-                counts_L: Counts, activation: str) -> torch.Tensor:
+                counts_L: Counts, activation: str, grad_params: Optional[Sequence[Optional[torch.Tensor]]] = None
+                ) -> torch.Tensor:
     """FFN per expert on contiguous slices: weights [L, H, F], [L, H, F], [L, F, H]. Returns [N, H].
 
     counts_L: host ints, or an [L] device tensor for the grouped kernel (`grouped_mm`).
     FUSED (`choose_path`) runs `kernels.gated_ffn.GroupedGatedFFN`, which keeps 2 [N, F]
     tensors for backward instead of 4; otherwise three `grouped_mm` calls.
+    grad_params: the weights' Parameters, whose existing `.grad` the FUSED kernel adds their
+    gradients into (no new [L, H, F] tensors; see `kernels.gated_ffn`); the other paths ignore it.
     """
     ws = tuple(w for w in (w_up, w_gate, w_down) if w is not None)
     if not isinstance(counts_L, torch.Tensor):
         counts_L = _host_counts("grouped_ffn", counts_L, w_up.shape[0], x_NH.shape[0])
     if choose_path("ffn", x_NH, ws, counts_L, activation) is Path.FUSED:
-        return GroupedGatedFFN.apply(x_NH, w_gate, w_up, w_down, counts_L, GATED[activation], GATED_GRAD[activation])
+        return GroupedGatedFFN.apply(x_NH, w_gate, w_up, w_down, counts_L, GATED[activation], GATED_GRAD[activation],
+                                     grad_params)
     gate = grouped_mm(x_NH, w_gate, counts_L) if activation in GATED else None  # [N, F]
     up = grouped_mm(x_NH, w_up, counts_L)  # [N, F]
     return grouped_mm(hidden_act(gate, up, activation), w_down, counts_L)  # [N, H]

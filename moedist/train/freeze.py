@@ -81,7 +81,11 @@ class FrozenExperts:
 
     @classmethod
     def from_model(cls, model: nn.Module, expert_ids: Sequence[int]) -> "FrozenExperts":
-        return cls(frozen_slices(model, expert_ids))
+        from moedist.moe.experts import hook_expert_grads
+
+        slices = frozen_slices(model, expert_ids)
+        hook_expert_grads(model, [s.param for s in slices])  # the hooks must see these weights' gradients
+        return cls(slices)
 
     @torch.no_grad()
     def snapshot(self) -> Dict[str, torch.Tensor]:

@@ -10,6 +10,16 @@ phi the gate activation, phi' its derivative):
 Saves x, the weights and, per expert, g and u: 2 [N, F] tensors in all.
 Recomputes phi(g) and h = phi(g) * u in backward.
 
+Weight gradients in place (`grad_params`): where the caller passes the weights' Parameters
+and each already holds a `.grad` (a runner that zeroes gradients instead of freeing them,
+`moedist.moe.experts.keep_expert_grads`), backward adds dWg/dWu/dWd into those `.grad`
+tensors one expert at a time (through an [H, F] scratch: the same sum, in the same order,
+as autograd's `grad += new`) and returns None for them, so no [L, H, F] gradient is
+allocated per step. On a CPU with glibc's default malloc a fresh [64, 512, 1024] fp32
+block is an mmap that page-faults on every write (it is above the 32 MiB mmap limit); a
+GPU's caching allocator would reuse it either way. Hooks on those Parameters do not see
+these gradients, so only runners that read `.grad` after backward (PlainRunner) ask for it.
+
 Why not plain autograd: the unfused graph keeps g, u, phi(g) and h (4 [N, F]) for
 backward plus the cat/stack copies of `GroupedMM`'s plain form. Working one expert
 at a time also keeps the [n_l, F] temporaries small (reused by the allocator and
@@ -19,26 +29,30 @@ as autograd, so the numbers match it to rounding.
 """
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
 from moedist.moe.kernels.slices import GradSlots, bounds, zero_empty_groups
+
+GradParams = Optional[Sequence[Optional[torch.Tensor]]]  # (w_gate, w_up, w_down) Parameters for in-place grads
 
 Act = Callable[[torch.Tensor], torch.Tensor]  # phi(z)
 ActGrad = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (incoming grad, z) -> grad * phi'(z)
 
 
 class GroupedGatedFFN(torch.autograd.Function):
-    """`GroupedGatedFFN.apply(x_NH, w_gate, w_up, w_down, counts, phi, dphi)` -> y_NH.
+    """`GroupedGatedFFN.apply(x_NH, w_gate, w_up, w_down, counts, phi, dphi[, grad_params])` -> y_NH.
 
     counts: tuple of host ints summing to N; phi / dphi: the activation and its
     backward (`moedist.moe.ffn.GATED`, `GATED_GRAD`). All tensors share one dtype.
+    grad_params: None, or the (w_gate, w_up, w_down) Parameters whose existing `.grad`
+    takes their weight gradient in place (see the module docstring).
     """
 
     @staticmethod
     def forward(ctx, x_NH: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                counts: Tuple[int, ...], phi: Act, dphi: ActGrad) -> torch.Tensor:
+                counts: Tuple[int, ...], phi: Act, dphi: ActGrad, grad_params: GradParams = None) -> torch.Tensor:
         bnds = bounds(counts)
         y_NH = x_NH.new_empty((x_NH.shape[0], w_down.shape[2]))  # [N, H]
         gates, ups = [], []
@@ -51,6 +65,7 @@ class GroupedGatedFFN(torch.autograd.Function):
             gates.append(gate_l)
             ups.append(up_l)
         ctx.bounds, ctx.num_groups, ctx.phi, ctx.dphi = bnds, w_up.shape[0], phi, dphi
+        ctx.grad_params = tuple(grad_params) if grad_params is not None else (None, None, None)
         ctx.save_for_backward(x_NH, w_gate, w_up, w_down, *gates, *ups)
         return y_NH
 
@@ -59,28 +74,54 @@ class GroupedGatedFFN(torch.autograd.Function):
         x_NH, w_gate, w_up, w_down, *saved = ctx.saved_tensors
         n = len(ctx.bounds)
         gates, ups = saved[:n], saved[n:]
-        g = GradSlots(("x", "w_gate", "w_up", "w_down", "counts", "phi", "dphi"), ctx.needs_input_grad)
+        names = ("x", "w_gate", "w_up", "w_down", "counts", "phi", "dphi", "grad_params")
+        g = GradSlots(names[:len(ctx.needs_input_grad)], ctx.needs_input_grad)  # grad_params may be left out
         phi, dphi = ctx.phi, ctx.dphi
         dy_NH = dy_NH.contiguous()
         dx = x_NH.new_empty(x_NH.shape) if g.wants("x") else None  # [N, H]
-        d_gate = w_gate.new_empty(w_gate.shape) if g.wants("w_gate") else None  # [L, H, F]
-        d_up = w_up.new_empty(w_up.shape) if g.wants("w_up") else None  # [L, H, F]
-        d_down = w_down.new_empty(w_down.shape) if g.wants("w_down") else None  # [L, F, H]
+        # per weight: (target [L, I, O], accumulate?): its Parameter's .grad (added to), or a new tensor (written)
+        outs = {name: _wgrad_target(g.wants(name), w, p)
+                for name, w, p in zip(("w_gate", "w_up", "w_down"), (w_gate, w_up, w_down), ctx.grad_params)}
+        scratch = {}  # one [I, O] buffer per shape for the in-place adds
+
+        def put(name: str, l: int, a_: torch.Tensor, b_: torch.Tensor) -> None:
+            target, add = outs[name]
+            if target is None:
+                return
+            if not add:
+                torch.mm(a_, b_, out=target[l])
+                return
+            shape = target.shape[1:]
+            if shape not in scratch:
+                scratch[shape] = target.new_empty(shape)
+            target[l].add_(torch.mm(a_, b_, out=scratch[shape]))  # grad += new, as AccumulateGrad does
+
         for (l, a, b), gate_l, up_l in zip(ctx.bounds, gates, ups):
             x_l, dy_l = x_NH[a:b], dy_NH[a:b]
             dh_l = torch.mm(dy_l, w_down[l].t())  # [n_l, F]
             act_l = phi(gate_l)  # phi(g), recomputed
-            if d_down is not None:
-                torch.mm((act_l * up_l).t(), dy_l, out=d_down[l])  # h recomputed
+            if outs["w_down"][0] is not None:
+                put("w_down", l, (act_l * up_l).t(), dy_l)  # h recomputed
             dup_l = act_l.mul_(dh_l)  # du = dh * phi(g)
             dgate_l = dphi(dh_l.mul_(up_l), gate_l)  # dg = phi'(g) * dh * u
-            if d_gate is not None:
-                torch.mm(x_l.t(), dgate_l, out=d_gate[l])
-            if d_up is not None:
-                torch.mm(x_l.t(), dup_l, out=d_up[l])
+            put("w_gate", l, x_l.t(), dgate_l)
+            put("w_up", l, x_l.t(), dup_l)
             if dx is not None:
                 torch.mm(dgate_l, w_gate[l].t(), out=dx[a:b])
                 dx[a:b].addmm_(dup_l, w_up[l].t())
-        zero_empty_groups(ctx.bounds, ctx.num_groups, d_gate, d_up, d_down)
-        g["x"], g["w_gate"], g["w_up"], g["w_down"] = dx, d_gate, d_up, d_down
+        new = {name: t for name, (t, add) in outs.items() if not add}  # written here: the rest returns None
+        zero_empty_groups(ctx.bounds, ctx.num_groups, *new.values())
+        g["x"] = dx
+        for name, t in new.items():
+            g[name] = t
         return g.as_tuple()
+
+
+def _wgrad_target(wanted: bool, w: torch.Tensor, param: Optional[torch.Tensor]):
+    """Where a weight's gradient goes: (its Parameter's existing .grad, True) when given one,
+    else (a new [L, I, O] tensor, False), or (None, False) when autograd does not want it."""
+    if not wanted:
+        return None, False
+    if param is not None and param.grad is not None and param.grad.shape == w.shape and param.grad.dtype == w.dtype:
+        return param.grad, True
+    return w.new_empty(w.shape), False

@@ -1,0 +1,72 @@
+"""Expert weight gradients kept between steps (issue 18.2): the PyTorch runner zeroes the stacked
+[L, H, F] gradients instead of freeing them and the fused kernel adds into them, so no step after
+the first allocates them again. Reference: the plain single-process loop of test_train_equivalence
+(autograd gradients, `zero_grad(set_to_none=True)`), whose losses and norms must come out again."""
+from __future__ import annotations
+
+from tests._dist import run_workers
+from tests.test_train_equivalence import STEPS, assert_close, make_cfg, reference_run
+
+
+def _train_and_watch(rank: int, world: int, cfg_dict: dict) -> dict:
+    from moedist.config import config_from_dict
+    from moedist.moe.experts import GroupedExperts
+    from moedist.train.trainer import Trainer
+
+    trainer = Trainer(config_from_dict(cfg_dict), write_outputs=False, console=False, save_checkpoints=False)
+    experts = [m for m in trainer.model.modules() if isinstance(m, GroupedExperts)]
+    weights = [w for m in experts for w in (m.w_gate, m.w_up, m.w_down) if w is not None]
+    ptrs = []  # the expert gradients' storage at every optimizer step
+    trainer.runner.optimizer.register_step_post_hook(
+        lambda opt, args, kwargs: ptrs.append([w.grad.data_ptr() for w in weights]))
+    res = trainer.train()
+    return {"loss": [r["loss"] for r in res.records], "grad_norm": [r["grad_norm"] for r in res.records],
+            "ptrs": ptrs, "in_place": [m.grad_in_place for m in experts],
+            "zeroed": all(w.grad is not None and not w.grad.any() for w in weights)}
+
+
+def test_pytorch_runner_reuses_expert_gradients_with_unchanged_numbers():
+    cfg = make_cfg(2, 2)  # 2 gloo processes, EP=2, grad_accum 2 (gradients added across micro-batches)
+    ref = reference_run(make_cfg(1))
+    for r in run_workers(_train_and_watch, 2, args=(cfg,)):
+        assert r["in_place"] and all(r["in_place"])
+        assert len(r["ptrs"]) == STEPS and all(p == r["ptrs"][0] for p in r["ptrs"]), "expert gradients reallocated"
+        assert r["zeroed"]  # zeroed after the last step, not freed
+        assert_close(r["loss"], ref["loss"], "loss")
+        assert_close(r["grad_norm"], ref["grad_norm"], "grad_norm")
+
+
+def test_frozen_experts_get_their_gradient_hooks_back():
+    """moe.freeze_experts zeroes frozen slices in a gradient hook, which in-place gradients would skip:
+    FrozenExperts hands those experts back to autograd, and their frozen rows' gradients are exact zeros
+    (the global norm, clipping and Adam's moments must not see them)."""
+    import torch
+
+    from moedist.config import config_from_dict
+    from moedist.models import build_model
+    from moedist.moe.experts import GroupedExperts, keep_expert_grads
+    from moedist.train.freeze import FrozenExperts
+
+    model = build_model(config_from_dict(make_cfg(1)))
+    kept = keep_expert_grads(model)
+    kept_ids = {id(p) for p in kept}
+    x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+
+    def backward():
+        for p in model.parameters():
+            if p.grad is not None and id(p) not in kept_ids:
+                p.grad = None
+        for p in kept:
+            if p.grad is not None:
+                p.grad.zero_()
+        model(x, x).loss.backward()
+
+    backward()  # first step: the kept gradients are allocated
+    frozen = FrozenExperts.from_model(model, [0, 3])
+    backward()
+    experts = [s for s in frozen.slices if "router" not in s.name]
+    assert experts
+    for s in experts:
+        assert s.param.grad is not None and torch.equal(s.param.grad[s.index], torch.zeros_like(s.param.grad[s.index]))
+        assert s.param.grad.abs().sum() > 0
+    assert not any(m.grad_in_place for m in model.modules() if isinstance(m, GroupedExperts))
