@@ -137,6 +137,24 @@ def test_tiny_table_a_report_comes_from_runs(tmp_path):
     r = _study("run", "a", "--config", str(cfg))
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((out / "results.json").read_text())["jobs_this_call"] == []
+    # keep: the finished jobs' result files (no checkpoints) and the report go to `kept`; on a machine
+    # without the run directory, `run` restores them and runs no job again, with the same report
+    kept = tmp_path / "kept" / "a"
+    with open(cfg, "a") as fh:
+        fh.write(f"kept: {kept}\n")
+    r = _study("keep", "a", "--config", str(cfg))
+    assert r.returncode == 0 and "result files" in r.stdout, r.stderr[-2000:]
+    assert (kept / "lora_moe" / "lr0.01" / "seed1" / "summary.json").exists()
+    assert not list(kept.rglob("*.safetensors")) and (kept.parent / "report.md").exists()
+    report = (out / "report.md").read_text()
+    import shutil
+
+    shutil.rmtree(out)
+    r = _study("run", "a", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "restored" in r.stdout
+    assert json.loads((out / "results.json").read_text())["jobs_this_call"] == []
+    assert (out / "report.md").read_text() == report
 
 
 def test_tiny_table_c_moe_replay_grows_freezes_and_replays(tmp_path):

@@ -1,7 +1,9 @@
-"""python -m moedist.study domains OUT_DIR | run TABLE [--config C] [--set k=v ...] | report TABLE [--config C]
+"""python -m moedist.study domains OUT_DIR | run|report|keep TABLE [--config C] [--set k=v ...]
 
     python -m moedist.study run a          # configs/study/a.yaml: domains, cached base, every run, report
     python -m moedist.study report a       # only the report, from <out>/results.json
+    python -m moedist.study keep a         # finished jobs' result files -> its kept: dir (docs/study/a/kept);
+                                           # `run` restores them first, so a table resumes on a new machine
 
 Bad input: one line on stderr, exit 2. A failed job: one line naming its log, exit 1.
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from moedist.study import domains as dom
+from moedist.study import keep as kept
 from moedist.study.report import write_report
 from moedist.study.runner import Runner, StudyError, base_model
 from moedist.study.spec import TABLES, SpecError, load_spec
@@ -29,6 +32,9 @@ def run_table(spec) -> Path:
     """Domains, base model, every run of the table (cached), results.json, report; returns the report path."""
     wanted = set(spec.domains) | {"prose"}           # prose: the base model's domain
     dom.build(Path(spec.domains_dir), [d for d in dom.DOMAINS if d in wanted], spec.max_train_bytes)
+    restored = kept.restore(Path(spec.kept), Path(spec.out)) if spec.kept else 0
+    if restored:
+        print(f"moedist.study: {restored} finished job results restored from {spec.kept}", flush=True)
     r = Runner(spec.domains_dir, spec.finetune_config, spec.eval_batches, spec.eval_micro_batch)
     t0 = time.perf_counter()
     base = base_model(r, spec.base_config, spec.base_overrides, Path(spec.cache_dir).expanduser())
@@ -48,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m moedist.study", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("domains", help="write the domains' splits (see python -m moedist.study domains -h)")
-    for name in ("run", "report"):
+    for name in ("run", "report", "keep"):
         p = sub.add_parser(name)
         p.add_argument("table", choices=TABLES)
         p.add_argument("--config", help="study config (default configs/study/TABLE.yaml)")
@@ -56,7 +62,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         spec = _spec(a)
-        if a.cmd == "report":
+        if a.cmd == "keep":
+            if not spec.kept:
+                raise SpecError(f"table {a.table}: no kept: directory in its study config")
+            if not Path(spec.out).is_dir():
+                raise SpecError(f"{spec.out}: no runs of table {a.table} here; run `python -m moedist.study run {a.table}`")
+            n = kept.keep(Path(spec.out), Path(spec.kept))
+            print(f"{n} result files of {spec.out} kept in {spec.kept}")
+        elif a.cmd == "report":
             if not (Path(spec.out) / "results.json").exists():
                 raise SpecError(f"{spec.out}/results.json: not there yet; run `python -m moedist.study run {a.table}`")
             print(write_report(Path(spec.out)))

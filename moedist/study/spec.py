@@ -1,7 +1,7 @@
 """A table's study config (configs/study/<table>.yaml): read, overridden with --set, checked.
 
 Keys (every table): table, domains_dir, max_train_bytes, base_config, base_overrides, finetune_config, out,
-eval_batches, eval_micro_batch, domains, steps, seeds, common (overrides for every fine-tune), methods
+kept (where `keep` puts finished jobs' results and `run` restores them from), eval_batches, eval_micro_batch, domains, steps, seeds, common (overrides for every fine-tune), methods
 (name -> {overrides: [...], lrs: [...], ...}); table-specific: tune_seed (a), target / step_counts (b),
 replay_weight (c), multi_steps / merges (d). Bad input raises SpecError (one line).
 """
@@ -44,6 +44,7 @@ class Spec:
     replay_weight: float = 0.25
     multi_steps: int = 0
     merges: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    kept: str = ""                                  # committed results of finished jobs (keep.py); "" = none
 
 
 def _parse_set(items: Sequence[str]) -> Dict[str, Any]:
