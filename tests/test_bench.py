@@ -458,10 +458,12 @@ def test_every_bench_subcommand_defaults_to_the_default_allocator():
         assert build_parser().parse_args([what]).cpu_allocator == "default", what
 
 
-def test_moedist_recompute_case_reuses_expert_grads_and_counts_them():
-    """The bench's moedist/recompute rows train as the PyTorch runner does: expert gradients zeroed
-    inside the timed step and reused (the same storage every step, the same values as a fresh
-    autograd gradient, i.e. the plain-FFN row's), and the peak memory counts them as resident bytes."""
+def test_moedist_cases_reuse_expert_grads_and_count_them():
+    """The bench's moedist rows train as the PyTorch runner does, with either FFN: expert gradients
+    zeroed inside the timed step and reused (the same storage every step; plain: per-expert slices
+    through `ExpertSlice`, recompute: the fused kernel's grad_params), with the values of a fresh
+    autograd gradient (the same layer with in-place gradients off), and the peak memory counts
+    them as resident bytes."""
     from moedist.bench.cases import build_cases
     from moedist.bench.layer import make_inputs
     from moedist.bench.memory import measure_step_memory
@@ -475,20 +477,27 @@ def test_moedist_recompute_case_reuses_expert_grads_and_counts_them():
     for ffn in ("plain", "recompute"):
         (case,), _ = build_cases(cfg, dev, torch.float32, x, grad, router_w, ffn)
         experts = case.notes["layer"].experts.inner
+        ws = (experts.w_gate, experts.w_up, experts.w_down)
         ptrs = []
         for _ in range(3):
             case.clear()
             case.backward(case.forward())
             ptrs.append(experts.w_up.grad.data_ptr())
-        grads[ffn] = [experts.w_gate.grad.clone(), experts.w_up.grad.clone(), experts.w_down.grad.clone()]
-        if ffn == "recompute":
-            assert experts.grad_in_place and len(set(ptrs)) == 1
-            resident = case.resident_bytes()
-            assert resident == 3 * 4 * H * F * 4
-            case.clear()
-            mem = measure_step_memory(case.forward, case.backward, dev, resident)
-            assert mem["peak_mem_mb"] * 2**20 >= resident
-        else:
-            assert not experts.grad_in_place and case.resident_bytes() == 0
+        assert experts.grad_in_place and len(set(ptrs)) == 1
+        grads[ffn] = [w.grad.clone() for w in ws]
+        resident = case.resident_bytes()
+        assert resident == 3 * 4 * H * F * 4
+        case.clear()
+        mem = measure_step_memory(case.forward, case.backward, dev, resident)
+        assert mem["peak_mem_mb"] * 2**20 >= resident
+        # reference: the same layer with autograd allocating the gradients (one step, from None)
+        experts.grad_in_place = False
+        for w in ws:
+            w.grad = None
+        case.clear()
+        case.backward(case.forward())
+        for got, w in zip(grads[ffn], ws):
+            torch.testing.assert_close(got, w.grad, rtol=1e-5, atol=1e-6)
+            assert got.abs().sum() > 0
     for a, b in zip(grads["plain"], grads["recompute"]):
         torch.testing.assert_close(a, b)

@@ -20,7 +20,7 @@ from moedist.moe.kernels.gated_ffn import GroupedGatedFFN
 from moedist.moe.kernels.grouped_mm import GroupedMM
 from moedist.moe.kernels.lora_proj import GatherLoRAProj
 from moedist.moe.kernels.moe_lora_hidden import MoELoRATensors, moe_lora_hidden_apply
-from moedist.moe.kernels.slices import GradSlots
+from moedist.moe.kernels.slices import ExpertSlice, GradSlots
 
 COUNTS = [[3, 0, 5, 2], [0, 0, 4], [6], [0, 0, 0], [1, 1, 1, 1]]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -328,3 +328,20 @@ def test_gated_ffn_weight_grads_in_place_equal_autograd_bitwise_and_allocate_not
     assert torch.equal(x.grad, x2.grad)
     for p, q in zip(inp, ref):
         assert torch.equal(p.grad, q.grad)
+
+
+def test_expert_slice_grads_in_place_equal_autograd_indexing_bitwise():
+    """ExpertSlice: per-expert slices of a stacked weight whose gradients go into the kept .grad:
+    bitwise what autograd's indexing gives over two accumulating backwards (experts 0 and 2 used,
+    1 unused: its slot stays zero), the first backward allocates .grad, later ones reuse it."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3, 4, 5))
+    ref = torch.nn.Parameter(w.detach().clone())
+    x = torch.randn(6, 4)
+    ptrs = []
+    for step in range(2):
+        (x @ ExpertSlice.apply(w, 0, w)).pow(2).sum().add((x @ ExpertSlice.apply(w, 2, w)).sin().sum()).backward()
+        (x @ ref[0]).pow(2).sum().add((x @ ref[2]).sin().sum()).backward()
+        assert torch.equal(w.grad, ref.grad), step
+        ptrs.append(w.grad.data_ptr())
+    assert len(set(ptrs)) == 1 and torch.equal(w.grad[1], torch.zeros(4, 5)) and w.grad[0].abs().sum() > 0

@@ -4,7 +4,8 @@ shared inputs and weights and exposes forward / backward / clear (see layer.py).
 Every case is built for one expert-FFN implementation (`ffn`: plain | recompute,
 see ffns.py) and every impl of a run gets the same one:
     moedist       plain: per-expert plain autograd FFN (`_BenchExperts`); recompute: moedist's own
-                  grouped FFN kernel (`moe.kernels.gated_ffn`, keeps gate/up, recomputes h)
+                  grouped FFN kernel (`moe.kernels.gated_ffn`, keeps gate/up, recomputes h); both
+                  keep the expert gradients between steps as moedist's runner does
     deepspeed, fairscale, floor, dense, dense-lora   their FFN built by `ffns.ffn_forward(..., ffn)`
     moedist-lora  fused: recompute = its fused kernel (`MoELoRAHidden`), plain = the same
                   once-per-token path with plain autograd hidden rows; naive: plain only
@@ -25,6 +26,7 @@ from moedist.moe.experts import keep_expert_grads
 from moedist.moe.dispatcher import permute_pairs
 from moedist.moe.ffn import GATED, GATED_GRAD
 from moedist.moe.kernels.gated_ffn import GroupedGatedFFN
+from moedist.moe.kernels.slices import ExpertSlice
 from moedist.moe.parts import Experts
 
 if TYPE_CHECKING:
@@ -91,9 +93,13 @@ class _BenchExperts(nn.Module, Experts):
                 return GroupedGatedFFN.apply(x_NH, e.w_gate, e.w_up, e.w_down, tuple(counts), GATED[e.activation],
                                              GATED_GRAD[e.activation], kept)
             return e(x_NH, counts)
-        wg = e.w_gate.unbind(0) if e.w_gate is not None else [None] * len(counts)
-        wu, wd = e.w_up.unbind(0), e.w_down.unbind(0)
-        outs = [ffn_forward(xs, wg[l], wu[l], wd[l], e.activation, "plain")
+        ws = (e.w_gate, e.w_up, e.w_down)
+        if e.grad_in_place:  # each expert's slices made just before its FFN (see ExpertSlice)
+            expert = lambda l: [None if w is None else ExpertSlice.apply(w, l, w) for w in ws]  # noqa: E731
+        else:  # autograd stacks the L slice gradients into new [L, I, O] tensors
+            per = [[None] * len(counts) if w is None else w.unbind(0) for w in ws]
+            expert = lambda l: [p[l] for p in per]  # noqa: E731
+        outs = [ffn_forward(xs, *expert(l), e.activation, "plain")
                 for l, xs in enumerate(x_NH.split(counts)) if counts[l] > 0]
         return torch.cat(outs) if outs else x_NH.new_zeros(x_NH.shape) + 0.0 * e.w_up.sum()
 
@@ -131,8 +137,9 @@ def _moedist_case(mode, router_w, experts, x, grad, cfg, elem, ffn) -> Case:
     cf = cfg.capacity_factor if mode == "capacity" else None
     bench_experts = _BenchExperts(experts, ffn)
     layer = MoELayer(router, bench_experts, capacity_factor=cf, min_capacity=cfg.min_capacity, stats=cfg.stats)
-    # as moedist's PyTorch runner trains: expert gradients zeroed (inside the timed step) and reused
-    kept = keep_expert_grads(layer) if ffn == "recompute" else []
+    # as moedist's PyTorch runner trains: expert gradients zeroed (inside the timed step) and reused,
+    # with either FFN (plain: per-expert slices whose gradients go in place, `ExpertSlice`)
+    kept = keep_expert_grads(layer)
     kept_ids = {id(p) for p in kept}
     last = {}
 

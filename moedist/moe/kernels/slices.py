@@ -89,3 +89,31 @@ class GradSlots:
 
     def as_tuple(self) -> tuple:
         return tuple(self._grads.get(n) for n in self.names)
+
+
+class ExpertSlice(torch.autograd.Function):
+    """`ExpertSlice.apply(w_LIO, l, param)` -> w[l] [I, O], whose gradient backward adds into
+    slot l of `param.grad` (allocating it as zeros on the first backward) and returns None.
+
+    For plain-autograd code that uses one expert of a stacked [L, I, O] weight at a time:
+    indexing (or `unbind`) the stacked weight in autograd makes backward allocate a full
+    [L, I, O] gradient per step (zeros + copy, or a stack of L slices), which with glibc's
+    default malloc is a fresh mmap that page-faults on every write. Here each expert's
+    [I, O] gradient goes into the kept `.grad` as soon as it exists (`grad += new`, as
+    AccumulateGrad does), so nothing of [L, I, O] is allocated after the first step.
+    `param` is the Parameter `w_LIO` belongs to (usually `w_LIO` itself). Like
+    `GroupedGatedFFN`'s grad_params: hooks on `param` do not see these gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, w_LIO: torch.Tensor, l: int, param: torch.Tensor) -> torch.Tensor:
+        ctx.l, ctx.param = l, param
+        return w_LIO.detach()[l]  # [I, O], no copy
+
+    @staticmethod
+    def backward(ctx, g_IO: torch.Tensor):
+        p = ctx.param
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad[ctx.l].add_(g_IO)
+        return None, None, None
