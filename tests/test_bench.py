@@ -491,7 +491,7 @@ def test_moedist_cases_reuse_expert_grads_and_count_them():
         mem = measure_step_memory(case.forward, case.backward, dev, resident)
         assert mem["peak_mem_mb"] * 2**20 >= resident
         # reference: the same layer with autograd allocating the gradients (one step, from None)
-        experts.grad_in_place = False
+        experts.kept_grads = None
         for w in ws:
             w.grad = None
         case.clear()

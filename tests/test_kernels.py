@@ -20,7 +20,7 @@ from moedist.moe.kernels.gated_ffn import GroupedGatedFFN
 from moedist.moe.kernels.grouped_mm import GroupedMM
 from moedist.moe.kernels.lora_proj import GatherLoRAProj
 from moedist.moe.kernels.moe_lora_hidden import MoELoRATensors, moe_lora_hidden_apply
-from moedist.moe.kernels.slices import ExpertSlice, GradSlots
+from moedist.moe.kernels.slices import ExpertSlice, GradSlots, KeptGrads
 
 COUNTS = [[3, 0, 5, 2], [0, 0, 4], [6], [0, 0, 0], [1, 1, 1, 1]]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -303,14 +303,15 @@ def test_gated_ffn_weight_grads_in_place_equal_autograd_bitwise_and_allocate_not
           _rand(L, F, H, dtype=torch.float32, seed=5)]
     ref = [torch.nn.Parameter(w.clone()) for w in ws]
     inp = [torch.nn.Parameter(w.clone()) for w in ws]
+    kept = KeptGrads(inp)
     act = (GATED["swiglu"], GATED_GRAD["swiglu"])
     for i, x in enumerate(xs):
         GroupedGatedFFN.apply(x, *ref, counts, *act).square().sum().backward()
         if i == 0:  # first backward: no .grad yet -> new tensors (as autograd), then kept
-            GroupedGatedFFN.apply(x, *inp, counts, *act, tuple(inp)).square().sum().backward()
+            GroupedGatedFFN.apply(x, *inp, counts, *act, kept).square().sum().backward()
             ptrs = [p.grad.data_ptr() for p in inp]
             continue
-        y = GroupedGatedFFN.apply(x, *inp, counts, *act, tuple(inp)).square().sum()
+        y = GroupedGatedFFN.apply(x, *inp, counts, *act, kept).square().sum()
         with _LargestOutput() as big:
             y.backward()
         assert 0 < big.numel < L * H * F, big.numel  # no [L, H, F] gradient allocated in backward
@@ -323,7 +324,7 @@ def test_gated_ffn_weight_grads_in_place_equal_autograd_bitwise_and_allocate_not
     for p, q in zip(inp, ref):
         p.grad.zero_()
         q.grad = None
-    grouped_ffn(x, *inp, counts, "swiglu", tuple(inp)).sum().backward()
+    grouped_ffn(x, *inp, counts, "swiglu", kept).sum().backward()
     grouped_ffn(x2, *ref, counts, "swiglu").sum().backward()
     assert torch.equal(x.grad, x2.grad)
     for p, q in zip(inp, ref):
@@ -345,3 +346,39 @@ def test_expert_slice_grads_in_place_equal_autograd_indexing_bitwise():
         assert torch.equal(w.grad, ref.grad), step
         ptrs.append(w.grad.data_ptr())
     assert len(set(ptrs)) == 1 and torch.equal(w.grad[1], torch.zeros(4, 5)) and w.grad[0].abs().sum() > 0
+
+
+def test_gated_ffn_stale_kept_grads_are_overwritten_bitwise():
+    """KeptGrads.mark_stale() (the runner's zero_grad): the next backward writes the weight gradients
+    over last step's values (bitwise a fresh autograd gradient, empty experts' slots exact zeros) with
+    no [L, H, F] allocation; a second backward in the step adds (gradient accumulation, bitwise
+    autograd's grad += new); the unfused path (no rows) zeroes stale gradients before autograd adds."""
+    counts = (3, 0, 5, 2)
+    L, N = len(counts), sum(counts)
+    xs = [_rand(N, H, dtype=torch.float32, seed=s) for s in (1, 2, 6)]
+    ws = [_rand(L, H, F, dtype=torch.float32, seed=3), _rand(L, H, F, dtype=torch.float32, seed=4),
+          _rand(L, F, H, dtype=torch.float32, seed=5)]
+    inp = [torch.nn.Parameter(w.clone()) for w in ws]
+    kept = KeptGrads(inp)
+    act = (GATED["swiglu"], GATED_GRAD["swiglu"])
+    GroupedGatedFFN.apply(xs[0], *inp, counts, *act, kept).square().sum().backward()  # allocates .grad
+    for p in inp:
+        p.grad[1].fill_(7.0)  # last step's values, also in the empty expert's slot
+    kept.mark_stale()
+    ptrs = [p.grad.data_ptr() for p in inp]
+    with _LargestOutput() as big:
+        GroupedGatedFFN.apply(xs[1], *inp, counts, *act, kept).square().sum().backward()
+    assert 0 < big.numel < L * H * F, big.numel
+    assert not kept.stale and [p.grad.data_ptr() for p in inp] == ptrs
+    ref = [torch.nn.Parameter(w.clone()) for w in ws]
+    GroupedGatedFFN.apply(xs[1], *ref, counts, *act).square().sum().backward()
+    for p, q in zip(inp, ref):
+        assert torch.equal(p.grad, q.grad) and not p.grad[1].any()
+    GroupedGatedFFN.apply(xs[2], *inp, counts, *act, kept).square().sum().backward()  # accumulates
+    GroupedGatedFFN.apply(xs[2], *ref, counts, *act).square().sum().backward()
+    for p, q in zip(inp, ref):
+        assert torch.equal(p.grad, q.grad)
+    kept.mark_stale()
+    x0 = xs[0][:0].clone().requires_grad_(True)  # no rows: the unfused path
+    grouped_ffn(x0, *inp, (0,) * L, "swiglu", kept).sum().backward()
+    assert not kept.stale and all(not p.grad.any() for p in inp)

@@ -22,7 +22,7 @@ from moedist.bench import peers
 from moedist.bench.ffns import ffn_forward
 from moedist.moe import GroupedExperts, MoELayer, MoELoRAExperts, Router
 from moedist.moe.capacity import compute_capacity, select_tokens
-from moedist.moe.experts import keep_expert_grads
+from moedist.moe.experts import keep_expert_grads, stale_expert_grads
 from moedist.moe.dispatcher import permute_pairs
 from moedist.moe.ffn import GATED, GATED_GRAD
 from moedist.moe.kernels.gated_ffn import GroupedGatedFFN
@@ -89,12 +89,12 @@ class _BenchExperts(nn.Module, Experts):
         counts = [int(c) for c in counts_L]
         if self.ffn == "recompute":
             if self._recompute_ok() and x_NH.shape[0] and len(counts) > 1:
-                kept = (e.w_gate, e.w_up, e.w_down) if e.grad_in_place else None  # as GroupedExperts.forward
                 return GroupedGatedFFN.apply(x_NH, e.w_gate, e.w_up, e.w_down, tuple(counts), GATED[e.activation],
-                                             GATED_GRAD[e.activation], kept)
+                                             GATED_GRAD[e.activation], e.kept_grads)  # as GroupedExperts.forward
             return e(x_NH, counts)
         ws = (e.w_gate, e.w_up, e.w_down)
-        if e.grad_in_place:  # each expert's slices made just before its FFN (see ExpertSlice)
+        if e.grad_in_place:  # each expert's slices made just before its FFN (see ExpertSlice), which add
+            e.kept_grads.zero_if_stale()
             expert = lambda l: [None if w is None else ExpertSlice.apply(w, l, w) for w in ws]  # noqa: E731
         else:  # autograd stacks the L slice gradients into new [L, I, O] tensors
             per = [[None] * len(counts) if w is None else w.unbind(0) for w in ws]
@@ -137,16 +137,14 @@ def _moedist_case(mode, router_w, experts, x, grad, cfg, elem, ffn) -> Case:
     cf = cfg.capacity_factor if mode == "capacity" else None
     bench_experts = _BenchExperts(experts, ffn)
     layer = MoELayer(router, bench_experts, capacity_factor=cf, min_capacity=cfg.min_capacity, stats=cfg.stats)
-    # as moedist's PyTorch runner trains: expert gradients zeroed (inside the timed step) and reused,
+    # as moedist's PyTorch runner trains: expert gradients marked stale (inside the timed step) and reused,
     # with either FFN (plain: per-expert slices whose gradients go in place, `ExpertSlice`)
     kept = keep_expert_grads(layer)
     kept_ids = {id(p) for p in kept}
     last = {}
 
     def forward():
-        for p in kept:
-            if p.grad is not None:
-                p.grad.zero_()
+        stale_expert_grads(layer)  # the runner's zero_grad, inside the timed step
         y, aux = layer(x)
         last["aux"] = aux
         return y

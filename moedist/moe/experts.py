@@ -18,6 +18,7 @@ from moedist.moe.dispatcher import weighted_scatter_add
 from moedist.moe.ffn import (GATED, Counts, Path, check_activation, choose_path, gather_lora_proj, grouped_ffn, grouped_mm,
                              hidden_act, moe_lora_hidden)
 from moedist.moe.init import is_meta, normal_
+from moedist.moe.kernels.slices import KeptGrads
 from moedist.moe.lora import LoRA, kaiming_uniform_a5, lora_dropout, lora_scale
 from moedist.moe.parts import DeviceCountExperts, Experts, FrozenBaseExperts, FusedLocalExperts
 from moedist.moe.shared_lora import reset_shared_lora, shared_lora
@@ -49,11 +50,16 @@ class GroupedExperts(nn.Module, Experts, DeviceCountExperts):
         num_local: L (default E); first_expert: global id of local expert 0.
         init_std: weight std; seed: base seed; dtype/device: parameter placement.
 
-    `grad_in_place` (default False; set by `keep_expert_grads`): the fused kernel adds the weight
-    gradients into the weights' existing `.grad` instead of allocating new [L, H, F] tensors.
+    `kept_grads` (default None; set by `keep_expert_grads`): the fused kernel writes the weight
+    gradients into the weights' existing `.grad` instead of allocating new [L, H, F] tensors
+    (`kernels.slices.KeptGrads`; `grad_in_place` says whether it is set).
     """
 
-    grad_in_place: bool = False
+    kept_grads: Optional[KeptGrads] = None
+
+    @property
+    def grad_in_place(self) -> bool:
+        return self.kept_grads is not None
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, activation: str = "swiglu",
                  num_local: Optional[int] = None, first_expert: int = 0, init_std: float = 0.02,
@@ -102,23 +108,33 @@ class GroupedExperts(nn.Module, Experts, DeviceCountExperts):
 
     def forward(self, x_NH: torch.Tensor, counts_L: Counts) -> torch.Tensor:
         x_NH = x_NH.to(self.w_up.dtype)
-        params = (self.w_gate, self.w_up, self.w_down) if self.grad_in_place else None
-        return grouped_ffn(x_NH, self.w_gate, self.w_up, self.w_down, counts_L, self.activation, params)  # [N, H]
+        return grouped_ffn(x_NH, self.w_gate, self.w_up, self.w_down, counts_L, self.activation,
+                           self.kept_grads)  # [N, H]
 
 
 def keep_expert_grads(model: nn.Module) -> List[nn.Parameter]:
     """Switch every trainable `GroupedExperts` of `model` to in-place weight gradients and return
-    those weights: the caller zeroes their `.grad` between steps instead of freeing it (the first
-    backward allocates it; every later one adds into it, see `kernels.gated_ffn`). Only for a
-    runner that reads `.grad` after backward: hooks on these weights no longer see their gradients."""
+    those weights: between steps the caller keeps their `.grad` and calls `stale_expert_grads`
+    instead of freeing or zeroing it (the first backward allocates it; the first of each later
+    step overwrites it, the rest add, see `kernels.gated_ffn`). Only for a runner that reads `.grad`
+    after backward: hooks on these weights no longer see their gradients."""
     kept: List[nn.Parameter] = []
     for m in model.modules():
         if isinstance(m, GroupedExperts):
             ws = [w for w in (m.w_gate, m.w_up, m.w_down) if w is not None and w.requires_grad]
             if ws:
-                m.grad_in_place = True
+                m.kept_grads = KeptGrads([w if w is not None and w.requires_grad else None
+                                          for w in (m.w_gate, m.w_up, m.w_down)])
                 kept += ws
     return kept
+
+
+def stale_expert_grads(model: nn.Module) -> None:
+    """A step is over: the kept expert gradients (`keep_expert_grads`) count as zero from now on
+    (the next backward overwrites them; `.grad` still holds the last step's values until then)."""
+    for m in model.modules():
+        if isinstance(m, GroupedExperts) and m.kept_grads is not None:
+            m.kept_grads.mark_stale()
 
 
 def hook_expert_grads(model: nn.Module, params: Iterable[nn.Parameter]) -> None:
@@ -127,7 +143,7 @@ def hook_expert_grads(model: nn.Module, params: Iterable[nn.Parameter]) -> None:
     ids = {id(p) for p in params}
     for m in model.modules():
         if isinstance(m, GroupedExperts) and any(id(w) in ids for w in (m.w_gate, m.w_up, m.w_down)):
-            m.grad_in_place = False
+            m.kept_grads = None
 
 
 def _reset_expert_lora(st: LoRA, seed: int, first_expert: int, which: int) -> None:

@@ -22,6 +22,7 @@ from moedist.moe.kernels.gated_ffn import GroupedGatedFFN
 from moedist.moe.kernels.grouped_mm import GroupedMM
 from moedist.moe.kernels.lora_proj import GatherLoRAProj
 from moedist.moe.kernels.moe_lora_hidden import MoELoRATensors, moe_lora_hidden_apply
+from moedist.moe.kernels.slices import KeptGrads
 
 # rows per group: host ints (per-expert loops), or an [L] int64 device tensor (grouped kernel only)
 Counts = Union[Sequence[int], torch.Tensor]
@@ -173,15 +174,15 @@ def grouped_mm(x_NI: torch.Tensor, w_LIO: torch.Tensor, counts_L: Counts) -> tor
 
 
 def grouped_ffn(x_NH: torch.Tensor, w_gate: Optional[torch.Tensor], w_up: torch.Tensor, w_down: torch.Tensor,
-                counts_L: Counts, activation: str, grad_params: Optional[Sequence[Optional[torch.Tensor]]] = None
-                ) -> torch.Tensor:
+                counts_L: Counts, activation: str, grad_params: Optional[KeptGrads] = None) -> torch.Tensor:
     """FFN per expert on contiguous slices: weights [L, H, F], [L, H, F], [L, F, H]. Returns [N, H].
 
     counts_L: host ints, or an [L] device tensor for the grouped kernel (`grouped_mm`).
     FUSED (`choose_path`) runs `kernels.gated_ffn.GroupedGatedFFN`, which keeps 2 [N, F]
     tensors for backward instead of 4; otherwise three `grouped_mm` calls.
-    grad_params: the weights' Parameters, whose existing `.grad` the FUSED kernel adds their
-    gradients into (no new [L, H, F] tensors; see `kernels.gated_ffn`); the other paths ignore it.
+    grad_params: the weights' kept gradients (`KeptGrads`), whose existing `.grad` the FUSED kernel
+    writes their gradients into (no new [L, H, F] tensors; see `kernels.gated_ffn`); the other
+    paths zero them here if stale and let autograd add into them.
     """
     ws = tuple(w for w in (w_up, w_gate, w_down) if w is not None)
     if not isinstance(counts_L, torch.Tensor):
@@ -189,6 +190,8 @@ def grouped_ffn(x_NH: torch.Tensor, w_gate: Optional[torch.Tensor], w_up: torch.
     if choose_path("ffn", x_NH, ws, counts_L, activation) is Path.FUSED:
         return GroupedGatedFFN.apply(x_NH, w_gate, w_up, w_down, counts_L, GATED[activation], GATED_GRAD[activation],
                                      grad_params)
+    if grad_params is not None and torch.is_grad_enabled():
+        grad_params.zero_if_stale()
     gate = grouped_mm(x_NH, w_gate, counts_L) if activation in GATED else None  # [N, F]
     up = grouped_mm(x_NH, w_up, counts_L)  # [N, F]
     return grouped_mm(hidden_act(gate, up, activation), w_down, counts_L)  # [N, H]

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from moedist.distributed.grad_sync import clip_grad_norm_, sync_gradients
-from moedist.moe.experts import keep_expert_grads
+from moedist.moe.experts import keep_expert_grads, stale_expert_grads
 from moedist.train.param_groups import decay_groups
 from moedist.train.state import Guard, OptimState, Runner, Weights, collect_full_state, copy_buffers, copy_parameters
 
@@ -90,14 +90,16 @@ class PlainRunner(Runner):
         self.cfg, self.dims, self.device = cfg, dims, device
         self.optimizer = build_optimizer(decay_groups(model, cfg.train.weight_decay), cfg.train)
         self._accum = 0
-        self._kept_grads = keep_expert_grads(self.module)  # [E, H, F] gradients zeroed, not freed, between steps
+        self._kept_grads = keep_expert_grads(self.module)  # [E, H, F] gradients kept (marked stale) between steps
 
     def _zero_grad(self) -> None:
-        """Free every gradient but the expert weights', which are zeroed and reused next step."""
+        """Free every gradient but the expert weights', which are kept, marked stale (they count as
+        zero: the next backward overwrites them) and reused next step."""
         kept = [(p, p.grad) for p in self._kept_grads if p.grad is not None]
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in kept:
-            p.grad = g.zero_()
+            p.grad = g
+        stale_expert_grads(self.module)
 
     def forward(self, batch):
         return self.module(batch.input_ids, batch.labels, batch.position_ids, batch.segment_ids,

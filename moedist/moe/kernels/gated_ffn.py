@@ -10,12 +10,14 @@ phi the gate activation, phi' its derivative):
 Saves x, the weights and, per expert, g and u: 2 [N, F] tensors in all.
 Recomputes phi(g) and h = phi(g) * u in backward.
 
-Weight gradients in place (`grad_params`): where the caller passes the weights' Parameters
-and each already holds a `.grad` (a runner that zeroes gradients instead of freeing them,
-`moedist.moe.experts.keep_expert_grads`), backward adds dWg/dWu/dWd into those `.grad`
-tensors one expert at a time (through an [H, F] scratch: the same sum, in the same order,
-as autograd's `grad += new`) and returns None for them, so no [L, H, F] gradient is
-allocated per step. On a CPU with glibc's default malloc a fresh [64, 512, 1024] fp32
+Weight gradients in place (`grad_params`, a `slices.KeptGrads`): where the caller passes the
+weights' kept Parameters and each already holds a `.grad` (a runner that keeps gradients
+between steps instead of freeing them, `moedist.moe.experts.keep_expert_grads`), backward
+writes dWg/dWu/dWd into those `.grad` tensors one expert at a time and returns None for
+them, so no [L, H, F] gradient is allocated per step: after `KeptGrads.mark_stale()` (the
+runner's zero_grad) the first backward overwrites them (torch.mm(out=), experts without
+rows zeroed), later ones add (through an [H, F] scratch: the same sum, in the same order,
+as autograd's `grad += new`). On a CPU with glibc's default malloc a fresh [64, 512, 1024] fp32
 block is an mmap that page-faults on every write (it is above the 32 MiB mmap limit); a
 GPU's caching allocator would reuse it either way. Hooks on those Parameters do not see
 these gradients, so only runners that read `.grad` after backward (PlainRunner) ask for it.
@@ -33,9 +35,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
-from moedist.moe.kernels.slices import GradSlots, bounds, zero_empty_groups
-
-GradParams = Optional[Sequence[Optional[torch.Tensor]]]  # (w_gate, w_up, w_down) Parameters for in-place grads
+from moedist.moe.kernels.slices import GradSlots, KeptGrads, bounds, zero_empty_groups
 
 Act = Callable[[torch.Tensor], torch.Tensor]  # phi(z)
 ActGrad = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (incoming grad, z) -> grad * phi'(z)
@@ -46,13 +46,13 @@ class GroupedGatedFFN(torch.autograd.Function):
 
     counts: tuple of host ints summing to N; phi / dphi: the activation and its
     backward (`moedist.moe.ffn.GATED`, `GATED_GRAD`). All tensors share one dtype.
-    grad_params: None, or the (w_gate, w_up, w_down) Parameters whose existing `.grad`
+    grad_params: None, or the `KeptGrads` of (w_gate, w_up, w_down) whose existing `.grad`
     takes their weight gradient in place (see the module docstring).
     """
 
     @staticmethod
     def forward(ctx, x_NH: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                counts: Tuple[int, ...], phi: Act, dphi: ActGrad, grad_params: GradParams = None) -> torch.Tensor:
+                counts: Tuple[int, ...], phi: Act, dphi: ActGrad, grad_params: Optional[KeptGrads] = None) -> torch.Tensor:
         bnds = bounds(counts)
         y_NH = x_NH.new_empty((x_NH.shape[0], w_down.shape[2]))  # [N, H]
         gates, ups = [], []
@@ -65,7 +65,7 @@ class GroupedGatedFFN(torch.autograd.Function):
             gates.append(gate_l)
             ups.append(up_l)
         ctx.bounds, ctx.num_groups, ctx.phi, ctx.dphi = bnds, w_up.shape[0], phi, dphi
-        ctx.grad_params = tuple(grad_params) if grad_params is not None else (None, None, None)
+        ctx.kept = grad_params
         ctx.save_for_backward(x_NH, w_gate, w_up, w_down, *gates, *ups)
         return y_NH
 
@@ -79,13 +79,17 @@ class GroupedGatedFFN(torch.autograd.Function):
         phi, dphi = ctx.phi, ctx.dphi
         dy_NH = dy_NH.contiguous()
         dx = x_NH.new_empty(x_NH.shape) if g.wants("x") else None  # [N, H]
-        # per weight: (target [L, I, O], accumulate?): its Parameter's .grad (added to), or a new tensor (written)
-        outs = {name: _wgrad_target(g.wants(name), w, p)
-                for name, w, p in zip(("w_gate", "w_up", "w_down"), (w_gate, w_up, w_down), ctx.grad_params)}
+        # per weight: (target [L, I, O], add?, its Parameter's .grad?): the kept .grad (added to, or written
+        # when stale), or a new tensor (written, returned)
+        kept = ctx.kept
+        params = kept.params if kept is not None else (None, None, None)
+        overwrite = kept is not None and kept.take_stale()
+        outs = {name: _wgrad_target(g.wants(name), w, p, overwrite)
+                for name, w, p in zip(("w_gate", "w_up", "w_down"), (w_gate, w_up, w_down), params)}
         scratch = {}  # one [I, O] buffer per shape for the in-place adds
 
         def put(name: str, l: int, a_: torch.Tensor, b_: torch.Tensor) -> None:
-            target, add = outs[name]
+            target, add, _ = outs[name]
             if target is None:
                 return
             if not add:
@@ -109,19 +113,20 @@ class GroupedGatedFFN(torch.autograd.Function):
             if dx is not None:
                 torch.mm(dgate_l, w_gate[l].t(), out=dx[a:b])
                 dx[a:b].addmm_(dup_l, w_up[l].t())
-        new = {name: t for name, (t, add) in outs.items() if not add}  # written here: the rest returns None
-        zero_empty_groups(ctx.bounds, ctx.num_groups, *new.values())
+        zero_empty_groups(ctx.bounds, ctx.num_groups, *(t for t, add, _ in outs.values() if not add))  # written here
         g["x"] = dx
-        for name, t in new.items():
-            g[name] = t
+        for name, (t, _, in_place) in outs.items():
+            if not in_place:  # a new tensor: autograd's; the kept .grad already holds its gradient
+                g[name] = t
         return g.as_tuple()
 
 
-def _wgrad_target(wanted: bool, w: torch.Tensor, param: Optional[torch.Tensor]):
-    """Where a weight's gradient goes: (its Parameter's existing .grad, True) when given one,
-    else (a new [L, I, O] tensor, False), or (None, False) when autograd does not want it."""
+def _wgrad_target(wanted: bool, w: torch.Tensor, param: Optional[torch.Tensor], overwrite: bool):
+    """Where a weight's gradient goes, as (target, add?, in place?): its Parameter's existing .grad
+    when given one (added to, or overwritten when `overwrite`), else a new [L, I, O] tensor
+    (written), or (None, False, False) when autograd does not want it."""
     if not wanted:
-        return None, False
+        return None, False, False
     if param is not None and param.grad is not None and param.grad.shape == w.shape and param.grad.dtype == w.dtype:
-        return param.grad, True
-    return w.new_empty(w.shape), False
+        return param.grad, not overwrite, True
+    return w.new_empty(w.shape), False, False

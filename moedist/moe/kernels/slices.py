@@ -91,6 +91,37 @@ class GradSlots:
         return tuple(self._grads.get(n) for n in self.names)
 
 
+class KeptGrads:
+    """Weights whose `.grad` is kept between steps and written in place by the kernels' backward.
+
+    `params`: the Parameters (None for an absent weight), in the kernel's order. A runner that
+    would zero them between steps calls `mark_stale()` instead: the first backward of the next
+    step that takes them (`take_stale()`) then writes each expert's gradient straight into
+    `.grad` (and zeroes the experts without rows) rather than adding to it, which spares a
+    zeroing pass and an add pass over every [L, I, O] gradient per step. Later backwards of the
+    step (gradient accumulation) add. Code that cannot write in place calls `zero_if_stale()`
+    first, after which adding is right again.
+    """
+
+    def __init__(self, params: Sequence[Optional[torch.Tensor]]):
+        self.params = tuple(params)
+        self.stale = False
+
+    def mark_stale(self) -> None:
+        self.stale = True
+
+    def take_stale(self) -> bool:
+        """True once after `mark_stale()` (the caller overwrites the gradients), then False."""
+        stale, self.stale = self.stale, False
+        return stale
+
+    def zero_if_stale(self) -> None:
+        if self.take_stale():
+            for p in self.params:
+                if p is not None and p.grad is not None:
+                    p.grad.zero_()
+
+
 class ExpertSlice(torch.autograd.Function):
     """`ExpertSlice.apply(w_LIO, l, param)` -> w[l] [I, O], whose gradient backward adds into
     slot l of `param.grad` (allocating it as zeros on the first backward) and returns None.
