@@ -129,12 +129,17 @@ def keep_expert_grads(model: nn.Module) -> List[nn.Parameter]:
     return kept
 
 
-def stale_expert_grads(model: nn.Module) -> None:
-    """A step is over: the kept expert gradients (`keep_expert_grads`) count as zero from now on
-    (the next backward overwrites them; `.grad` still holds the last step's values until then)."""
+def stale_expert_grads(model: nn.Module) -> List[nn.Parameter]:
+    """A step is over: the kept expert gradients (`keep_expert_grads`, not undone by
+    `hook_expert_grads`) count as zero from now on (the next backward overwrites them; `.grad`
+    still holds the last step's values until then). Returns those weights: the caller keeps
+    their `.grad` and frees every other gradient."""
+    kept: List[nn.Parameter] = []
     for m in model.modules():
         if isinstance(m, GroupedExperts) and m.kept_grads is not None:
             m.kept_grads.mark_stale()
+            kept += [p for p in m.kept_grads.params if p is not None]
+    return kept
 
 
 def hook_expert_grads(model: nn.Module, params: Iterable[nn.Parameter]) -> None:

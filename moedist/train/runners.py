@@ -90,16 +90,16 @@ class PlainRunner(Runner):
         self.cfg, self.dims, self.device = cfg, dims, device
         self.optimizer = build_optimizer(decay_groups(model, cfg.train.weight_decay), cfg.train)
         self._accum = 0
-        self._kept_grads = keep_expert_grads(self.module)  # [E, H, F] gradients kept (marked stale) between steps
+        keep_expert_grads(self.module)  # [E, H, F] gradients kept (marked stale) between steps
 
     def _zero_grad(self) -> None:
-        """Free every gradient but the expert weights', which are kept, marked stale (they count as
-        zero: the next backward overwrites them) and reused next step."""
-        kept = [(p, p.grad) for p in self._kept_grads if p.grad is not None]
+        """Free every gradient but the kept expert weights', which are marked stale (they count as
+        zero: the next backward overwrites them) and reused next step. Experts handed back to
+        autograd since (`moe.freeze_experts`: hook_expert_grads) are freed like the rest."""
+        kept = [(p, p.grad) for p in stale_expert_grads(self.module) if p.grad is not None]
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in kept:
             p.grad = g
-        stale_expert_grads(self.module)
 
     def forward(self, batch):
         return self.module(batch.input_ids, batch.labels, batch.position_ids, batch.segment_ids,
