@@ -382,3 +382,21 @@ def test_gated_ffn_stale_kept_grads_are_overwritten_bitwise():
     x0 = xs[0][:0].clone().requires_grad_(True)  # no rows: the unfused path
     grouped_ffn(x0, *inp, (0,) * L, "swiglu", kept).sum().backward()
     assert not kept.stale and all(not p.grad.any() for p in inp)
+
+
+def test_expert_slice_fresh_slots_overwrite_then_add():
+    """ExpertSlice with `fresh`: the slots in it are overwritten (stale values gone, bitwise a fresh
+    autograd gradient) and leave the set, so a second use in the step adds."""
+    torch.manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(3, 4, 5))
+    w.grad = torch.full_like(w, 9.0)  # last step's values
+    ref = torch.nn.Parameter(w.detach().clone())
+    x = torch.randn(6, 4)
+    fresh = {0, 2}
+    (x @ ExpertSlice.apply(w, 0, w, fresh)).pow(2).sum().add((x @ ExpertSlice.apply(w, 2, w, fresh)).sin().sum()).backward()
+    (x @ ref[0]).pow(2).sum().add((x @ ref[2]).sin().sum()).backward()
+    assert fresh == set() and torch.equal(w.grad[0], ref.grad[0]) and torch.equal(w.grad[2], ref.grad[2])
+    assert torch.equal(w.grad[1], torch.full((4, 5), 9.0))  # not fresh, not used: the caller zeroes it
+    (x @ ExpertSlice.apply(w, 0, w, fresh)).sum().backward()
+    (x @ ref[0]).sum().backward()
+    assert torch.equal(w.grad[0], ref.grad[0])

@@ -93,15 +93,36 @@ class _BenchExperts(nn.Module, Experts):
                                              GATED_GRAD[e.activation], e.kept_grads)  # as GroupedExperts.forward
             return e(x_NH, counts)
         ws = (e.w_gate, e.w_up, e.w_down)
-        if e.grad_in_place:  # each expert's slices made just before its FFN (see ExpertSlice), which add
-            e.kept_grads.zero_if_stale()
-            expert = lambda l: [None if w is None else ExpertSlice.apply(w, l, w) for w in ws]  # noqa: E731
+        if e.grad_in_place:  # each expert's slices made just before its FFN (see ExpertSlice)
+            fresh = self._fresh_slots(counts)
+            expert = lambda l: [None if w is None else ExpertSlice.apply(w, l, w, fresh.get(id(w)))  # noqa: E731
+                                for w in ws]
         else:  # autograd stacks the L slice gradients into new [L, I, O] tensors
             per = [[None] * len(counts) if w is None else w.unbind(0) for w in ws]
             expert = lambda l: [p[l] for p in per]  # noqa: E731
         outs = [ffn_forward(xs, *expert(l), e.activation, "plain")
                 for l, xs in enumerate(x_NH.split(counts)) if counts[l] > 0]
         return torch.cat(outs) if outs else x_NH.new_zeros(x_NH.shape) + 0.0 * e.w_up.sum()
+
+
+    def _fresh_slots(self, counts: List[int]) -> Dict[int, set]:
+        """Stale kept gradients (`KeptGrads`): the slots of experts without rows zeroed now, the rest
+        left to their slice's backward to overwrite (per weight: id -> set of slots); else none."""
+        kept = self.inner.kept_grads
+        if not torch.is_grad_enabled():
+            return {}
+        if not kept.stale or any(p is not None and p.grad is None for p in kept.params):
+            kept.zero_if_stale()
+            return {}
+        kept.take_stale()
+        used = {l for l, c in enumerate(counts) if c > 0}
+        with torch.no_grad():
+            for p in kept.params:
+                if p is not None:
+                    for l in range(len(counts)):
+                        if l not in used:
+                            p.grad[l].zero_()
+        return {id(p): set(used) for p in kept.params if p is not None}
 
 
 class _UnfusedMoELoRAExperts(MoELoRAExperts):

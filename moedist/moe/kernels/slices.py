@@ -123,28 +123,34 @@ class KeptGrads:
 
 
 class ExpertSlice(torch.autograd.Function):
-    """`ExpertSlice.apply(w_LIO, l, param)` -> w[l] [I, O], whose gradient backward adds into
-    slot l of `param.grad` (allocating it as zeros on the first backward) and returns None.
+    """`ExpertSlice.apply(w_LIO, l, param[, fresh])` -> w[l] [I, O], whose gradient backward puts
+    into slot l of `param.grad` (allocating it as zeros on the first backward) and returns None.
 
     For plain-autograd code that uses one expert of a stacked [L, I, O] weight at a time:
     indexing (or `unbind`) the stacked weight in autograd makes backward allocate a full
     [L, I, O] gradient per step (zeros + copy, or a stack of L slices), which with glibc's
     default malloc is a fresh mmap that page-faults on every write. Here each expert's
-    [I, O] gradient goes into the kept `.grad` as soon as it exists (`grad += new`, as
-    AccumulateGrad does), so nothing of [L, I, O] is allocated after the first step.
+    [I, O] gradient goes into the kept `.grad` as soon as it exists, so nothing of [L, I, O]
+    is allocated after the first step: copied over the slot when l is in `fresh` (a set
+    shared by the step's slices: the slots whose stale values the first backward overwrites,
+    see `KeptGrads`; l is then removed), else added (`grad += new`, as AccumulateGrad does).
     `param` is the Parameter `w_LIO` belongs to (usually `w_LIO` itself). Like
     `GroupedGatedFFN`'s grad_params: hooks on `param` do not see these gradients.
     """
 
     @staticmethod
-    def forward(ctx, w_LIO: torch.Tensor, l: int, param: torch.Tensor) -> torch.Tensor:
-        ctx.l, ctx.param = l, param
+    def forward(ctx, w_LIO: torch.Tensor, l: int, param: torch.Tensor, fresh: Optional[set] = None) -> torch.Tensor:
+        ctx.l, ctx.param, ctx.fresh = l, param, fresh
         return w_LIO.detach()[l]  # [I, O], no copy
 
     @staticmethod
     def backward(ctx, g_IO: torch.Tensor):
-        p = ctx.param
+        p, l, fresh = ctx.param, ctx.l, ctx.fresh
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        p.grad[ctx.l].add_(g_IO)
-        return None, None, None
+        if fresh is not None and l in fresh:
+            fresh.discard(l)
+            p.grad[l].copy_(g_IO)
+        else:
+            p.grad[l].add_(g_IO)
+        return None, None, None, None
