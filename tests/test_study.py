@@ -186,3 +186,31 @@ def test_tiny_table_c_moe_replay_grows_freezes_and_replays(tmp_path):
         assert k in final and (grown[k] == final[k]).all(), k
     res = json.loads((tmp_path / "c" / "results.json").read_text())
     assert [st["domain"] for st in res["methods"]["mr"]["0"]["stages"]] == ["code", "prose"]
+
+
+def test_tiny_table_d_resumes_from_kept_results_without_checkpoints(tmp_path):
+    """Table (d) after `keep` on a machine without its run directory: the merges' kept evaluations
+    stand for the merged weights, so `run` restores them and runs no job (no merge of fine-tunes whose
+    checkpoints are gone), with the same report."""
+    import shutil
+
+    cfg = _tiny_table(tmp_path, "d", "seeds: [0]\n", "lora: {lrs: [1.0e-2], overrides: [lora.mode=moe_lora, "
+                      "model.moe_every=1, moe.num_experts=1, moe.top_k=1, lora.rank=2]}")
+    kept = tmp_path / "kept" / "d"
+    with open(cfg, "a") as fh:
+        fh.write(f"merges:\n  lora_soup: {{method: average, of: lora}}\nkept: {kept}\n")
+    r = _study("run", "d", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "d"
+    merged = out / "merged" / "lora_soup" / "seed0"
+    assert (merged / "manifest.json").exists() and list(merged.glob("study_eval_test_*.json"))
+    report = (out / "report.md").read_text()
+    r = _study("keep", "d", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    shutil.rmtree(out)
+    r = _study("run", "d", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "restored" in r.stdout
+    assert json.loads((out / "results.json").read_text())["jobs_this_call"] == []
+    assert not merged.joinpath("manifest.json").exists()  # nothing was merged again
+    assert (out / "report.md").read_text() == report

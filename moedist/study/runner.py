@@ -87,7 +87,7 @@ class Runner:
         (a run's own data.seed would pick others), and eval_batches x eval_micro_batch of them are read.
         """
         where = cache_dir or model
-        path = where / f"study_eval_{split}_{'-'.join(names)}.json"
+        path = self.eval_path(model, names, split, cache_dir)
         if not path.exists():
             argv = ["eval", str(model), "data.sources=" + flow(sources(self.domains_dir, names, split)),
                     "data.val_fraction=0.95", "data.seed=0", f"train.eval_batches={self.eval_batches}",
@@ -107,6 +107,11 @@ class Runner:
             tmp.write_text(json.dumps({"model": str(model), "split": split, "losses": losses}, indent=1) + "\n")
             os.replace(tmp, path)
         return dict(json.loads(path.read_text())["losses"])
+
+    @staticmethod
+    def eval_path(model: Path, names: Sequence[str], split: str, cache_dir: Optional[Path] = None) -> Path:
+        """Where `evaluate` caches the losses of `model` (a kept result: `study keep` / restore)."""
+        return (cache_dir or model) / f"study_eval_{split}_{'-'.join(names)}.json"
 
     def grow(self, ckpt: Path, add: int, group: str, out: Path) -> Path:
         if not (out / "manifest.json").exists():

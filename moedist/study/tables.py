@@ -136,7 +136,9 @@ def table_d(spec: Spec, r: Runner, base: Path) -> Dict[str, Any]:
         for name, mg in spec.merges.items():
             d = out / "merged" / name / f"seed{s}"
             needs_base = mg["method"] in ("task_arithmetic", "ties")
-            r.merge(mg["method"], fts[mg["of"]], d, base if needs_base else None, [str(x) for x in mg.get("args", [])])
+            if not r.eval_path(d, names, "test").exists():  # a kept evaluation needs no merged weights (restore)
+                r.merge(mg["method"], fts[mg["of"]], d, base if needs_base else None,
+                        [str(x) for x in mg.get("args", [])])
             row[f"merge:{name}"] = {"dir": str(d), "losses": r.evaluate(d, names, "test")}
         per_seed[str(s)] = row
     return {"table": "d", "domains": names, "base": str(base), "seeds": per_seed}
