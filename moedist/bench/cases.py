@@ -116,13 +116,12 @@ class _BenchExperts(nn.Module, Experts):
             return {}
         kept.take_stale()
         used = {l for l, c in enumerate(counts) if c > 0}
+        unused = [l for l in range(len(counts)) if l not in used]
+        params = [p for p in kept.params if p is not None]
         with torch.no_grad():
-            for p in kept.params:
-                if p is not None:
-                    for l in range(len(counts)):
-                        if l not in used:
-                            p.grad[l].zero_()
-        return {id(p): set(used) for p in kept.params if p is not None}
+            for p in params:
+                p.grad[unused] = 0.0
+        return {id(p): set(used) for p in params}
 
 
 class _UnfusedMoELoRAExperts(MoELoRAExperts):

@@ -121,10 +121,10 @@ def keep_expert_grads(model: nn.Module) -> List[nn.Parameter]:
     kept: List[nn.Parameter] = []
     for m in model.modules():
         if isinstance(m, GroupedExperts):
-            ws = [w for w in (m.w_gate, m.w_up, m.w_down) if w is not None and w.requires_grad]
+            params = [w if w is not None and w.requires_grad else None for w in (m.w_gate, m.w_up, m.w_down)]
+            ws = [w for w in params if w is not None]
             if ws:
-                m.kept_grads = KeptGrads([w if w is not None and w.requires_grad else None
-                                          for w in (m.w_gate, m.w_up, m.w_down)])
+                m.kept_grads = KeptGrads(params)
                 kept += ws
     return kept
 

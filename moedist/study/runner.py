@@ -86,8 +86,8 @@ class Runner:
         The same sequences for every model: data.seed=0 fixes which 95% of the file's blocks are scored
         (a run's own data.seed would pick others), and eval_batches x eval_micro_batch of them are read.
         """
-        where = cache_dir or model
         path = self.eval_path(model, names, split, cache_dir)
+        where = path.parent
         if not path.exists():
             argv = ["eval", str(model), "data.sources=" + flow(sources(self.domains_dir, names, split)),
                     "data.val_fraction=0.95", "data.seed=0", f"train.eval_batches={self.eval_batches}",
