@@ -38,6 +38,7 @@ LR_SCHEDULES = ("cosine", "constant", "linear")
 OPTIMIZERS = ("adamw", "sgd")
 NONFINITE_POLICIES = ("stop", "skip")
 ACT_CKPT_MODES = ("none", "moe", "full")
+EXPERT_GRADS = ("auto", "kept", "fresh")        # train.expert_grads (moe.experts.keeps_expert_grads)
 
 # data
 DATA_SOURCES = ("pydoc", "stdlib", "file")

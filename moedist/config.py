@@ -212,6 +212,14 @@ class TrainConfig:
                                                "'none'; 'moe' = only the MoE FFNs (router, all-to-all, experts); "
                                                "'full' = every decoder layer. Same losses, less activation memory, "
                                                "about one extra forward of compute.", choices=C.ACT_CKPT_MODES)
+    expert_grads: str = _opt("auto", "Stacked [E, H, F] expert weight gradients between steps (PyTorch runner; DeepSpeed "
+                                     "manages its own): 'kept' = allocated once and overwritten in place by each step's "
+                                     "first backward (no per-step allocation or zeroing, but resident through the "
+                                     "forward: peak memory + their size); 'fresh' = allocated uninitialised in backward "
+                                     "and freed after the optimizer step, as autograd does (lowest peak memory); 'auto' "
+                                     "= 'kept' on CPU, where glibc maps every fresh block of this size anew and "
+                                     "page-faults it, 'fresh' on GPUs, whose caching allocator reuses the block.",
+                             choices=C.EXPERT_GRADS)
     ema_decay: float = _opt(0.0, "Keep an exponential moving average of the trainable weights (fp32, from the step-0 "
                                  "weights, updated after every optimizer step: ema = d*ema + (1-d)*w), evaluated and "
                                  "saved as output_dir/final_ema/ at the end; 0 = off. Typical 0.99-0.9999.", ge=0, lt=1)

@@ -501,3 +501,39 @@ def test_moedist_cases_reuse_expert_grads_and_count_them():
             assert got.abs().sum() > 0
     for a, b in zip(grads["plain"], grads["recompute"]):
         torch.testing.assert_close(a, b)
+
+
+def test_moedist_cases_with_fresh_expert_grads_allocate_them_each_step():
+    """--expert-grads fresh (what auto picks on CUDA): the moedist rows leave the expert gradients to
+    autograd, freed by clear() and allocated again by every backward, so nothing is resident between
+    steps (resident_bytes 0, the peak measures them inside the step); the gradients equal the kept rows'."""
+    from moedist.bench.cases import build_cases
+    from moedist.bench.layer import make_inputs
+
+    dev = torch.device("cpu")
+    got = {}
+    for grads in ("kept", "fresh"):
+        cfg = LayerBenchConfig(tokens=64, hidden=H, ffn=F, experts=4, iters=1, warmup=0, impls=("moedist",),
+                               modes=("dropless",), expert_grads=grads)
+        x, grad, router_w = make_inputs(cfg, dev, torch.float32)
+        x.requires_grad_(True)
+        for ffn in ("plain", "recompute"):
+            (case,), _ = build_cases(cfg, dev, torch.float32, x, grad, router_w, ffn)
+            experts = case.notes["layer"].experts.inner
+            assert case.notes["expert_grads"] == grads and experts.grad_in_place == (grads == "kept")
+            for step in range(2):
+                case.clear()
+                if step:  # a kept gradient survives clear(), a fresh one is gone
+                    assert (experts.w_up.grad is None) == (grads == "fresh")
+                case.backward(case.forward())
+            assert (case.resident_bytes() == 0) == (grads == "fresh")
+            got[grads, ffn] = [w.grad.clone() for w in (experts.w_gate, experts.w_up, experts.w_down)]
+    for ffn in ("plain", "recompute"):
+        for a, b in zip(got["kept", ffn], got["fresh", ffn]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            assert a.abs().sum() > 0
+
+
+def test_layer_config_rejects_unknown_expert_grads():
+    with pytest.raises(ValueError, match=r"--expert-grads='always': allowed auto, kept, fresh"):
+        LayerBenchConfig(expert_grads="always").validate()

@@ -22,7 +22,7 @@ from moedist.bench import peers
 from moedist.bench.ffns import ffn_forward
 from moedist.moe import GroupedExperts, MoELayer, MoELoRAExperts, Router
 from moedist.moe.capacity import compute_capacity, select_tokens
-from moedist.moe.experts import keep_expert_grads, stale_expert_grads
+from moedist.moe.experts import keep_expert_grads, keeps_expert_grads, stale_expert_grads
 from moedist.moe.dispatcher import permute_pairs
 from moedist.moe.ffn import GATED, GATED_GRAD
 from moedist.moe.kernels.gated_ffn import GroupedGatedFFN
@@ -157,9 +157,11 @@ def _moedist_case(mode, router_w, experts, x, grad, cfg, elem, ffn) -> Case:
     cf = cfg.capacity_factor if mode == "capacity" else None
     bench_experts = _BenchExperts(experts, ffn)
     layer = MoELayer(router, bench_experts, capacity_factor=cf, min_capacity=cfg.min_capacity, stats=cfg.stats)
-    # as moedist's PyTorch runner trains: expert gradients marked stale (inside the timed step) and reused,
-    # with either FFN (plain: per-expert slices whose gradients go in place, `ExpertSlice`)
-    kept = keep_expert_grads(layer)
+    # as moedist's PyTorch runner trains (train.expert_grads): kept = expert gradients marked stale (inside
+    # the timed step) and reused, with either FFN (plain: per-expert slices whose gradients go in place,
+    # `ExpertSlice`); fresh = allocated by each backward and freed by clear, as for every other impl
+    grads = "kept" if keeps_expert_grads(cfg.expert_grads, x.device) else "fresh"
+    kept = keep_expert_grads(layer) if grads == "kept" else []
     kept_ids = {id(p) for p in kept}
     last = {}
 
@@ -178,7 +180,7 @@ def _moedist_case(mode, router_w, experts, x, grad, cfg, elem, ffn) -> Case:
     rows = lambda: int(last["aux"].tokens_per_expert.sum())  # noqa: E731
     return Case("moedist", mode, forward, _tensor_backward(grad), clear,
                 a2a_bytes=lambda: rows() * cfg.hidden * elem, rows_executed=rows,
-                capacity=lambda: last["aux"].capacity, notes=dict(layer=layer, expert_ffn=bench_experts.path(x)),
+                capacity=lambda: last["aux"].capacity, notes=dict(layer=layer, expert_ffn=bench_experts.path(x), expert_grads=grads),
                 ffn=ffn, resident_bytes=lambda: sum(p.grad.numel() * p.grad.element_size() for p in kept
                                                     if p.grad is not None))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from moedist.cli_format import DefaultsFormatter
+from moedist.choices import EXPERT_GRADS
 import json
 import os
 import sys
@@ -97,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the expert FFN given to EVERY impl (moedist, DeepSpeed, fairscale, floor, dense, LoRA rows): "
                           "plain = plain autograd, keeps 4 [rows, F] tensors; recompute = keeps gate/up, recomputes "
                           "phi(gate)*up in backward (moedist's kernel); both = one row per impl and FFN")
+    lay.add_argument("--expert-grads", choices=EXPERT_GRADS, default="auto",
+                     help="moedist rows' expert weight gradients, as train.expert_grads: kept = allocated once and "
+                          "overwritten in place each step (resident: counted in peak memory); fresh = allocated in "
+                          "backward and freed between steps, like every peer; auto = kept on CPU, fresh on CUDA")
     lay.add_argument("--repeats", type=int, default=3,
                      help="independent timing rounds of --iters each (impl order reshuffled every iteration); the "
                           "JSON and table give median, IQR and min-max over all samples and each repeat's median")
@@ -191,7 +196,7 @@ def _layer(args) -> dict:
                            impls=impls, modes=args.modes, skew=args.skew, lora_rank=args.lora_rank,
                            activation=args.activation, min_capacity=args.min_capacity, seed=args.seed,
                            device=args.device, threads=args.threads, memory=not args.no_memory,
-                           profile=tuple(args.profile), ffn_impls=tuple(args.ffn_impl), repeats=args.repeats,
+                           profile=tuple(args.profile), ffn_impls=tuple(args.ffn_impl), repeats=args.repeats, expert_grads=args.expert_grads,
                            stats=not args.no_stats)
     log = lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True)  # noqa: E731
     if args.sweep:

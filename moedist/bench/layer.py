@@ -37,6 +37,7 @@ from moedist.bench.ffns import FFN_IMPLS
 from moedist.bench.flops import useful_flops
 from moedist.bench.memory import measure_step_memory
 from moedist.bench.timing import gpu_peak_tflops, linear_fit, run_interleaved, summarize, synchronize
+from moedist.choices import EXPERT_GRADS
 from moedist.moe import Router
 from moedist.moe.capacity import compute_capacity, select_tokens
 from moedist.moe.ffn import GATED
@@ -93,6 +94,10 @@ class LayerBenchConfig:
     """expert-FFN implementations, each given to every impl: plain and/or recompute (ffns.py)."""
     repeats: int = 3
     """independent timing rounds of `iters` iterations each (impl order reshuffled every iteration)."""
+    expert_grads: str = "auto"
+    """moedist rows' expert weight gradients between steps, as `train.expert_grads`: kept (allocated
+    once, overwritten in place; resident, so counted in peak memory) | fresh (allocated in backward,
+    freed by clear) | auto (kept on CPU, fresh on CUDA: what the PyTorch runner does)."""
     stats: bool = True
     """moedist layers compute their diagnostics (router entropy, dropped fraction); False = --no-stats
     (`MoELayer(stats=False)`). Neither reads the device: see `moedist.moe.layer` on host syncs."""
@@ -120,6 +125,8 @@ class LayerBenchConfig:
                              "(an expert takes each token at most once)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device={self.device!r}: allowed auto, cpu, cuda")
+        if self.expert_grads not in EXPERT_GRADS:
+            raise ValueError(f"--expert-grads={self.expert_grads!r}: allowed {', '.join(EXPERT_GRADS)}")
         bad = [f for f in self.ffn_impls if f not in FFN_IMPLS]
         if bad or not self.ffn_impls:
             raise ValueError(f"--ffn-impl={','.join(self.ffn_impls)}: allowed plain, recompute or both")

@@ -135,7 +135,8 @@ def render(path: str) -> str:
     env = res.get("environment", {})
     out = [f"`{path}` — {env.get('date')}, {env.get('device')}, torch {env.get('torch')}, "
            f"{env.get('torch_threads')} thread(s), allocator {env.get('cpu_allocator', 'default')}, "
-           f"load {_f(env.get('loadavg_1m'), '.1f')}"]
+           f"load {_f(env.get('loadavg_1m'), '.1f')}"
+           + (f", moedist expert grads {res['config']['expert_grads']}" if "expert_grads" in res.get("config", {}) else "")]
     results = res.get("results", [])
     if results and "step_ms" in results[0]:
         out.append(train_table(res))

@@ -13,7 +13,7 @@ from typing import Iterable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from moedist.choices import LORA_TARGETS
+from moedist.choices import EXPERT_GRADS, LORA_TARGETS
 from moedist.moe.dispatcher import weighted_scatter_add
 from moedist.moe.ffn import (GATED, Counts, Path, check_activation, choose_path, gather_lora_proj, grouped_ffn, grouped_mm,
                              hidden_act, moe_lora_hidden)
@@ -110,6 +110,16 @@ class GroupedExperts(nn.Module, Experts, DeviceCountExperts):
         x_NH = x_NH.to(self.w_up.dtype)
         return grouped_ffn(x_NH, self.w_gate, self.w_up, self.w_down, counts_L, self.activation,
                            self.kept_grads)  # [N, H]
+
+
+def keeps_expert_grads(mode: str, device: torch.device) -> bool:
+    """Whether a runner keeps the stacked expert gradients between steps (`train.expert_grads`):
+    'kept' yes, 'fresh' no, 'auto' only on CPU (glibc serves each fresh [E, H, F] block with a new
+    mmap that page-faults on every write; a GPU's caching allocator reuses it, so keeping them
+    there would only raise peak memory by their size)."""
+    if mode not in EXPERT_GRADS:
+        raise ValueError(f"train.expert_grads={mode!r}: allowed {', '.join(EXPERT_GRADS)}")
+    return mode == "kept" or (mode == "auto" and device.type == "cpu")
 
 
 def keep_expert_grads(model: nn.Module) -> List[nn.Parameter]:

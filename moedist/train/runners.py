@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from moedist.distributed.grad_sync import clip_grad_norm_, sync_gradients
-from moedist.moe.experts import keep_expert_grads, stale_expert_grads
+from moedist.moe.experts import keep_expert_grads, keeps_expert_grads, stale_expert_grads
 from moedist.train.param_groups import decay_groups
 from moedist.train.state import Guard, OptimState, Runner, Weights, collect_full_state, copy_buffers, copy_parameters
 
@@ -90,7 +90,8 @@ class PlainRunner(Runner):
         self.cfg, self.dims, self.device = cfg, dims, device
         self.optimizer = build_optimizer(decay_groups(model, cfg.train.weight_decay), cfg.train)
         self._accum = 0
-        keep_expert_grads(self.module)  # [E, H, F] gradients kept (marked stale) between steps
+        if keeps_expert_grads(cfg.train.expert_grads, device):
+            keep_expert_grads(self.module)  # [E, H, F] gradients kept (marked stale) between steps
 
     def _zero_grad(self) -> None:
         """Free every gradient but the kept expert weights', which are marked stale (they count as
