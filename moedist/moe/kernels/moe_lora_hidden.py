@@ -87,7 +87,7 @@ class MoELoRAHidden(torch.autograd.Function):
             t, h_l = token_N[a:b], h_NF[a:b]
             if ad is not None:
                 torch.mm(h_l, ad[l], out=ha_d[a:b])
-            h_TF.index_add_(0, t, h_l * w_N[a:b].unsqueeze(1))
+            h_TF.index_add_(0, t, h_l.mul_(w_N[a:b].unsqueeze(1)))  # w * h in place: h_NF is not kept
         del h_NF
         gates = [g_NF[a:b] for _, a, b in bnds]
         ups = [u_NF[a:b] for _, a, b in bnds]
@@ -106,7 +106,9 @@ class MoELoRAHidden(torch.autograd.Function):
         d_hTF = d_hTF.contiguous()
         d_gate = d_hTF.new_zeros(d_hTF.shape) if g.wants("gate") else None  # [T, F]
         d_up = d_hTF.new_zeros(d_hTF.shape) if g.wants("up") else None  # [T, F]
-        d_x = x_NH.new_zeros(x_NH.shape) if g.wants("x") else None  # [N, H]
+        # [N, H]: written (mm out=) by the first adapter of each expert's rows, added to by the second
+        d_x = (x_NH.new_empty if ag is not None or au is not None else x_NH.new_zeros)(x_NH.shape) \
+            if g.wants("x") else None
         d_w = w_N.new_empty(w_N.shape) if g.wants("weight") else None  # [N]
         lora = MoELoRATensors(ag, bg, au, bu, ad)
         d_lora = MoELoRATensors(*(p.new_zeros(p.shape) if p is not None and g.wants(name) else None
@@ -114,13 +116,14 @@ class MoELoRAHidden(torch.autograd.Function):
         dz_s = d_z * (w_N * s).unsqueeze(1) if d_z is not None and ad is not None else None  # d(h A_d) [N, r]
         for (l, a, b), g_l, u_l in zip(ctx.bounds, gates, ups):
             t, x_l, w_l = token_N[a:b], x_NH[a:b], w_N[a:b].unsqueeze(1)
+            dx_written = False  # d_x[a:b] not written yet (new_empty)
             dh_l = d_hTF.index_select(0, t)  # [n_l, F] gradient of w * h
             act_l = phi(g_l)
             h_l = act_l * u_l  # recomputed
             if d_w is not None:
-                d_w[a:b] = (dh_l * h_l).sum(1)
+                torch.linalg.vecdot(dh_l, h_l, out=d_w[a:b])  # row dot products, no [n_l, F] product tensor
                 if dz_s is not None:
-                    d_w[a:b] += (d_z[a:b] * ha_d[a:b]).sum(1) * s
+                    d_w[a:b] += torch.linalg.vecdot(d_z[a:b], ha_d[a:b]) * s
             dh_l.mul_(w_l)
             if dz_s is not None:
                 if d_lora.down_A is not None:
@@ -142,8 +145,11 @@ class MoELoRAHidden(torch.autograd.Function):
                     dxa = torch.mm(d_l, B[l].t()).mul_(s)  # [n_l, r]
                     if dA is not None:
                         torch.mm(x_l.t(), dxa, out=dA[l])
-                    if d_x is not None:
+                    if d_x is not None and dx_written:
                         d_x[a:b].addmm_(dxa, A[l].t())
+                    elif d_x is not None:
+                        torch.mm(dxa, A[l].t(), out=d_x[a:b])
+                        dx_written = True
         g["gate"], g["up"], g["x"], g["weight"] = d_gate, d_up, d_x, d_w
         for name, d in zip(MoELoRATensors._fields, d_lora):
             g[name] = d
