@@ -435,10 +435,14 @@ def test_bench_train_autoep_tiny(tmp_path):
     out = tmp_path / "autoep.json"
     rc = main(["train", "--peer", "autoep", "--hf", hf, "--steps", "2", "--warmup", "0", "--zero-stage", "2",
                "--set", f"train.output_dir={tmp_path / 'run'}", "--set", "data.seq_len=16", "--set",
-               "train.micro_batch_size=2", "--json", str(out)])
+               "train.micro_batch_size=2", "--profile", "--json", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
     assert [r["impl"] for r in res["results"]] == ["moedist", "autoep"] and not res["skipped"]
+    for side in ("moedist", "autoep"):  # --profile: each side's op-by-op self time, summing to its total
+        rows = res["profiles"][side]
+        assert rows[-1]["op"] == "(other ops)" and any(r["op"] == "aten::mm" for r in rows)
+        assert math.isclose(sum(r["share"] for r in rows), 1.0, rel_tol=1e-6)
     for r in res["results"]:
         assert r["step_ms"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 and math.isfinite(r["loss_last"])
         assert r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"]
@@ -449,6 +453,7 @@ def test_bench_train_autoep_tiny(tmp_path):
 
     assert "| autoep |" in render(str(out))
     assert main(["train", "--peer", "autoep", "--hf", str(tmp_path / "nope")]) == 2
+    assert main(["train", "--profile"]) == 2  # only with --peer autoep
 
 
 def test_every_bench_subcommand_defaults_to_the_default_allocator():

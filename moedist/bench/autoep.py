@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from moedist.bench.timing import round_orders, synchronize
+from moedist.bench.timing import profile_ops, round_orders, synchronize
 
 
 def autoep_support() -> Optional[str]:
@@ -133,8 +133,10 @@ def _step_memory(fn: Callable[[], object], device: torch.device) -> dict:
 
 
 def run_autoep_bench(config: Optional[str], overrides: List[str], steps: int, warmup: int, zero_stage: int,
-                     ep_size: int, hf_dir: Optional[str], log: Callable[[str], None] = lambda s: None) -> dict:
-    """moedist (model.from_hf) vs DeepSpeed AutoEP on one HF MoE model; returns the JSON-ready dict."""
+                     ep_size: int, hf_dir: Optional[str], log: Callable[[str], None] = lambda s: None,
+                     profile: bool = False) -> dict:
+    """moedist (model.from_hf) vs DeepSpeed AutoEP on one HF MoE model; returns the JSON-ready dict.
+    profile: also profile 2 more steps of each side op by op (`profiles`: this rank's self time per op)."""
     import torch.distributed as dist
 
     from moedist.bench import peers
@@ -200,6 +202,9 @@ def run_autoep_bench(config: Optional[str], overrides: List[str], steps: int, wa
                 log(f"step {i + 1}/{warmup + steps}: " + ", ".join(f"{k} {times[k][-1]:.0f} ms" for k in sides if times[k]))
         mem = {name: _step_memory(lambda s=s: s.step(batch_ids(warmup + steps, rank, M, S, vocab, cfg.train.seed)
                                                      .to(device)), device) for name, s in sides.items()}
+        after = warmup + steps + 1  # batches no timed step has seen
+        profiles = {name: profile_ops(lambda s=s: s.step(batch_ids(after, rank, M, S, vocab, cfg.train.seed).to(device)),
+                                      device) for name, s in sides.items()} if profile else {}
         results = [dict(step_row(name, times[name], losses[name], M * S * world), **mem[name]) for name in sides]
         ref = next((r for r in results if r["impl"] == "autoep"), None)
         for r in results:
@@ -216,6 +221,6 @@ def run_autoep_bench(config: Optional[str], overrides: List[str], steps: int, wa
             targets.append(dict(target=f"moedist / AutoEP step time (EP={ep_size}, ZeRO-{zero_stage}, dropless)",
                                 value=md["step_time_vs_autoep"], limit=0.8, ok=bool(md["step_time_vs_autoep"] <= 0.8)))
         return dict(config=config_out, environment=environment(device), results=results, skipped=skipped,
-                    targets=targets)
+                    targets=targets, profiles=profiles)
     finally:  # also drops DeepSpeed's handle on the group, so a later run in this process starts clean
         peers.teardown_process_group(created)

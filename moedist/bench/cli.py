@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "model of --hf under DeepSpeed AutoEP (expert_parallel config) vs moedist's model.from_hf run")
     tr.add_argument("--hf", metavar="DIR", default=None,
                     help="--peer autoep: the Hugging Face MoE model directory (e.g. from python -m moedist.models.toy_hf)")
+    tr.add_argument("--profile", action="store_true",
+                    help="--peer autoep: after the timed steps, profile 2 more steps of each side op by op (rank 0's "
+                         "self time per op, printed and in the JSON's profiles)")
     _add_allocator_arg(tr)
 
     from moedist.bench.data import add_arguments as add_data_arguments
@@ -216,10 +219,10 @@ def _layer(args) -> dict:
             print(f"target {'OK  ' if t['ok'] else 'MISS'} {t['target']}: {t['value']:.3f} (<= {t['limit']}){cpu}")
         for k, v in res["skipped"].items():
             print(f"skipped {k}: {v}")
-        for name, rows in res["profiles"].items():
-            print(f"profile {name} (self time per fwd+bwd step):")
-            for r in rows:
-                print(f"  {r['op'][:48]:<48} {r['self_ms']:8.1f} ms {100 * r['share']:5.1f}%  x{r['calls']}")
+        from moedist.bench.report import profile_lines
+
+        for line in profile_lines(res["profiles"], "fwd+bwd step"):
+            print(line)
     if args.plot:
         from moedist.bench.plot import plot_layer, plot_sweep
 

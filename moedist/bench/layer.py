@@ -36,7 +36,7 @@ from moedist.bench.cases import Case, build_cases, one_line  # noqa: F401 (Case 
 from moedist.bench.ffns import FFN_IMPLS
 from moedist.bench.flops import useful_flops
 from moedist.bench.memory import measure_step_memory
-from moedist.bench.timing import gpu_peak_tflops, linear_fit, run_interleaved, summarize, synchronize
+from moedist.bench.timing import gpu_peak_tflops, linear_fit, profile_ops, run_interleaved, summarize, synchronize
 from moedist.choices import EXPERT_GRADS
 from moedist.moe import Router
 from moedist.moe.capacity import compute_capacity, select_tokens
@@ -369,25 +369,13 @@ def _profile_key(c: Case, cfg: LayerBenchConfig):
 
 
 def profile_case(c: Case, device: torch.device, steps: int = 2, top: int = 14) -> List[dict]:
-    """Where one fwd+bwd step of a case spends its time: torch.profiler self time per op,
-    averaged over `steps` steps (the top `top` ops, plus the rest as one row)."""
-    from torch.profiler import ProfilerActivity, profile
+    """Where one fwd+bwd step of a case spends its time (`timing.profile_ops`)."""
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        for _ in range(steps):
-            c.clear()
-            c.backward(c.forward())
-        synchronize(device)
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    rows = [(e.key, getattr(e, key) / 1e3 / steps, e.count // steps) for e in prof.key_averages()]
-    rows = [r for r in rows if r[1] > 0]
-    rows.sort(key=lambda r: -r[1])
-    total = sum(r[1] for r in rows)
-    out = [dict(op=k, self_ms=ms, calls=n, share=ms / total) for k, ms, n in rows[:top]]
-    rest = sum(r[1] for r in rows[top:])
-    out.append(dict(op="(other ops)", self_ms=rest, calls=sum(r[2] for r in rows[top:]), share=rest / total))
-    return out
+    def step():
+        c.clear()
+        c.backward(c.forward())
+
+    return profile_ops(step, device, steps, top)
 
 
 def _find(results, impl, mode=None, ffn=None):

@@ -152,3 +152,12 @@ def render(path: str) -> str:
         for name, rows in (res.get("profiles") or {}).items():
             out += [f"profile of one fwd+bwd step of {name} (self time per op):", profile_table(rows)]
     return "\n\n".join(out)
+
+
+def profile_lines(profiles: dict, per: str) -> List[str]:
+    """Printed lines of op-by-op profiles ({name: rows of `timing.profile_ops`}), self time per `per`."""
+    lines = []
+    for name, rows in profiles.items():
+        lines.append(f"profile {name} (self time per {per}):")
+        lines += [f"  {r['op'][:48]:<48} {r['self_ms']:8.1f} ms {100 * r['share']:5.1f}%  x{r['calls']}" for r in rows]
+    return lines

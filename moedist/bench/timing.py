@@ -149,3 +149,24 @@ def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict:
     ss_tot = sum((y - my) ** 2 for y in ys)
     ss_res = sum((y - (a + b * x)) ** 2 for x, y in zip(xs, ys))
     return dict(slope=b, intercept=a, r2=1.0 - ss_res / ss_tot if ss_tot else 1.0)
+
+
+def profile_ops(step: Callable[[], object], device: torch.device, steps: int = 2, top: int = 14) -> List[dict]:
+    """Where `step()` spends its time: torch.profiler self time per op, averaged over `steps` calls
+    (the top `top` ops, plus the rest as one row "(other ops)"); device time on CUDA."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    rows = [(e.key, getattr(e, key) / 1e3 / steps, e.count // steps) for e in prof.key_averages()]
+    rows = [r for r in rows if r[1] > 0]
+    rows.sort(key=lambda r: -r[1])
+    total = sum(r[1] for r in rows)
+    out = [dict(op=k, self_ms=ms, calls=n, share=ms / total) for k, ms, n in rows[:top]]
+    rest = sum(r[1] for r in rows[top:])
+    out.append(dict(op="(other ops)", self_ms=rest, calls=sum(r[2] for r in rows[top:]), share=rest / total))
+    return out

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from moedist.bench import peers
+from moedist.bench.report import profile_lines
 from moedist.bench.layer import environment
 from moedist.bench.timing import round_orders, summarize, synchronize
 
@@ -182,10 +183,12 @@ def run_train_from_args(args) -> Optional[dict]:
         from moedist.bench.autoep import run_autoep_bench
 
         res = run_autoep_bench(args.config, args.set or [], args.steps, args.warmup, args.zero_stage, args.ep_size,
-                               args.hf, log=log)
+                               args.hf, log=log, profile=args.profile)
         if int(os.environ.get("RANK", "0")) == 0:
             print(format_autoep(res))
         return res if int(os.environ.get("RANK", "0")) == 0 else None
+    if args.profile:
+        raise ValueError("--profile: only with --peer autoep")
     res = run_train_bench(args.config, args.set or [], args.steps, args.warmup, args.zero_stage, args.ep_size, log=log)
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
@@ -217,4 +220,4 @@ def format_autoep(res: dict) -> str:
         lines.append(f"target {'OK  ' if t['ok'] else 'MISS'} {t['target']}: {t['value']:.3f} (<= {t['limit']})")
     for k, v in res.get("skipped", {}).items():
         lines.append(f"skipped {k}: {v}")
-    return "\n".join(lines)
+    return "\n".join(lines + profile_lines(res.get("profiles", {}), "training step, rank 0"))
