@@ -214,3 +214,32 @@ def test_tiny_table_d_resumes_from_kept_results_without_checkpoints(tmp_path):
     assert json.loads((out / "results.json").read_text())["jobs_this_call"] == []
     assert not merged.joinpath("manifest.json").exists()  # nothing was merged again
     assert (out / "report.md").read_text() == report
+
+
+def test_tiny_table_c_resumes_from_kept_results_without_checkpoints(tmp_path):
+    """A finished table (c) after `keep` on a machine without its run directory: every stage's kept
+    summary and evaluation stand for its model, so `run` restores them and runs no job (no grow of a
+    stage checkpoint that is gone), with the same report."""
+    import shutil
+
+    cfg = _tiny_table(tmp_path, "c", "seeds: [0]\nreplay_weight: 0.25\n",
+                      "mf: {kind: moe_frozen, lrs: [1.0e-2], experts: 2, add_experts: 1, overrides: [lora.mode=moe_lora, "
+                      "model.moe_every=1, moe.num_experts=2, moe.top_k=2, lora.rank=2]}")
+    kept = tmp_path / "kept" / "c"
+    with open(cfg, "a") as fh:
+        fh.write(f"kept: {kept}\n")
+    r = _study("run", "c", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "c"
+    grown = out / "mf" / "seed0" / "stage1_grown"
+    assert (grown / "manifest.json").exists()
+    report = (out / "report.md").read_text()
+    r = _study("keep", "c", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    shutil.rmtree(out)
+    r = _study("run", "c", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "restored" in r.stdout
+    assert json.loads((out / "results.json").read_text())["jobs_this_call"] == []
+    assert not grown.exists()  # nothing was grown again
+    assert (out / "report.md").read_text() == report

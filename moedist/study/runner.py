@@ -67,10 +67,15 @@ class Runner:
         if r.returncode != 0:
             raise StudyError(f"`moedist {' '.join(argv[:2])} ...` failed (exit {r.returncode}): see {out}/study_{what}.log")
 
+    @staticmethod
+    def trained(out: Path) -> bool:
+        """Whether the training job of OUT is finished (its summary.json: written last, and kept)."""
+        return (out / "summary.json").exists()
+
     def train(self, out: Path, overrides: Sequence[str], config: Optional[str] = None) -> Dict[str, object]:
         """`moedist train CONFIG overrides train.output_dir=OUT` unless OUT/summary.json exists."""
         summary = out / "summary.json"
-        if not summary.exists():
+        if not self.trained(out):
             if out.exists():        # an interrupted run: start it again from scratch (no partial results kept)
                 shutil.rmtree(out)
             argv = ["train", config or self.finetune_config, *overrides, f"train.output_dir={out}",

@@ -94,7 +94,9 @@ def _continual(spec: Spec, r: Runner, base: Path, m: str, method: Dict[str, Any]
         init = None if kind == "per_domain" else prev
         if kind in ("moe_frozen", "moe_replay") and prev is not None:
             add = int(method.get("add_experts", experts))
-            init = r.grow(prev, add, names[i - 1], root / f"stage{i}_grown")
+            grown = root / f"stage{i}_grown"
+            # a finished (or kept) stage needs no grown init: its checkpoint's parent may be gone
+            init = grown if r.trained(d) else r.grow(prev, add, names[i - 1], grown)
             old = experts + (i - 1) * add
             extra = [f"moe.num_experts={old + add}", "moe.freeze_experts=" + flow(list(range(old)))]
         srcs = sources(r.domains_dir, seen, "train", weights)
