@@ -188,58 +188,45 @@ def test_tiny_table_c_moe_replay_grows_freezes_and_replays(tmp_path):
     assert [st["domain"] for st in res["methods"]["mr"]["0"]["stages"]] == ["code", "prose"]
 
 
+def _assert_resumes_from_kept(tmp_path, cfg: Path, table: str, derived: Path, extra: str = "") -> None:
+    """Run `table`, keep it, delete its run directory, run it again: the second run restores the kept
+    results, runs no job (so `derived`, a checkpoint made from others, is not made again) and writes the
+    same report."""
+    import shutil
+
+    with open(cfg, "a") as fh:
+        fh.write(f"{extra}kept: {tmp_path / 'kept' / table}\n")
+    r = _study("run", table, "--config", str(cfg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / table
+    assert (derived / "manifest.json").exists()
+    report = (out / "report.md").read_text()
+    r = _study("keep", table, "--config", str(cfg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    shutil.rmtree(out)
+    r = _study("run", table, "--config", str(cfg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "restored" in r.stdout
+    assert json.loads((out / "results.json").read_text())["jobs_this_call"] == []
+    assert not derived.joinpath("manifest.json").exists()  # nothing was derived again
+    assert (out / "report.md").read_text() == report
+
+
 def test_tiny_table_d_resumes_from_kept_results_without_checkpoints(tmp_path):
     """Table (d) after `keep` on a machine without its run directory: the merges' kept evaluations
     stand for the merged weights, so `run` restores them and runs no job (no merge of fine-tunes whose
     checkpoints are gone), with the same report."""
-    import shutil
-
     cfg = _tiny_table(tmp_path, "d", "seeds: [0]\n", "lora: {lrs: [1.0e-2], overrides: [lora.mode=moe_lora, "
                       "model.moe_every=1, moe.num_experts=1, moe.top_k=1, lora.rank=2]}")
-    kept = tmp_path / "kept" / "d"
-    with open(cfg, "a") as fh:
-        fh.write(f"merges:\n  lora_soup: {{method: average, of: lora}}\nkept: {kept}\n")
-    r = _study("run", "d", "--config", str(cfg))
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = tmp_path / "d"
-    merged = out / "merged" / "lora_soup" / "seed0"
-    assert (merged / "manifest.json").exists() and list(merged.glob("study_eval_test_*.json"))
-    report = (out / "report.md").read_text()
-    r = _study("keep", "d", "--config", str(cfg))
-    assert r.returncode == 0, r.stderr[-2000:]
-    shutil.rmtree(out)
-    r = _study("run", "d", "--config", str(cfg))
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "restored" in r.stdout
-    assert json.loads((out / "results.json").read_text())["jobs_this_call"] == []
-    assert not merged.joinpath("manifest.json").exists()  # nothing was merged again
-    assert (out / "report.md").read_text() == report
+    _assert_resumes_from_kept(tmp_path, cfg, "d", tmp_path / "d" / "merged" / "lora_soup" / "seed0",
+                              extra="merges:\n  lora_soup: {method: average, of: lora}\n")
 
 
 def test_tiny_table_c_resumes_from_kept_results_without_checkpoints(tmp_path):
     """A finished table (c) after `keep` on a machine without its run directory: every stage's kept
     summary and evaluation stand for its model, so `run` restores them and runs no job (no grow of a
     stage checkpoint that is gone), with the same report."""
-    import shutil
-
     cfg = _tiny_table(tmp_path, "c", "seeds: [0]\nreplay_weight: 0.25\n",
                       "mf: {kind: moe_frozen, lrs: [1.0e-2], experts: 2, add_experts: 1, overrides: [lora.mode=moe_lora, "
                       "model.moe_every=1, moe.num_experts=2, moe.top_k=2, lora.rank=2]}")
-    kept = tmp_path / "kept" / "c"
-    with open(cfg, "a") as fh:
-        fh.write(f"kept: {kept}\n")
-    r = _study("run", "c", "--config", str(cfg))
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = tmp_path / "c"
-    grown = out / "mf" / "seed0" / "stage1_grown"
-    assert (grown / "manifest.json").exists()
-    report = (out / "report.md").read_text()
-    r = _study("keep", "c", "--config", str(cfg))
-    assert r.returncode == 0, r.stderr[-2000:]
-    shutil.rmtree(out)
-    r = _study("run", "c", "--config", str(cfg))
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "restored" in r.stdout
-    assert json.loads((out / "results.json").read_text())["jobs_this_call"] == []
-    assert not grown.exists()  # nothing was grown again
-    assert (out / "report.md").read_text() == report
+    _assert_resumes_from_kept(tmp_path, cfg, "c", tmp_path / "c" / "mf" / "seed0" / "stage1_grown")
