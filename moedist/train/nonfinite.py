@@ -13,6 +13,14 @@ sees the gradient as backward produced it on this rank:
 
 The hook records with device ops only (no host sync per parameter); the flags are read
 once, when the caller has already found the step non-finite.
+
+The test per gradient is `has_nonfinite`: whether its sum is non-finite, one reduction (a NaN or
+Inf anywhere makes the sum NaN or Inf) instead of `isfinite(g).all()`, which writes a bool per
+element first (about 30x slower on a CPU: 18.6 against 0.55 ms for 3M fp32 values, one thread).
+The sum of finite values overflows only when |sum| > the dtype's max, and then the gradient
+norm (sqrt of a sum of squares, at least |sum| / sqrt(n)) has overflowed as well: the step is
+non-finite either way, so no step is judged differently; such a gradient would only be named
+instead of a later one.
 """
 from __future__ import annotations
 
@@ -21,6 +29,12 @@ from typing import List, Optional
 
 import torch
 import torch.nn as nn
+
+
+def has_nonfinite(grad: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor: `grad` holds a NaN or Inf (its sum is non-finite; see the module docstring).
+    Stays on the device: no host sync."""
+    return ~torch.isfinite(grad.sum())
 
 
 class GradWatch:
@@ -36,7 +50,7 @@ class GradWatch:
     def _see(self, i: int, grad: torch.Tensor) -> None:
         if self._flags is None:
             self._flags = torch.zeros(len(self.names), dtype=torch.bool, device=grad.device)
-        self._flags[i] |= ~torch.isfinite(grad).all()  # stays on the device: no sync
+        self._flags[i] |= has_nonfinite(grad)  # stays on the device: no sync
 
     def end_window(self) -> None:
         """The optimizer step's gradients are complete: keep their flags, start a new window."""

@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from moedist.distributed.grad_sync import clip_grad_norm_, sync_gradients
 from moedist.moe.experts import keep_expert_grads, keeps_expert_grads, stale_expert_grads
+from moedist.train.nonfinite import has_nonfinite
 from moedist.train.param_groups import decay_groups
 from moedist.train.state import Guard, OptimState, Runner, Weights, collect_full_state, copy_buffers, copy_parameters
 
@@ -56,10 +57,10 @@ def first_nonfinite_grad(module: nn.Module) -> Optional[str]:
     named = [(n, p.grad) for n, p in module.named_parameters() if p.requires_grad and p.grad is not None]
     if not named:
         return None
-    ok = torch.stack([torch.isfinite(g).all() for _, g in named]).cpu()  # one sync for all parameters
-    if bool(ok.all()):
+    bad = torch.stack([has_nonfinite(g) for _, g in named]).cpu()  # one sync for all parameters
+    if not bool(bad.any()):
         return None
-    return named[int((~ok).nonzero()[0])][0]
+    return named[int(bad.nonzero()[0])][0]
 
 
 def runner_class(cfg) -> Type[Runner]:

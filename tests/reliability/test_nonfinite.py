@@ -114,3 +114,20 @@ def test_deepspeed_stop_names_first_parameter(tmp_path, stage):
     lines = [x for x in outs[0][1].splitlines() if x.startswith("moedist: error:")]
     assert lines == [want], outs[0][1][-3000:]
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000002"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
+@pytest.mark.parametrize("where", [0, 1234, -1])
+def test_has_nonfinite_agrees_with_isfinite_elementwise(dtype, bad, where):
+    """The one-reduction test (sum non-finite) against the elementwise definition, with one bad value at
+    the start, the middle or the end, and none; also opposite infinities (their sum is NaN)."""
+    from moedist.train.nonfinite import has_nonfinite
+
+    g = torch.randn(4096, generator=torch.Generator().manual_seed(0)).to(dtype)
+    if bad is not None:
+        g[where] = bad
+    assert bool(has_nonfinite(g)) == (not bool(torch.isfinite(g).all()))
+    g2 = torch.zeros(8, dtype=dtype)
+    g2[1], g2[5] = float("inf"), -float("inf")
+    assert bool(has_nonfinite(g2))
