@@ -451,7 +451,8 @@ def test_bench_train_autoep_tiny(tmp_path):
     assert res["config"]["autoep_preset"] == "qwen3_moe" and res["environment"]["cpu_allocator"] == "default"
     from moedist.bench.report import render
 
-    assert "| autoep |" in render(str(out))
+    md = render(str(out))
+    assert "| autoep |" in md and "profile of one training step of moedist" in md and "| `aten::mm` |" in md
     assert main(["train", "--peer", "autoep", "--hf", str(tmp_path / "nope")]) == 2
     assert main(["train", "--profile"]) == 2  # only with --peer autoep
 

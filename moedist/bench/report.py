@@ -140,6 +140,10 @@ def render(path: str) -> str:
     results = res.get("results", [])
     if results and "step_ms" in results[0]:
         out.append(train_table(res))
+        if res.get("targets"):
+            out += [targets_table(res)]
+        for name, rows in (res.get("profiles") or {}).items():  # bench train --profile: one rank's step
+            out += [f"profile of one training step of {name} (rank 0, self time per op):", profile_table(rows)]
     elif results and "per_rank" in results[0]:
         out.append(ep_table(res))
     elif "fits" in res:
