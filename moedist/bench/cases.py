@@ -180,7 +180,8 @@ def _moedist_case(mode, router_w, experts, x, grad, cfg, elem, ffn) -> Case:
     rows = lambda: int(last["aux"].tokens_per_expert.sum())  # noqa: E731
     return Case("moedist", mode, forward, _tensor_backward(grad), clear,
                 a2a_bytes=lambda: rows() * cfg.hidden * elem, rows_executed=rows,
-                capacity=lambda: last["aux"].capacity, notes=dict(layer=layer, expert_ffn=bench_experts.path(x), expert_grads=grads),
+                capacity=lambda: last["aux"].capacity,
+                notes=dict(layer=layer, expert_ffn=bench_experts.path(x), expert_grads=grads),
                 ffn=ffn, resident_bytes=lambda: sum(p.grad.numel() * p.grad.element_size() for p in kept
                                                     if p.grad is not None))
 

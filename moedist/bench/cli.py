@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 import argparse
-
-from moedist.cli_format import DefaultsFormatter
-from moedist.choices import EXPERT_GRADS
 import json
 import os
 import sys
 from typing import List, Optional, Sequence
+
+from moedist.choices import EXPERT_GRADS
+from moedist.cli_format import DefaultsFormatter
 
 
 def _int_list(s: str) -> List[int]:
@@ -199,8 +199,8 @@ def _layer(args) -> dict:
                            impls=impls, modes=args.modes, skew=args.skew, lora_rank=args.lora_rank,
                            activation=args.activation, min_capacity=args.min_capacity, seed=args.seed,
                            device=args.device, threads=args.threads, memory=not args.no_memory,
-                           profile=tuple(args.profile), ffn_impls=tuple(args.ffn_impl), repeats=args.repeats, expert_grads=args.expert_grads,
-                           stats=not args.no_stats)
+                           profile=tuple(args.profile), ffn_impls=tuple(args.ffn_impl), repeats=args.repeats,
+                           expert_grads=args.expert_grads, stats=not args.no_stats)
     log = lambda s: print(f"[bench] {s}", file=sys.stderr, flush=True)  # noqa: E731
     if args.sweep:
         res = run_layer_sweep(cfg, args.sweep_tokens or SWEEP_TOKENS, args.sweep_experts or SWEEP_EXPERTS, log=log)

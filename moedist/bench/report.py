@@ -142,8 +142,7 @@ def render(path: str) -> str:
         out.append(train_table(res))
         if res.get("targets"):
             out += [targets_table(res)]
-        for name, rows in (res.get("profiles") or {}).items():  # bench train --profile: one rank's step
-            out += [f"profile of one training step of {name} (rank 0, self time per op):", profile_table(rows)]
+        out += _profile_sections(res, "one training step of {name} (rank 0, self time per op)")  # --profile
     elif results and "per_rank" in results[0]:
         out.append(ep_table(res))
     elif "fits" in res:
@@ -153,9 +152,16 @@ def render(path: str) -> str:
         out.append(layer_table(res))
         if res.get("targets"):
             out += [targets_table(res)]
-        for name, rows in (res.get("profiles") or {}).items():
-            out += [f"profile of one fwd+bwd step of {name} (self time per op):", profile_table(rows)]
+        out += _profile_sections(res, "one fwd+bwd step of {name} (self time per op)")
     return "\n\n".join(out)
+
+
+def _profile_sections(res: dict, caption: str) -> List[str]:
+    """A title ("profile of " + caption, {name} filled in) and a table per profile in `res`."""
+    out = []
+    for name, rows in (res.get("profiles") or {}).items():
+        out += [f"profile of {caption.format(name=name)}:", profile_table(rows)]
+    return out
 
 
 def profile_lines(profiles: dict, per: str) -> List[str]:

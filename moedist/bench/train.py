@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 
 from moedist.bench import peers
-from moedist.bench.report import profile_lines
 from moedist.bench.layer import environment
+from moedist.bench.report import profile_lines
 from moedist.bench.timing import round_orders, summarize, synchronize
 
 
