@@ -400,3 +400,31 @@ def test_expert_slice_fresh_slots_overwrite_then_add():
     (x @ ExpertSlice.apply(w, 0, w, fresh)).sum().backward()
     (x @ ref[0]).sum().backward()
     assert torch.equal(w.grad[0], ref.grad[0])
+
+
+# ------------------------------------------------------------------ backward memory
+def _backward_peak_bytes(out: torch.Tensor, grad: torch.Tensor) -> int:
+    """Highest live bytes that `out.backward(grad)` itself allocates (the bench's tracker)."""
+    from moedist.bench.memory import AllocationTracker
+
+    tracker = AllocationTracker()
+    with tracker:
+        out.backward(grad)
+    return tracker.peak
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+def test_gated_ffn_backward_holds_two_expert_temporaries(activation):
+    """Backward allocates the gradients (dx, dWg, dWu, dWd) and, beside them, at most two [n_l, F]
+    temporaries of one expert: h, dh and dg share one, phi(g) and du the other, and an expert's
+    are freed before the next expert's. (It held up to four, two experts' at once, before.)"""
+    g = torch.Generator().manual_seed(5)
+    counts, Hm, Fm = (64, 48, 64, 32), 32, 256
+    N, L = sum(counts), len(counts)
+    x = torch.randn(N, Hm, generator=g, requires_grad=True)
+    ws = [torch.randn(*s, generator=g).mul_(0.1).requires_grad_() for s in ((L, Hm, Fm), (L, Hm, Fm), (L, Fm, Hm))]
+    y = GroupedGatedFFN.apply(x, *ws, counts, GATED[activation], GATED_GRAD[activation])
+    peak = _backward_peak_bytes(y, torch.randn(N, Hm, generator=g))
+    grads = 4 * (N * Hm + 3 * L * Hm * Fm)  # dx and the three stacked weight gradients
+    temp = 4 * max(counts) * Fm  # one [n_l, F] block of the largest expert
+    assert grads + 2 * temp - 1024 <= peak <= grads + 2 * temp + 1024, (peak, grads, temp)

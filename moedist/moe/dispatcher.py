@@ -24,6 +24,7 @@ import torch
 
 from moedist.distributed.comm import ExpertParallelComm
 from moedist.moe.counts import count_ids
+from moedist.moe.kernels.slices import row_dot
 from moedist.moe.parts import Dispatcher
 
 
@@ -206,6 +207,6 @@ class _WeightedScatterAdd(torch.autograd.Function):
         y_NH, w_N, token_N = ctx.saved_tensors
         acc = g_TH.dtype
         g_NH = g_TH.index_select(0, token_N)  # [N, H] (accumulation dtype)
-        d_w = (g_NH * y_NH.to(acc)).sum(1).to(w_N.dtype) if ctx.needs_input_grad[1] else None  # [N]
+        d_w = row_dot(g_NH, y_NH.to(acc)).to(w_N.dtype) if ctx.needs_input_grad[1] else None  # [N]
         d_y = g_NH.mul_(w_N.to(acc).unsqueeze(1)).to(y_NH.dtype) if ctx.needs_input_grad[0] else None
         return d_y, d_w, None, None

@@ -30,10 +30,11 @@ Counts = Union[Sequence[int], torch.Tensor]
 GATED = {"swiglu": F_.silu, "geglu": lambda t: F_.gelu(t)}
 PLAIN = {"gelu": lambda t: F_.gelu(t), "relu": F_.relu, "silu": F_.silu}
 
-# phi'(z) applied to an incoming gradient: the kernels autograd itself uses for these activations.
+# phi'(z) applied to an incoming gradient g, written over g (each kernel passes a temporary of its
+# own, so no further [n, F] block is allocated): the kernels autograd itself uses for these activations.
 GATED_GRAD = {
-    "swiglu": lambda g, z: torch.ops.aten.silu_backward(g, z),
-    "geglu": lambda g, z: torch.ops.aten.gelu_backward(g, z),
+    "swiglu": lambda g, z: torch.ops.aten.silu_backward.grad_input(g, z, grad_input=g),
+    "geglu": lambda g, z: torch.ops.aten.gelu_backward.grad_input(g, z, grad_input=g),
 }
 
 

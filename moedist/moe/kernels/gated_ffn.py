@@ -8,7 +8,8 @@ phi the gate activation, phi' its derivative):
               dg = phi'(g) * dh * u                 dWg[l] = x^T dg
               dx = dg Wg[l]^T + du Wu[l]^T  (one mm + one addmm)
 Saves x, the weights and, per expert, g and u: 2 [N, F] tensors in all.
-Recomputes phi(g) and h = phi(g) * u in backward.
+Recomputes phi(g) and h = phi(g) * u in backward, in two [n_l, F] temporaries per expert
+(h, dh and dg share one, phi(g) and du the other), freed before the next expert's.
 
 Weight gradients in place (`grad_params`, a `slices.KeptGrads`): where the caller passes the
 weights' kept Parameters and each already holds a `.grad` (a runner that keeps gradients
@@ -38,7 +39,7 @@ import torch
 from moedist.moe.kernels.slices import GradSlots, KeptGrads, bounds, zero_empty_groups
 
 Act = Callable[[torch.Tensor], torch.Tensor]  # phi(z)
-ActGrad = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (incoming grad, z) -> grad * phi'(z)
+ActGrad = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (incoming grad, z) -> grad * phi'(z), over grad
 
 
 class GroupedGatedFFN(torch.autograd.Function):
@@ -64,6 +65,7 @@ class GroupedGatedFFN(torch.autograd.Function):
             torch.mm(h_l, w_down[l], out=y_NH[a:b])
             gates.append(gate_l)
             ups.append(up_l)
+            del h_l  # before the next expert's: else two experts' temporaries are alive at once
         ctx.bounds, ctx.num_groups, ctx.phi, ctx.dphi = bnds, w_up.shape[0], phi, dphi
         ctx.kept = grad_params
         ctx.save_for_backward(x_NH, w_gate, w_up, w_down, *gates, *ups)
@@ -101,18 +103,24 @@ class GroupedGatedFFN(torch.autograd.Function):
             target[l].add_(torch.mm(a_, b_, out=scratch[shape]))  # grad += new, as AccumulateGrad does
 
         for (l, a, b), gate_l, up_l in zip(ctx.bounds, gates, ups):
+            # two [n_l, F] temporaries per expert, nothing else of that size: t1 = phi(g), then du;
+            # t2 = h (for dWd), then dh, then dg (each written over the last)
             x_l, dy_l = x_NH[a:b], dy_NH[a:b]
-            dh_l = torch.mm(dy_l, w_down[l].t())  # [n_l, F]
-            act_l = phi(gate_l)  # phi(g), recomputed
+            t1 = phi(gate_l)  # phi(g), recomputed
+            t2 = torch.mul(t1, up_l) if outs["w_down"][0] is not None else torch.empty_like(t1)  # h recomputed
             if outs["w_down"][0] is not None:
-                put("w_down", l, (act_l * up_l).t(), dy_l)  # h recomputed
-            dup_l = act_l.mul_(dh_l)  # du = dh * phi(g)
-            dgate_l = dphi(dh_l.mul_(up_l), gate_l)  # dg = phi'(g) * dh * u
+                put("w_down", l, t2.t(), dy_l)
+            dh_l = torch.mm(dy_l, w_down[l].t(), out=t2)  # [n_l, F] over h
+            dup_l = t1.mul_(dh_l)  # du = dh * phi(g)
+            dgate_l = dphi(dh_l.mul_(up_l), gate_l)  # dg = phi'(g) * dh * u, over dh
             put("w_gate", l, x_l.t(), dgate_l)
             put("w_up", l, x_l.t(), dup_l)
             if dx is not None:
                 torch.mm(dgate_l, w_gate[l].t(), out=dx[a:b])
                 dx[a:b].addmm_(dup_l, w_up[l].t())
+            # free them before the next expert allocates its own: the loop variables would
+            # otherwise keep them alive into the next iteration
+            del t1, t2, dh_l, dup_l, dgate_l
         zero_empty_groups(ctx.bounds, ctx.num_groups, *(t for t, add, _ in outs.values() if not add))  # written here
         g["x"] = dx
         for name, (t, _, in_place) in outs.items():

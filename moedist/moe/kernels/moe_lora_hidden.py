@@ -29,7 +29,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
-from moedist.moe.kernels.slices import GradSlots, bounds
+from moedist.moe.kernels.slices import GradSlots, bounds, row_dot
 
 Act = Callable[[torch.Tensor], torch.Tensor]
 ActGrad = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -121,7 +121,7 @@ class MoELoRAHidden(torch.autograd.Function):
             act_l = phi(g_l)
             h_l = act_l * u_l  # recomputed
             if d_w is not None:
-                torch.linalg.vecdot(dh_l, h_l, out=d_w[a:b])  # row dot products, no [n_l, F] product tensor
+                row_dot(dh_l, h_l, out_N=d_w[a:b])  # row dot products, a chunk of rows at a time
                 if dz_s is not None:
                     d_w[a:b] += torch.linalg.vecdot(d_z[a:b], ha_d[a:b]) * s
             dh_l.mul_(w_l)
@@ -150,6 +150,7 @@ class MoELoRAHidden(torch.autograd.Function):
                     elif d_x is not None:
                         torch.mm(dxa, A[l].t(), out=d_x[a:b])
                         dx_written = True
+            del dh_l, act_l, du_l, dg_l, d_l  # this expert's [n_l, F] temporaries, before the next one's
         g["gate"], g["up"], g["x"], g["weight"] = d_gate, d_up, d_x, d_w
         for name, d in zip(MoELoRATensors._fields, d_lora):
             g[name] = d

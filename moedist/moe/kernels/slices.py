@@ -36,6 +36,19 @@ def mm_into(out_NO: torch.Tensor, x_NI: torch.Tensor, w_LIO: torch.Tensor, bnds:
     return out_NO
 
 
+def row_dot(a_NK: torch.Tensor, b_NK: torch.Tensor, out_N: Optional[torch.Tensor] = None,
+            rows: int = 1024) -> torch.Tensor:
+    """out[n] = <a[n], b[n]> for every row, `rows` rows at a time. [N].
+
+    `torch.linalg.vecdot` is a product then a sum: on all N rows at once its [N, K] product
+    is a whole extra activation-sized tensor (the layer's backward peak, in the combine's
+    weight gradient); a chunk at a time it stays [rows, K] and is reused."""
+    out_N = a_NK.new_empty(a_NK.shape[0]) if out_N is None else out_N
+    for s in range(0, a_NK.shape[0], rows):
+        torch.linalg.vecdot(a_NK[s:s + rows], b_NK[s:s + rows], out=out_N[s:s + rows])
+    return out_N
+
+
 def zero_empty_groups(bnds: Bounds, num_groups: int, *grads_L: Optional[torch.Tensor]) -> None:
     """Zero slot l of every given [L, ...] gradient for the groups without rows (their
     slots were allocated with `new_empty` and never written)."""
