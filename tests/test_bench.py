@@ -53,6 +53,8 @@ def test_layer_json_schema_and_a2a_bytes(tmp_path):
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["tokens_per_s"] > 0
         assert r["fwd_bwd_ms_p10"] <= r["fwd_bwd_ms"] <= r["fwd_bwd_ms_p90"]
         assert r["peak_mem_mb"] > 0 and r["act_mem_mb"] > 0
+        at_peak = res["memory_at_peak"][f"{r['impl']}/{r['mode']}/{r['ffn']}"]  # what made up the peak
+        assert sum(at_peak["live_mb"].values()) == pytest.approx(r["peak_mem_mb"]) and at_peak["op"].startswith("aten.")
     assert plot.stat().st_size > 1000
     assert {r["ffn"] for r in res["results"]} == {"plain", "recompute"}  # default: both FFNs, every impl
     assert len(res["results"]) == 2 * 8
@@ -121,6 +123,15 @@ def test_memory_tracker_counts_saved_activations():
     assert m["act_mem_mb"] * 2**20 == 128 * 64 * 4
     # peak: relu out + ones + relu grad (3 x [128, 64]) + grad w [32, 64] + grad x [128, 32]
     assert m["peak_mem_mb"] * 2**20 == 3 * 128 * 64 * 4 + 32 * 64 * 4 + 128 * 32 * 4
+    # ... reached in the second gradient matmul; what was live then, by the op that allocated it
+    assert m["peak_at"] == "aten.mm.default"
+    live = {op: mb * 2**20 for op, mb in m["peak_live_mb"].items()}
+    assert live == {"aten.relu.default": 128 * 64 * 4, "aten.ones_like.default": 128 * 64 * 4,
+                    "aten.threshold_backward.default": 128 * 64 * 4, "aten.mm.default": 32 * 64 * 4 + 128 * 32 * 4}
+    kept = measure_step_memory(lambda: torch.relu(x @ w), lambda y: y.backward(torch.ones_like(y)),
+                               torch.device("cpu"), resident_bytes=2**20)
+    assert kept["peak_live_mb"]["(kept between steps)"] == 1.0
+    assert sum(kept["peak_live_mb"].values()) == pytest.approx(kept["peak_mem_mb"]) == m["peak_mem_mb"] + 1.0
 
 
 def test_skewed_routing_reaches_target():
@@ -212,13 +223,17 @@ def test_cached_allocator_and_report(tmp_path):
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
     res = {"config": {}, "environment": {"date": "2026-11-23", "device": "cpu"}, "targets": [],
            "results": [{"impl": "dense", "mode": "-", "fwd_ms": 1.0, "fwd_bwd_ms": 3.0, "fwd_bwd_ms_p10": 2.0,
-                        "fwd_bwd_ms_p90": 4.0, "a2a_bytes": 0, "tokens_per_s": 10.0, "ratios": {}}]}
+                        "fwd_bwd_ms_p90": 4.0, "a2a_bytes": 0, "tokens_per_s": 10.0, "ratios": {}}],
+           "memory_at_peak": {"dense/-/plain": {"op": "aten.mm.default",
+                                                "live_mb": {"aten.mm.default": 2.5, "aten.mul.Tensor": 0.5}}}}
     path = tmp_path / "r.json"
     path.write_text(json.dumps(res))
     from moedist.bench.report import render
 
     md = render(str(path))
     assert "| dense | - | 1.0 | 3.0 (2–4) |" in md
+    assert "memory at the peak of dense/-/plain (3.0 MB, reached in `aten.mm.default`):" in md
+    assert "| `aten.mm.default` | 2.5 |" in md and "| `aten.mul.Tensor` | 0.5 |" in md
 
 
 def test_every_bench_subcommand_help_shows_defaults(capsys):

@@ -287,7 +287,8 @@ def _run(cfg: LayerBenchConfig, device: torch.device, dtype: torch.dtype, log) -
         for c in cases:
             c.clear()
             mem[c.name] = measure_step_memory(c.forward, c.backward, device, c.resident_bytes())
-            log(f"memory {c.name}: peak {mem[c.name]['peak_mem_mb']:.1f} MB, after forward {mem[c.name]['act_mem_mb']:.1f} MB")
+            log(f"memory {c.name}: peak {mem[c.name]['peak_mem_mb']:.1f} MB, after forward {mem[c.name]['act_mem_mb']:.1f} MB"
+                + _live_at_peak(mem[c.name]))
     stats = {}
     for c in cases:  # a2a bytes, capacity and rows from a plain forward
         with torch.no_grad():
@@ -336,7 +337,17 @@ def _run(cfg: LayerBenchConfig, device: torch.device, dtype: torch.dtype, log) -
                             a2a_bytes="bytes of the dispatch all-to-all payload (one direction): moedist = kept pairs x H x "
                                       "element size, deepspeed/fairscale = E x C x H x element size",
                             memory=(next(iter(mem.values()))["mem_method"] if mem else None)),
-                results=results, targets=evaluate_targets(results, routing, cfg), profiles=profiles)
+                results=results, targets=evaluate_targets(results, routing, cfg), profiles=profiles,
+                memory_at_peak={name: dict(op=m["peak_at"], live_mb=m["peak_live_mb"])
+                                for name, m in mem.items() if "peak_live_mb" in m})
+
+
+def _live_at_peak(m: dict, top: int = 4) -> str:
+    """`; at the peak (during op): MB by allocating op` for the log line (CPU only)."""
+    if "peak_live_mb" not in m:
+        return ""
+    parts = [f"{op} {mb:.1f}" for op, mb in list(m["peak_live_mb"].items())[:top]]
+    return f"; at the peak (during {m['peak_at']}): " + ", ".join(parts)
 
 
 def _timed_repeats(cases: List[Case], cfg: LayerBenchConfig, device: torch.device, log) -> tuple:

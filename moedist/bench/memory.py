@@ -18,6 +18,9 @@ Two figures per step, both relative to the memory live when the step starts:
                  keeps allocated between steps: `resident_bytes`);
     act_mem_mb:  the live total right after forward (what the layer keeps for
                  backward, plus its output).
+On CPU also what made up the peak (`peak_at`, `peak_live_mb`): the op running when it
+was reached, and the live bytes then grouped by the aten op that allocated each storage
+(`x @ w` -> aten.mm.default): a memory profile of the step.
 """
 from __future__ import annotations
 
@@ -40,11 +43,19 @@ class AllocationTracker(TorchDispatchMode):
         self.peak = 0
         self._owned: Dict[int, int] = {}  # id(storage) -> bytes
         self._refs: Dict[int, weakref.ref] = {}
+        self._origin: Dict[int, str] = {}  # id(storage) -> the op that allocated it
+        self._op = ""  # the op running now
+        self.live_by_op: Dict[str, int] = {}  # allocating op -> its live bytes now
+        self.peak_by_op: Dict[str, int] = {}  # ... when the peak was reached
+        self.peak_at = ""  # the op during which the peak was reached
 
     def _freed(self, key: int, _ref=None) -> None:
         nbytes = self._owned.pop(key, 0)
         self._refs.pop(key, None)
         self.live -= nbytes
+        op = self._origin.pop(key, None)
+        if op is not None:
+            self.live_by_op[op] -= nbytes
 
     def _track(self, t: torch.Tensor, input_keys: set) -> None:
         st = t.untyped_storage()
@@ -56,11 +67,26 @@ class AllocationTracker(TorchDispatchMode):
             return
         self._owned[key] = nbytes
         self._refs[key] = weakref.ref(st, lambda r, k=key: self._freed(k))
+        self._origin[key] = self._op
+        self.live_by_op[self._op] = self.live_by_op.get(self._op, 0) + nbytes
         self.live += nbytes
-        self.peak = max(self.peak, self.live)
+        if self.live > self.peak:
+            self.peak, self.peak_at = self.live, self._op
+            self.peak_by_op = {k: v for k, v in self.live_by_op.items() if v}
+
+    def peak_live_mb(self, top: int = 8) -> Dict[str, float]:
+        """The live MB at the peak per allocating op, largest first: the `top` largest and the
+        rest as "(other ops)"; the values add up to the peak."""
+        rows = sorted(self.peak_by_op.items(), key=lambda kv: -kv[1])
+        out = {k: v / MB for k, v in rows[:top]}
+        rest = sum(v for _, v in rows[top:])
+        if rest:
+            out["(other ops)"] = rest / MB
+        return out
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        self._op = str(func)
         out = func(*args, **kwargs)
         inputs = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         input_keys = {a.untyped_storage().data_ptr() for a in inputs if a.untyped_storage().nbytes() > 0}
@@ -72,7 +98,9 @@ class AllocationTracker(TorchDispatchMode):
 
 def measure_step_memory(forward: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None],
                         device: torch.device, resident_bytes: int = 0) -> dict:
-    """Run one forward + backward and return {"peak_mem_mb", "act_mem_mb", "method"}.
+    """Run one forward + backward and return {"peak_mem_mb", "act_mem_mb", "mem_method"}, on CPU
+    also "peak_at" (the op during which the peak was reached) and "peak_live_mb" (what was live
+    then, MB per allocating op, `resident_bytes` as "(kept between steps)"; adds up to the peak).
 
     `forward()` returns the layer output; `backward(out)` runs its backward.
     Parameter gradients must be cleared by the caller before the call, so
@@ -100,7 +128,10 @@ def measure_step_memory(forward: Callable[[], torch.Tensor], backward: Callable[
         backward(out)
         del out
     return dict(peak_mem_mb=(tracker.peak + resident_bytes) / MB, act_mem_mb=act / MB,
-                mem_method="tracked aten allocations (TorchDispatchMode)")
+                mem_method="tracked aten allocations (TorchDispatchMode)",
+                peak_at=tracker.peak_at,
+                peak_live_mb={**({"(kept between steps)": resident_bytes / MB} if resident_bytes else {}),
+                              **tracker.peak_live_mb()})
 
 
 def use_cached_cpu_allocator() -> bool:

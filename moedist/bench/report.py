@@ -153,7 +153,19 @@ def render(path: str) -> str:
         if res.get("targets"):
             out += [targets_table(res)]
         out += _profile_sections(res, "one fwd+bwd step of {name} (self time per op)")
+        out += _memory_sections(res)
     return "\n\n".join(out)
+
+
+def _memory_sections(res: dict) -> List[str]:
+    """Per case, what was live at its peak memory, by the op that allocated it (`memory_at_peak`)."""
+    out = []
+    for name, m in (res.get("memory_at_peak") or {}).items():
+        lines = _head(["allocated by", "MB live at the peak"])
+        lines += [f"| `{op}` | {mb:.1f} |" for op, mb in m["live_mb"].items()]
+        out += [f"memory at the peak of {name} ({sum(m['live_mb'].values()):.1f} MB, reached in `{m['op']}`):",
+                "\n".join(lines)]
+    return out
 
 
 def _profile_sections(res: dict, caption: str) -> List[str]:
