@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F_
 
+from moedist.bench.memory import backward_peak_bytes
 from moedist.moe.ffn import (GATED, GATED_GRAD, Path, choose_path, gather_lora_proj, grouped_ffn, grouped_mm,
                              moe_lora_hidden)
 from moedist.moe.kernels.gated_ffn import GroupedGatedFFN
@@ -403,16 +404,6 @@ def test_expert_slice_fresh_slots_overwrite_then_add():
 
 
 # ------------------------------------------------------------------ backward memory
-def _backward_peak_bytes(out: torch.Tensor, grad: torch.Tensor) -> int:
-    """Highest live bytes that `out.backward(grad)` itself allocates (the bench's tracker)."""
-    from moedist.bench.memory import AllocationTracker
-
-    tracker = AllocationTracker()
-    with tracker:
-        out.backward(grad)
-    return tracker.peak
-
-
 @pytest.mark.parametrize("activation", ["swiglu", "geglu"])
 def test_gated_ffn_backward_holds_two_expert_temporaries(activation):
     """Backward allocates the gradients (dx, dWg, dWu, dWd) and, beside them, at most two [n_l, F]
@@ -424,7 +415,7 @@ def test_gated_ffn_backward_holds_two_expert_temporaries(activation):
     x = torch.randn(N, Hm, generator=g, requires_grad=True)
     ws = [torch.randn(*s, generator=g).mul_(0.1).requires_grad_() for s in ((L, Hm, Fm), (L, Hm, Fm), (L, Fm, Hm))]
     y = GroupedGatedFFN.apply(x, *ws, counts, GATED[activation], GATED_GRAD[activation])
-    peak = _backward_peak_bytes(y, torch.randn(N, Hm, generator=g))
+    peak = backward_peak_bytes(y, torch.randn(N, Hm, generator=g))
     grads = 4 * (N * Hm + 3 * L * Hm * Fm)  # dx and the three stacked weight gradients
     temp = 4 * max(counts) * Fm  # one [n_l, F] block of the largest expert
     assert grads + 2 * temp - 1024 <= peak <= grads + 2 * temp + 1024, (peak, grads, temp)

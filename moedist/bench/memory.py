@@ -96,6 +96,15 @@ class AllocationTracker(TorchDispatchMode):
         return out
 
 
+def backward_peak_bytes(out: torch.Tensor, grad: torch.Tensor) -> int:
+    """The highest live bytes that `out.backward(grad)` itself allocates (a kernel's backward
+    memory, with its forward run outside the tracker)."""
+    tracker = AllocationTracker()
+    with tracker:
+        out.backward(grad)
+    return tracker.peak
+
+
 def measure_step_memory(forward: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None],
                         device: torch.device, resident_bytes: int = 0) -> dict:
     """Run one forward + backward and return {"peak_mem_mb", "act_mem_mb", "mem_method"}, on CPU

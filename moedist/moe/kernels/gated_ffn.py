@@ -107,9 +107,11 @@ class GroupedGatedFFN(torch.autograd.Function):
             # t2 = h (for dWd), then dh, then dg (each written over the last)
             x_l, dy_l = x_NH[a:b], dy_NH[a:b]
             t1 = phi(gate_l)  # phi(g), recomputed
-            t2 = torch.mul(t1, up_l) if outs["w_down"][0] is not None else torch.empty_like(t1)  # h recomputed
             if outs["w_down"][0] is not None:
+                t2 = torch.mul(t1, up_l)  # h recomputed
                 put("w_down", l, t2.t(), dy_l)
+            else:
+                t2 = torch.empty_like(t1)
             dh_l = torch.mm(dy_l, w_down[l].t(), out=t2)  # [n_l, F] over h
             dup_l = t1.mul_(dh_l)  # du = dh * phi(g)
             dgate_l = dphi(dh_l.mul_(up_l), gate_l)  # dg = phi'(g) * dh * u, over dh
