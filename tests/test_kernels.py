@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F_
 
 from moedist.bench.memory import backward_peak_bytes
-from moedist.moe.ffn import (GATED, GATED_GRAD, Path, choose_path, gather_lora_proj, grouped_ffn, grouped_mm,
-                             moe_lora_hidden)
-from moedist.moe.kernels.gated_ffn import GroupedGatedFFN
+from moedist.moe.ffn import (GATED, GATED_GRAD, Path, choose_path, gather_lora_proj, grouped_ffn, grouped_ffn_tokens,
+                             grouped_mm, moe_lora_hidden)
+from moedist.moe.kernels.gated_ffn import GroupedGatedFFN, GroupedGatedFFNTokens
+from moedist.moe.kernels.combine import weighted_scatter_add
 from moedist.moe.kernels.grouped_mm import GroupedMM
 from moedist.moe.kernels.lora_proj import GatherLoRAProj
 from moedist.moe.kernels.moe_lora_hidden import MoELoRATensors, moe_lora_hidden_apply
@@ -148,6 +149,123 @@ def test_grouped_gated_ffn_kernel(counts, dtype, activation):
     _check(kernel, ref, [x, wg, wu, wd], dtype, [True] * 4)
     _check(lambda *ts: grouped_ffn(*ts, counts, activation), ref, [x, wg, wu, wd], dtype, [True] * 4)
     _check(kernel, ref, [x, wg, wu, wd], dtype, [False, True, False, True])  # only some inputs need a gradient
+
+
+def ref_gated_ffn_tokens(x, tok, w, wg, wu, wd, counts, activation):
+    """The layer's unfused path: gather the pairs' rows, FFN per expert, weighted scatter-add per token."""
+    y = ref_gated_ffn(x[tok], wg, wu, wd, counts, activation)  # [N, H]
+    return torch.zeros_like(x).index_add(0, tok, y * w[:, None]) + 0.0 * w.sum()
+
+
+def _pairs(counts, seed):
+    """Token ids of the pairs (sorted by expert, at most one pair per token and expert) and combine weights."""
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.cat([torch.randperm(T, generator=g)[:c] for c in counts]) if sum(counts) else torch.zeros(0, dtype=torch.long)
+    return tok, torch.rand(sum(counts), generator=g) + 0.1
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 4], [1, 1, 1, 1], [7, 7]])
+def test_grouped_gated_ffn_tokens_kernel(counts, dtype, activation):
+    """Token mode (gather and combine fused into the FFN) against gather + FFN + weighted scatter-add
+    in float64: the [T, H] output (float32 for bf16 input) and the gradients of x, of the combine
+    weights and of the three stacked weights."""
+    tok, w = _pairs(counts, seed=9)
+    L = len(counts)
+    x = _rand(T, H, dtype=dtype, seed=1)
+    ws = [_rand(L, H, F, dtype=dtype, seed=2), _rand(L, H, F, dtype=dtype, seed=3), _rand(L, F, H, dtype=dtype, seed=4)]
+    act = (GATED[activation], GATED_GRAD[activation])
+    out_dtype = torch.float32  # accumulate_dtype of fp32 and bf16
+    y = GroupedGatedFFNTokens.apply(x, tok, w, *ws, tuple(counts), *act)
+    assert y.shape == (T, H) and y.dtype == out_dtype
+
+    def run(x_, w_, wg, wu, wd):
+        return GroupedGatedFFNTokens.apply(x_, tok, w_, wg, wu, wd, tuple(counts), *act).to(dtype)
+
+    def run_fn(x_, w_, wg, wu, wd):  # the public function
+        return grouped_ffn_tokens(x_, tok, w_, wg, wu, wd, counts, activation).to(dtype)
+
+    def ref(x_, w_, wg, wu, wd):
+        return ref_gated_ffn_tokens(x_, tok, w_.to(x_.dtype), wg, wu, wd, counts, activation)
+
+    _check(run, ref, [x, w, *ws], dtype, [True, False, True, True, True])
+    _check(run_fn, ref, [x, w, *ws], dtype, [True, False, True, True, True])
+    if dtype == torch.float32:  # the combine weights' gradient (fp32, as the router's)
+        _check(lambda w_: run(x, w_, *ws), lambda w_: ref(x.double(), w_, *(t.double() for t in ws)), [w], dtype,
+               [True])
+
+
+def test_grouped_gated_ffn_tokens_gradcheck_and_forward_bitwise():
+    """float64 gradcheck of every differentiable input; and the forward is bitwise the unfused
+    layer path (the same mm per expert, the same products, added per token in the same order)."""
+    counts = (3, 0, 5, 2)
+    tok, w = _pairs(counts, seed=4)
+    x = _rand(T, H, dtype=torch.float64, seed=1).requires_grad_()
+    ws = [_rand(4, H, F, dtype=torch.float64, seed=s).mul_(0.5).requires_grad_() for s in (2, 3)] + [
+        _rand(4, F, H, dtype=torch.float64, seed=4).mul_(0.5).requires_grad_()]
+    act = (GATED["swiglu"], GATED_GRAD["swiglu"])
+    w64 = w.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: GroupedGatedFFNTokens.apply(a[0], tok, a[1], *a[2:], counts, *act),
+                                    (x, w64, *ws))
+    x32, ws32 = x.detach().float(), [t.detach().float() for t in ws]
+    fused = GroupedGatedFFNTokens.apply(x32, tok, w, *ws32, counts, *act)
+    unfused = weighted_scatter_add(GroupedGatedFFN.apply(x32.index_select(0, tok), *ws32, counts, *act), w, tok, T)
+    assert torch.equal(fused, unfused)
+
+
+def test_grouped_gated_ffn_tokens_kept_grads_overwrite_then_add_bitwise():
+    """With KeptGrads the token kernel writes into the kept `.grad` as the row kernel does: stale values
+    overwritten (empty expert's slot zeroed), the next backward adds; equal to autograd's gradients."""
+    counts = (3, 0, 5, 2)
+    L = len(counts)
+    tok, w = _pairs(counts, seed=2)
+    ws = [_rand(L, H, F, dtype=torch.float32, seed=3), _rand(L, H, F, dtype=torch.float32, seed=4),
+          _rand(L, F, H, dtype=torch.float32, seed=5)]
+    inp, ref = [torch.nn.Parameter(t.clone()) for t in ws], [torch.nn.Parameter(t.clone()) for t in ws]
+    kept = KeptGrads(inp)
+    act = (GATED["swiglu"], GATED_GRAD["swiglu"])
+    xs = [_rand(T, H, dtype=torch.float32, seed=s) for s in (6, 7, 8)]
+    GroupedGatedFFNTokens.apply(xs[0], tok, w, *inp, counts, *act, kept).square().sum().backward()
+    for p in inp:
+        p.grad[1].fill_(7.0)
+    kept.mark_stale()
+    ptrs = [p.grad.data_ptr() for p in inp]
+    GroupedGatedFFNTokens.apply(xs[1], tok, w, *inp, counts, *act, kept).square().sum().backward()
+    GroupedGatedFFNTokens.apply(xs[1], tok, w, *ref, counts, *act).square().sum().backward()
+    assert [p.grad.data_ptr() for p in inp] == ptrs and not kept.stale
+    for p, q in zip(inp, ref):
+        assert torch.equal(p.grad, q.grad) and not p.grad[1].any()
+    GroupedGatedFFNTokens.apply(xs[2], tok, w, *inp, counts, *act, kept).square().sum().backward()
+    GroupedGatedFFNTokens.apply(xs[2], tok, w, *ref, counts, *act).square().sum().backward()
+    for p, q in zip(inp, ref):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_grouped_gated_ffn_tokens_holds_no_pair_rows():
+    """The reason token mode exists: no [N, H] tensor in either direction. Forward saves only g and u
+    (x is the caller's input, referenced); backward allocates the gradients (dx [T, H], dw [N] and
+    the three stacked weights) and one expert's temporaries, all freed before the next expert's.
+    Its highest point is dw's row dot: three [n_l, F] (phi(g), h, dh), one chunk of the dot's
+    product ([min(n_l, 256), F]), two [n_l, H] (its x rows and dy rows) and the [n_l] dot.
+    An [N, H] tensor (26 KB here) would not fit in the 1 KB slack."""
+    g = torch.Generator().manual_seed(5)
+    counts, Tm, Hm, Fm = (64, 48, 64, 32), 160, 32, 256
+    N, L = sum(counts), len(counts)
+    tok = torch.cat([torch.randperm(Tm, generator=g)[:c] for c in counts])
+    w = (torch.rand(N, generator=g) + 0.1).requires_grad_()
+    x = torch.randn(Tm, Hm, generator=g, requires_grad=True)
+    ws = [torch.randn(*s, generator=g).mul_(0.1).requires_grad_() for s in ((L, Hm, Fm), (L, Hm, Fm), (L, Fm, Hm))]
+    act = (GATED["swiglu"], GATED_GRAD["swiglu"])
+    inputs = {t.untyped_storage().data_ptr() for t in (x, w, tok, *ws)}
+    saved = _saved_bytes(lambda: GroupedGatedFFNTokens.apply(x, tok, w, *ws, counts, *act))
+    assert sum(b for k, b in saved.items() if k not in inputs) == 2 * N * Fm * 4  # g and u
+    y = GroupedGatedFFNTokens.apply(x, tok, w, *ws, counts, *act)
+    peak = backward_peak_bytes(y, torch.randn(Tm, Hm, generator=g))
+    grads = 4 * (Tm * Hm + N + 3 * L * Hm * Fm)
+    n_l = max(counts)
+    temp = 4 * n_l * (4 * Fm + 2 * Hm + 1)
+    assert grads + temp - 1024 <= peak <= grads + temp + 1024, (peak, grads, temp)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

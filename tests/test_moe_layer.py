@@ -501,3 +501,44 @@ def test_combine_backward_has_no_pair_sized_product():
     assert expected - 1024 <= peak <= expected + 1024, (peak, expected)
     torch.testing.assert_close(w.grad, (grad[tok] * y.detach()).sum(1))
     torch.testing.assert_close(y.grad, grad[tok] * w.detach().unsqueeze(1))
+
+
+def _graph_nodes(t: torch.Tensor) -> set:
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("cf", [None, 1.0])
+def test_grouped_experts_take_the_token_path_at_ep_size_1(cf):
+    """At EP size 1 in fp32, GroupedExperts run the FFN fused with the gather and the combine
+    (`GroupedGatedFFNTokens`, no [N, H] rows): the output is bitwise the generic dispatch / forward /
+    combine path's and every gradient (tokens, router, experts) matches it to rounding. In bf16 the
+    layer keeps the device-count path (no host sync) and never calls forward_tokens (widths of 16
+    bytes and more, which that kernel needs)."""
+    T_, Hm, Fm = 40, 16, 24
+    x = torch.randn(T_, Hm, generator=torch.Generator().manual_seed(1))
+
+    def run(wrap, dtype=torch.float32):
+        experts = GroupedExperts(E, Hm, Fm, seed=3, dtype=dtype)
+        layer = MoELayer(Router(Hm, E, 2, init_std=0.5, seed=2), wrap(experts), capacity_factor=cf)
+        xi = x.to(dtype).requires_grad_()
+        y, _ = layer(xi)
+        (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return y.detach(), _graph_nodes(y), [xi.grad, layer.router.weight.grad, experts.w_gate.grad,
+                                             experts.w_up.grad, experts.w_down.grad]
+
+    y, nodes, grads = run(lambda e: e)
+    y_ref, nodes_ref, grads_ref = run(Recorder)  # forward only: the generic path
+    assert "GroupedGatedFFNTokensBackward" in nodes and "GroupedGatedFFNTokensBackward" not in nodes_ref
+    assert torch.equal(y, y_ref)
+    for got, ref in zip(grads, grads_ref):
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    _, nodes_bf16, _ = run(lambda e: e, torch.bfloat16)
+    assert "GroupedGatedFFNTokensBackward" not in nodes_bf16

@@ -22,11 +22,11 @@ E, H, F, K, R = 4, 6, 8, 2, 2
 # Capabilities each concrete class declares, written out by hand (the reference).
 CAPS = (FusedLocalExperts, FrozenBaseExperts, DeviceCountExperts)
 EXPECTED = {
-    "GroupedExperts": {DeviceCountExperts},
-    "LoRAOnExperts": {DeviceCountExperts},
+    "GroupedExperts": {DeviceCountExperts, FusedLocalExperts},
+    "LoRAOnExperts": {DeviceCountExperts, FusedLocalExperts},
     "MoELoRAExperts": {FusedLocalExperts, FrozenBaseExperts},
     "_UnfusedMoELoRAExperts": {FusedLocalExperts, FrozenBaseExperts},
-    "_BenchExperts": set(),
+    "_BenchExperts": {FusedLocalExperts},
     "_PerPairExperts": set(),
 }
 

@@ -25,9 +25,10 @@ from moedist.moe.capacity import compute_capacity, select_tokens
 from moedist.moe.experts import keep_expert_grads, keeps_expert_grads, stale_expert_grads
 from moedist.moe.dispatcher import permute_pairs
 from moedist.moe.ffn import GATED, GATED_GRAD
-from moedist.moe.kernels.gated_ffn import GroupedGatedFFN
+from moedist.moe.kernels.combine import weighted_scatter_add
+from moedist.moe.kernels.gated_ffn import GroupedGatedFFN, GroupedGatedFFNTokens
 from moedist.moe.kernels.slices import ExpertSlice
-from moedist.moe.parts import Experts
+from moedist.moe.parts import Experts, FusedLocalExperts
 
 if TYPE_CHECKING:
     from moedist.bench.layer import LayerBenchConfig
@@ -57,13 +58,16 @@ class Case:
         return f"{self.impl}/{self.mode}/{self.ffn}"
 
 
-class _BenchExperts(nn.Module, Experts):
+class _BenchExperts(nn.Module, Experts, FusedLocalExperts):
     """moedist's GroupedExperts (same parameters) with the bench's chosen expert FFN.
 
     plain: each expert's slice through `ffns.ffn_forward(..., "plain")` (weights unbound once);
     recompute: moedist's `GroupedGatedFFN` for gated activations in any dtype (so also in bf16,
     where GroupedExperts itself would take `torch._grouped_mm`, which keeps its activations),
     else GroupedExperts as is. `path` says which one runs (the JSON's `expert_ffn`).
+    `forward_tokens` (the layer's path at EP size 1) is what `GroupedExperts.forward_tokens` runs:
+    recompute fuses the gather and the combine into the FFN (`GroupedGatedFFNTokens`); plain
+    gathers, runs `forward` and combines.
     """
 
     def __init__(self, inner: GroupedExperts, ffn: str):
@@ -82,6 +86,17 @@ class _BenchExperts(nn.Module, Experts):
     def _recompute_ok(self) -> bool:
         e = self.inner
         return e.activation in GATED and e.w_gate.dtype == e.w_up.dtype == e.w_down.dtype
+
+    def forward_tokens(self, x_TH: torch.Tensor, pair_token_N: torch.Tensor, weight_N: torch.Tensor, counts_L,
+                       base_weight_T: Optional[torch.Tensor] = None) -> torch.Tensor:
+        e = self.inner
+        x_TH = x_TH.to(e.w_up.dtype)
+        counts = tuple(int(c) for c in counts_L)
+        if self.ffn == "recompute" and self._recompute_ok() and pair_token_N.shape[0] and len(counts) > 1:
+            return GroupedGatedFFNTokens.apply(x_TH, pair_token_N, weight_N, e.w_gate, e.w_up, e.w_down, counts,
+                                               GATED[e.activation], GATED_GRAD[e.activation], e.kept_grads)
+        return weighted_scatter_add(self(x_TH.index_select(0, pair_token_N), counts), weight_N, pair_token_N,
+                                    x_TH.shape[0])  # [T, H]
 
     def forward(self, x_NH: torch.Tensor, counts_L) -> torch.Tensor:
         e = self.inner

@@ -24,7 +24,8 @@ import torch
 
 from moedist.distributed.comm import ExpertParallelComm
 from moedist.moe.counts import count_ids
-from moedist.moe.kernels.slices import row_dot
+# the weighted combine is a kernel (`kernels.combine`); re-exported here, where the layers look for it
+from moedist.moe.kernels.combine import accumulate_dtype, weighted_scatter_add  # noqa: F401
 from moedist.moe.parts import Dispatcher
 
 
@@ -174,39 +175,3 @@ def combine_pairs(y_NH: torch.Tensor, perm: LocalPermutation, weight_TK: torch.T
     `accumulate_dtype(y_NH.dtype)` (float32 for bf16/fp16 experts; the layer casts once at the end)."""
     w_N = weight_TK.reshape(-1).index_select(0, perm.pair_N)  # [N] (fp32 from the router)
     return weighted_scatter_add(y_NH, w_N, perm.token_N, num_tokens)
-
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """At least float32: half types sum in float32 (as DeepSpeed's combine einsum does), float64 stays."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def weighted_scatter_add(y_NH: torch.Tensor, w_N: torch.Tensor, token_N: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """out[t] = sum over rows n with token[n] = t of w[n] * y[n]. Returns [T, H] in
-    `accumulate_dtype(y_NH.dtype)`: the products and the sum are in at least float32, so a bf16
-    result is rounded once, not once per pair (differentiable in y and w; y's gradient in y's dtype)."""
-    return _WeightedScatterAdd.apply(y_NH, w_N, token_N, num_tokens)
-
-
-class _WeightedScatterAdd(torch.autograd.Function):
-    """out[T, H] = zeros (>= fp32); out[token[n]] += w[n] * y[n]. The same kernels as
-    `zeros.index_add(0, token, y * w)` under autograd, with one [N, H] buffer
-    fewer in each direction (the sum is accumulated in place, and the gradient
-    of y is scaled in the gathered buffer). For fp32/fp64 inputs nothing is cast."""
-
-    @staticmethod
-    def forward(ctx, y_NH, w_N, token_N, num_tokens):
-        acc = accumulate_dtype(y_NH.dtype)
-        out_TH = y_NH.new_zeros(num_tokens, y_NH.shape[1], dtype=acc)
-        out_TH.index_add_(0, token_N, y_NH.to(acc) * w_N.to(acc).unsqueeze(1))
-        ctx.save_for_backward(y_NH, w_N, token_N)
-        return out_TH
-
-    @staticmethod
-    def backward(ctx, g_TH):
-        y_NH, w_N, token_N = ctx.saved_tensors
-        acc = g_TH.dtype
-        g_NH = g_TH.index_select(0, token_N)  # [N, H] (accumulation dtype)
-        d_w = row_dot(g_NH, y_NH.to(acc)).to(w_N.dtype) if ctx.needs_input_grad[1] else None  # [N]
-        d_y = g_NH.mul_(w_N.to(acc).unsqueeze(1)).to(y_NH.dtype) if ctx.needs_input_grad[0] else None
-        return d_y, d_w, None, None

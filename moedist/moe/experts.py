@@ -15,8 +15,8 @@ import torch.nn as nn
 
 from moedist.choices import EXPERT_GRADS, LORA_TARGETS
 from moedist.moe.dispatcher import weighted_scatter_add
-from moedist.moe.ffn import (GATED, Counts, Path, check_activation, choose_path, gather_lora_proj, grouped_ffn, grouped_mm,
-                             hidden_act, moe_lora_hidden)
+from moedist.moe.ffn import (GATED, Counts, Path, check_activation, choose_path, gather_lora_proj, grouped_ffn,
+                             grouped_ffn_tokens, grouped_mm, hidden_act, moe_lora_hidden)
 from moedist.moe.init import is_meta, normal_
 from moedist.moe.kernels.slices import KeptGrads
 from moedist.moe.lora import LoRA, kaiming_uniform_a5, lora_dropout, lora_scale
@@ -41,7 +41,7 @@ def _check_layout(num_experts: int, num_local: Optional[int], first_expert: int)
     return L
 
 
-class GroupedExperts(nn.Module, Experts, DeviceCountExperts):
+class GroupedExperts(nn.Module, Experts, DeviceCountExperts, FusedLocalExperts):
     """L FFN experts stacked as w_gate/w_up [L, H, F] and w_down [L, F, H].
 
     Args:
@@ -53,6 +53,9 @@ class GroupedExperts(nn.Module, Experts, DeviceCountExperts):
     `kept_grads` (default None; set by `keep_expert_grads`): the fused kernel writes the weight
     gradients into the weights' existing `.grad` instead of allocating new [L, H, F] tensors
     (`kernels.slices.KeptGrads`; `grad_in_place` says whether it is set).
+
+    `forward_tokens` (EP size 1, host counts) fuses the layer's gather and combine into the FFN
+    (`ffn.grouped_ffn_tokens`): no [N, H] tensor is built or kept for backward.
     """
 
     kept_grads: Optional[KeptGrads] = None
@@ -110,6 +113,15 @@ class GroupedExperts(nn.Module, Experts, DeviceCountExperts):
         x_NH = x_NH.to(self.w_up.dtype)
         return grouped_ffn(x_NH, self.w_gate, self.w_up, self.w_down, counts_L, self.activation,
                            self.kept_grads)  # [N, H]
+
+    def forward_tokens(self, x_TH: torch.Tensor, pair_token_N: torch.Tensor, weight_N: torch.Tensor,
+                       counts_L: Sequence[int], base_weight_T: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Kept pairs sorted by expert (token ids, combine weights, host counts) -> [T, H] in at least
+        float32: each token's weighted sum over its kept experts, gathered and combined inside the FFN."""
+        if base_weight_T is not None:
+            raise ValueError("GroupedExperts.forward_tokens: these experts have no frozen base FFN (base_weight_T)")
+        return grouped_ffn_tokens(x_TH.to(self.w_up.dtype), pair_token_N, weight_N, self.w_gate, self.w_up, self.w_down,
+                                  counts_L, self.activation, self.kept_grads)  # [T, H]
 
 
 def keeps_expert_grads(mode: str, device: torch.device) -> bool:
@@ -244,6 +256,14 @@ class LoRAOnExperts(_LoRAMixin, GroupedExperts):
     def takes_device_counts(self, x_NH: torch.Tensor) -> bool:
         """Host counts: the adapters' low-rank products are not checked for the grouped kernel here."""
         return False
+
+    def forward_tokens(self, x_TH: torch.Tensor, pair_token_N: torch.Tensor, weight_N: torch.Tensor,
+                       counts_L: Sequence[int], base_weight_T: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Not fused with the adapters: the layer's own gather, `forward` and combine, unchanged. [T, H]."""
+        if base_weight_T is not None:
+            raise ValueError("LoRAOnExperts.forward_tokens: these experts have no frozen base FFN (base_weight_T)")
+        y_NH = self(x_TH.index_select(0, pair_token_N), counts_L)  # [N, H]
+        return weighted_scatter_add(y_NH, weight_N, pair_token_N, x_TH.shape[0])
 
     def _proj(self, name: str, x_NI: torch.Tensor, w: torch.Tensor, counts_L) -> torch.Tensor:
         y = grouped_mm(x_NI, w, counts_L)

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F_
 
 from moedist.choices import ACTIVATIONS
-from moedist.moe.kernels.gated_ffn import GroupedGatedFFN
+from moedist.moe.kernels.gated_ffn import GroupedGatedFFN, GroupedGatedFFNTokens
+from moedist.moe.kernels.combine import weighted_scatter_add
 from moedist.moe.kernels.grouped_mm import GroupedMM
 from moedist.moe.kernels.lora_proj import GatherLoRAProj
 from moedist.moe.kernels.moe_lora_hidden import MoELoRATensors, moe_lora_hidden_apply
@@ -196,6 +197,31 @@ def grouped_ffn(x_NH: torch.Tensor, w_gate: Optional[torch.Tensor], w_up: torch.
     gate = grouped_mm(x_NH, w_gate, counts_L) if activation in GATED else None  # [N, F]
     up = grouped_mm(x_NH, w_up, counts_L)  # [N, F]
     return grouped_mm(hidden_act(gate, up, activation), w_down, counts_L)  # [N, H]
+
+
+def grouped_ffn_tokens(x_TH: torch.Tensor, token_N: torch.Tensor, weight_N: torch.Tensor, w_gate: Optional[torch.Tensor],
+                       w_up: torch.Tensor, w_down: torch.Tensor, counts_L: Sequence[int], activation: str,
+                       grad_params: Optional[KeptGrads] = None) -> torch.Tensor:
+    """`grouped_ffn` fused with the gather of each pair's token row and the weighted combine (EP size 1).
+
+    x_TH: [T, H] tokens; token_N [N]: the pairs' token ids sorted by expert, counts_L[l] (host ints)
+    for expert l; weight_N [N]: their combine weights. Returns y [T, H] = sum over t's pairs of
+    w[n] * FFN_l(x[t]), in `accumulate_dtype(x.dtype)` (as `kernels.combine.weighted_scatter_add`).
+    Where `choose_path("ffn", ...)` is FUSED this is `kernels.gated_ffn.GroupedGatedFFNTokens`, which
+    holds no [N, H] tensor in either direction; elsewhere it is exactly index_select, `grouped_ffn`
+    and `weighted_scatter_add`.
+    """
+    N = token_N.shape[0]
+    counts = _host_counts("grouped_ffn_tokens", counts_L, w_up.shape[0], N)
+    if weight_N.shape[0] != N:
+        raise ValueError(f"grouped_ffn_tokens: {weight_N.shape[0]} weights for {N} pairs")
+    ws = tuple(w for w in (w_up, w_gate, w_down) if w is not None)
+    rows_NH = x_TH[:1].expand(N, -1)  # what choose_path reads of the rows (dtype, device, N, width), not copied
+    if N and choose_path("ffn", rows_NH, ws, counts, activation) is Path.FUSED:
+        return GroupedGatedFFNTokens.apply(x_TH, token_N, weight_N, w_gate, w_up, w_down, counts, GATED[activation],
+                                           GATED_GRAD[activation], grad_params)
+    y_NH = grouped_ffn(x_TH.index_select(0, token_N), w_gate, w_up, w_down, counts, activation, grad_params)  # [N, H]
+    return weighted_scatter_add(y_NH, weight_N, token_N, x_TH.shape[0])
 
 
 def gather_lora_proj(base_TO: torch.Tensor, x_NI: torch.Tensor, token_N: torch.Tensor, lora_A: torch.Tensor,

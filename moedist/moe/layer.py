@@ -158,13 +158,14 @@ class MoELayer(nn.Module):
         d = self.dispatcher
         if (id(self.experts), id(d)) != self._layout_checked:  # parallelize() swaps dispatchers
             self._check_layout()
-        if d.ep_size == 1 and has_capability(self.experts, FusedLocalExperts):
+        # device counts first (no host sync at all), then a fused path over the tokens (one sync)
+        on_device = (d.ep_size == 1 and has_capability(self.experts, DeviceCountExperts)
+                     and self.experts.takes_device_counts(x_TH))
+        if d.ep_size == 1 and not on_device and has_capability(self.experts, FusedLocalExperts):
             perm = d.permute_local(r.idx_TK, sel.keep_TK)  # host counts: the forward's one sync
             w_N = r.weight_TK.reshape(-1).index_select(0, perm.pair_N)  # [N]
             y_TH = self.experts.forward_tokens(x_TH, perm.token_N, w_N, perm.counts_host, base_weight_T=base_w_T)
         else:
-            on_device = (d.ep_size == 1 and has_capability(self.experts, DeviceCountExperts)
-                         and self.experts.takes_device_counts(x_TH))
             x_NH, counts_L, state = d.dispatch(x_TH, r.idx_TK, sel.keep_TK, host_counts=not on_device)
             pad_N1 = None  # [N, 1] padding rows (refused pairs), device counts only
             if on_device and not (sel.capacity is None and r.active_TK is None):
