@@ -160,13 +160,15 @@ def ref_gated_ffn_tokens(x, tok, w, wg, wu, wd, counts, activation):
 def _pairs(counts, seed):
     """Token ids of the pairs (sorted by expert, at most one pair per token and expert) and combine weights."""
     g = torch.Generator().manual_seed(seed)
-    tok = torch.cat([torch.randperm(T, generator=g)[:c] for c in counts]) if sum(counts) else torch.zeros(0, dtype=torch.long)
+    if not sum(counts):
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    tok = torch.cat([torch.randperm(T, generator=g)[:c] for c in counts])
     return tok, torch.rand(sum(counts), generator=g) + 0.1
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "geglu"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 4], [1, 1, 1, 1], [7, 7]])
+@pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 4], [1, 1, 1, 1], [7, 7], [0, 0, 0]])
 def test_grouped_gated_ffn_tokens_kernel(counts, dtype, activation):
     """Token mode (gather and combine fused into the FFN) against gather + FFN + weighted scatter-add
     in float64: the [T, H] output (float32 for bf16 input) and the gradients of x, of the combine

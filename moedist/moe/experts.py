@@ -120,8 +120,8 @@ class GroupedExperts(nn.Module, Experts, DeviceCountExperts, FusedLocalExperts):
         float32: each token's weighted sum over its kept experts, gathered and combined inside the FFN."""
         if base_weight_T is not None:
             raise ValueError("GroupedExperts.forward_tokens: these experts have no frozen base FFN (base_weight_T)")
-        return grouped_ffn_tokens(x_TH.to(self.w_up.dtype), pair_token_N, weight_N, self.w_gate, self.w_up, self.w_down,
-                                  counts_L, self.activation, self.kept_grads)  # [T, H]
+        return grouped_ffn_tokens(x_TH.to(self.w_up.dtype), pair_token_N, weight_N, self.w_gate, self.w_up,
+                                  self.w_down, counts_L, self.activation, self.kept_grads)  # [T, H]
 
 
 def keeps_expert_grads(mode: str, device: torch.device) -> bool:

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F_
 
 from moedist.choices import ACTIVATIONS
-from moedist.moe.kernels.gated_ffn import GroupedGatedFFN, GroupedGatedFFNTokens
 from moedist.moe.kernels.combine import weighted_scatter_add
+from moedist.moe.kernels.gated_ffn import GroupedGatedFFN, GroupedGatedFFNTokens
 from moedist.moe.kernels.grouped_mm import GroupedMM
 from moedist.moe.kernels.lora_proj import GatherLoRAProj
 from moedist.moe.kernels.moe_lora_hidden import MoELoRATensors, moe_lora_hidden_apply
@@ -199,8 +199,9 @@ def grouped_ffn(x_NH: torch.Tensor, w_gate: Optional[torch.Tensor], w_up: torch.
     return grouped_mm(hidden_act(gate, up, activation), w_down, counts_L)  # [N, H]
 
 
-def grouped_ffn_tokens(x_TH: torch.Tensor, token_N: torch.Tensor, weight_N: torch.Tensor, w_gate: Optional[torch.Tensor],
-                       w_up: torch.Tensor, w_down: torch.Tensor, counts_L: Sequence[int], activation: str,
+def grouped_ffn_tokens(x_TH: torch.Tensor, token_N: torch.Tensor, weight_N: torch.Tensor,
+                       w_gate: Optional[torch.Tensor], w_up: torch.Tensor, w_down: torch.Tensor,
+                       counts_L: Sequence[int], activation: str,
                        grad_params: Optional[KeptGrads] = None) -> torch.Tensor:
     """`grouped_ffn` fused with the gather of each pair's token row and the weighted combine (EP size 1).
 

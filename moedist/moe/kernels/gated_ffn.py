@@ -32,8 +32,9 @@ no [N, H] tensor exists in either direction: no gathered x saved for backward, n
 dy, no [N, H] dx, no [N, H] output kept for the weight gradient. That gradient is
     dw[n] = <dy[t], y[n]> = <dy[t] Wd[l]^T, h[n]>
 (the unweighted dh of the row against its recomputed h; a third [n_l, F] temporary while it is
-taken, and a [256, F] chunk of the row dot's product). Saves 2 [N, F] tensors and references x; numbers match the unfused path to rounding
-(with dw wanted, dh is (dy Wd^T) * w rather than (dy * w) Wd^T).
+taken, and a [256, F] chunk of the row dot's product). Saves 2 [N, F] tensors and references x.
+The forward is bitwise the unfused path's; gradients match it to rounding (with dw wanted, dh is
+(dy Wd^T) * w rather than (dy * w) Wd^T).
 
 Why not plain autograd: the unfused graph keeps g, u, phi(g) and h (4 [N, F]) for
 backward plus the cat/stack copies of `GroupedMM`'s plain form. Working one expert
