@@ -22,7 +22,8 @@ What is counted, per rank (MB = 2**20 bytes):
 * activations: what autograd keeps between forward and backward for one
   micro-batch (B x S tokens), per layer from coefficients measured with
   `moedist.models.act_ckpt.SavedBytes` (attention, RMSNorm, MoE: router, dispatch,
-  expert intermediates [N, F] with N = B*S*K routed pairs), the fp32 logits and
+  expert intermediates [N, F] with N = B*S*K routed pairs; at EP size 1 in float32 without
+  adapters the fused token path keeps no dispatched [N, H] rows), the fp32 logits and
   log-softmax of the loss; `moe`/`full` activation checkpointing keep only the
   block inputs plus one block recomputed in backward.
 * a2a: all-to-all send/receive buffers of one MoE layer (dispatch and combine) in flight.
@@ -35,6 +36,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import Optional
+
+from moedist.choices import GATED_ACTIVATIONS
 
 MB = float(2 ** 20)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -55,6 +58,10 @@ FFN_H, FFN_F = 1.0, 4.0  # dense FFN (and shared experts): input, gate, up, act(
 MOE_PAIR_H = 1.9         # per routed (token, expert) pair x H: permuted rows, expert output
 MOE_PAIR_F = 2.1         # per routed pair x F: expert intermediates
 MOE_E = 1.0              # per token x E: router logits / probabilities
+# EP size 1 with the fused token path (`GroupedExperts.forward_tokens`: no adapters (lora.mode none), gated FFN,
+# float32 activations) keeps no [pairs, H] rows: g and u per pair, plus its ids and weight
+MOE_TOKEN_PAIR_F = 2.0   # per routed pair x F: g and u
+MOE_TOKEN_PAIR = 7.0     # per routed pair: token / pair ids (int64) and combine weight
 LORA_FACTOR = {"none": 1.0, "full": 1.0, "expert_lora": 0.77}   # frozen experts keep fewer tensors
 MOE_LORA_H = 1.6         # lora.mode=moe_lora: per token x H for the whole block (frozen base, LoRA experts)
 MODEL_H, MODEL_V = 4.0, 1.0  # embedding/final norm per token x H; fp32 logits per token x V
@@ -139,6 +146,14 @@ def _moe_layers(m) -> int:
     return sum(1 for i in range(m.num_layers) if (i + 1) % m.moe_every == 0 and i not in skip)
 
 
+def _token_path(cfg, act_bytes: int) -> bool:
+    """Whether the MoE layers run `GroupedExperts.forward_tokens` with its fused kernel: EP size 1,
+    trainable or frozen experts without adapters, a gated FFN, float32 activations (bf16 takes the
+    grouped kernel, which keeps the permuted rows)."""
+    return (cfg.parallel.ep_size == 1 and cfg.lora.mode == "none" and act_bytes == 4
+            and cfg.moe.activation in GATED_ACTIVATIONS)
+
+
 def activation_bytes(cfg, act_bytes: int) -> dict:
     """Activation bytes kept for backward per micro-batch, and the transient all-to-all buffers."""
     m, moe, tr = cfg.model, cfg.moe, cfg.train
@@ -158,6 +173,8 @@ def activation_bytes(cfg, act_bytes: int) -> dict:
     shared_F = (moe.shared_expert_ffn_size or F * moe.num_shared_experts) if moe.num_shared_experts else 0
     if cfg.lora.mode == "moe_lora":
         moe_ffn = T * (MOE_LORA_H * H + MOE_E * moe.num_experts)
+    elif _token_path(cfg, act_bytes):
+        moe_ffn = T * MOE_E * moe.num_experts + pairs * (MOE_TOKEN_PAIR_F * F + MOE_TOKEN_PAIR)
     else:
         moe_ffn = (T * MOE_E * moe.num_experts
                    + pairs * (MOE_PAIR_H * H + MOE_PAIR_F * F) * LORA_FACTOR[cfg.lora.mode])
