@@ -25,7 +25,7 @@ from moedist.moe.capacity import compute_capacity, select_tokens
 from moedist.moe.experts import keep_expert_grads, keeps_expert_grads, stale_expert_grads
 from moedist.moe.dispatcher import permute_pairs
 from moedist.moe.ffn import GATED, GATED_GRAD
-from moedist.moe.kernels.combine import weighted_scatter_add
+from moedist.moe.kernels.combine import gather_combine
 from moedist.moe.kernels.gated_ffn import GroupedGatedFFN, GroupedGatedFFNTokens
 from moedist.moe.kernels.slices import ExpertSlice
 from moedist.moe.parts import Experts, FusedLocalExperts
@@ -95,8 +95,7 @@ class _BenchExperts(nn.Module, Experts, FusedLocalExperts):
         if self.ffn == "recompute" and self._recompute_ok() and pair_token_N.shape[0] and len(counts) > 1:
             return GroupedGatedFFNTokens.apply(x_TH, pair_token_N, weight_N, e.w_gate, e.w_up, e.w_down, counts,
                                                GATED[e.activation], GATED_GRAD[e.activation], e.kept_grads)
-        return weighted_scatter_add(self(x_TH.index_select(0, pair_token_N), counts), weight_N, pair_token_N,
-                                    x_TH.shape[0])  # [T, H]
+        return gather_combine(lambda x_NH: self(x_NH, counts), x_TH, pair_token_N, weight_N)  # [T, H]
 
     def forward(self, x_NH: torch.Tensor, counts_L) -> torch.Tensor:
         e = self.inner

@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 
 from moedist.choices import EXPERT_GRADS, LORA_TARGETS
-from moedist.moe.dispatcher import weighted_scatter_add
 from moedist.moe.ffn import (GATED, Counts, Path, check_activation, choose_path, gather_lora_proj, grouped_ffn,
                              grouped_ffn_tokens, grouped_mm, hidden_act, moe_lora_hidden)
 from moedist.moe.init import is_meta, normal_
+from moedist.moe.kernels.combine import gather_combine, weighted_scatter_add
 from moedist.moe.kernels.slices import KeptGrads
 from moedist.moe.lora import LoRA, kaiming_uniform_a5, lora_dropout, lora_scale
 from moedist.moe.parts import DeviceCountExperts, Experts, FrozenBaseExperts, FusedLocalExperts
@@ -262,8 +262,7 @@ class LoRAOnExperts(_LoRAMixin, GroupedExperts):
         """Not fused with the adapters: the layer's own gather, `forward` and combine, unchanged. [T, H]."""
         if base_weight_T is not None:
             raise ValueError("LoRAOnExperts.forward_tokens: these experts have no frozen base FFN (base_weight_T)")
-        y_NH = self(x_TH.index_select(0, pair_token_N), counts_L)  # [N, H]
-        return weighted_scatter_add(y_NH, weight_N, pair_token_N, x_TH.shape[0])
+        return gather_combine(lambda x_NH: self(x_NH, counts_L), x_TH, pair_token_N, weight_N)  # [T, H]
 
     def _proj(self, name: str, x_NI: torch.Tensor, w: torch.Tensor, counts_L) -> torch.Tensor:
         y = grouped_mm(x_NI, w, counts_L)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F_
 
 from moedist.choices import ACTIVATIONS
-from moedist.moe.kernels.combine import weighted_scatter_add
+from moedist.moe.kernels.combine import gather_combine
 from moedist.moe.kernels.gated_ffn import GroupedGatedFFN, GroupedGatedFFNTokens
 from moedist.moe.kernels.grouped_mm import GroupedMM
 from moedist.moe.kernels.lora_proj import GatherLoRAProj
@@ -210,7 +210,7 @@ def grouped_ffn_tokens(x_TH: torch.Tensor, token_N: torch.Tensor, weight_N: torc
     w[n] * FFN_l(x[t]), in `accumulate_dtype(x.dtype)` (as `kernels.combine.weighted_scatter_add`).
     Where `choose_path("ffn", ...)` is FUSED this is `kernels.gated_ffn.GroupedGatedFFNTokens`, which
     holds no [N, H] tensor in either direction; elsewhere it is exactly index_select, `grouped_ffn`
-    and `weighted_scatter_add`.
+    and `weighted_scatter_add` (`kernels.combine.gather_combine`).
     """
     N = token_N.shape[0]
     counts = _host_counts("grouped_ffn_tokens", counts_L, w_up.shape[0], N)
@@ -221,8 +221,8 @@ def grouped_ffn_tokens(x_TH: torch.Tensor, token_N: torch.Tensor, weight_N: torc
     if N and choose_path("ffn", rows_NH, ws, counts, activation) is Path.FUSED:
         return GroupedGatedFFNTokens.apply(x_TH, token_N, weight_N, w_gate, w_up, w_down, counts, GATED[activation],
                                            GATED_GRAD[activation], grad_params)
-    y_NH = grouped_ffn(x_TH.index_select(0, token_N), w_gate, w_up, w_down, counts, activation, grad_params)  # [N, H]
-    return weighted_scatter_add(y_NH, weight_N, token_N, x_TH.shape[0])
+    return gather_combine(lambda x_NH: grouped_ffn(x_NH, w_gate, w_up, w_down, counts, activation, grad_params),
+                          x_TH, token_N, weight_N)
 
 
 def gather_lora_proj(base_TO: torch.Tensor, x_NI: torch.Tensor, token_N: torch.Tensor, lora_A: torch.Tensor,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from typing import Callable
+
 from moedist.moe.kernels.slices import row_dot
 
 
@@ -20,6 +22,13 @@ def weighted_scatter_add(y_NH: torch.Tensor, w_N: torch.Tensor, token_N: torch.T
     `accumulate_dtype(y_NH.dtype)`: the products and the sum are in at least float32, so a bf16
     result is rounded once, not once per pair (differentiable in y and w; y's gradient in y's dtype)."""
     return _WeightedScatterAdd.apply(y_NH, w_N, token_N, num_tokens)
+
+
+def gather_combine(rows_fn: Callable[[torch.Tensor], torch.Tensor], x_TH: torch.Tensor, token_N: torch.Tensor,
+                   weight_N: torch.Tensor) -> torch.Tensor:
+    """The unfused EP-1 path of a `forward_tokens`: gather the pairs' token rows [N, H], run
+    `rows_fn` on them ([N, H] -> [N, H]), and combine per token with `weighted_scatter_add`. [T, H]."""
+    return weighted_scatter_add(rows_fn(x_TH.index_select(0, token_N)), weight_N, token_N, x_TH.shape[0])
 
 
 class _WeightedScatterAdd(torch.autograd.Function):
