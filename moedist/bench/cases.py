@@ -4,8 +4,9 @@ shared inputs and weights and exposes forward / backward / clear (see layer.py).
 Every case is built for one expert-FFN implementation (`ffn`: plain | recompute,
 see ffns.py) and every impl of a run gets the same one:
     moedist       plain: per-expert plain autograd FFN (`_BenchExperts`); recompute: moedist's own
-                  grouped FFN kernel (`moe.kernels.gated_ffn`, keeps gate/up, recomputes h); both
-                  keep the expert gradients between steps as moedist's runner does
+                  grouped FFN kernel (`moe.kernels.gated_ffn`, token mode: gather and combine fused;
+                  keeps gate/up, recomputes h); both keep the expert gradients between steps as
+                  moedist's runner does
     deepspeed, fairscale, floor, dense, dense-lora   their FFN built by `ffns.ffn_forward(..., ffn)`
     moedist-lora  fused: recompute = its fused kernel (`MoELoRAHidden`), plain = the same
                   once-per-token path with plain autograd hidden rows; naive: plain only
@@ -79,20 +80,24 @@ class _BenchExperts(nn.Module, Experts, FusedLocalExperts):
         e = self.inner
         if self.ffn == "plain":
             return "per-expert plain autograd (bench ffns.py)"
-        if self._recompute_ok():
-            return "moedist GroupedGatedFFN (recompute)"
+        if self._recompute_ok():  # the layer bench runs at EP size 1: the token kernel
+            return "moedist GroupedGatedFFNTokens (recompute, gather and combine fused)"
         return "moedist GroupedExperts as is (not gated: no recompute kernel)"
 
     def _recompute_ok(self) -> bool:
         e = self.inner
         return e.activation in GATED and e.w_gate.dtype == e.w_up.dtype == e.w_down.dtype
 
+    def _kernel_runs(self, rows: int, counts) -> bool:
+        """The recompute kernel (row or token mode) takes these rows: recompute FFN, gated, rows, > 1 expert."""
+        return self.ffn == "recompute" and self._recompute_ok() and rows > 0 and len(counts) > 1
+
     def forward_tokens(self, x_TH: torch.Tensor, pair_token_N: torch.Tensor, weight_N: torch.Tensor, counts_L,
                        base_weight_T: Optional[torch.Tensor] = None) -> torch.Tensor:
         e = self.inner
         x_TH = x_TH.to(e.w_up.dtype)
         counts = tuple(int(c) for c in counts_L)
-        if self.ffn == "recompute" and self._recompute_ok() and pair_token_N.shape[0] and len(counts) > 1:
+        if self._kernel_runs(pair_token_N.shape[0], counts):
             return GroupedGatedFFNTokens.apply(x_TH, pair_token_N, weight_N, e.w_gate, e.w_up, e.w_down, counts,
                                                GATED[e.activation], GATED_GRAD[e.activation], e.kept_grads)
         return gather_combine(lambda x_NH: self(x_NH, counts), x_TH, pair_token_N, weight_N)  # [T, H]
@@ -101,10 +106,10 @@ class _BenchExperts(nn.Module, Experts, FusedLocalExperts):
         e = self.inner
         x_NH = x_NH.to(e.w_up.dtype)
         counts = [int(c) for c in counts_L]
+        if self._kernel_runs(x_NH.shape[0], counts):
+            return GroupedGatedFFN.apply(x_NH, e.w_gate, e.w_up, e.w_down, tuple(counts), GATED[e.activation],
+                                         GATED_GRAD[e.activation], e.kept_grads)  # as GroupedExperts.forward
         if self.ffn == "recompute":
-            if self._recompute_ok() and x_NH.shape[0] and len(counts) > 1:
-                return GroupedGatedFFN.apply(x_NH, e.w_gate, e.w_up, e.w_down, tuple(counts), GATED[e.activation],
-                                             GATED_GRAD[e.activation], e.kept_grads)  # as GroupedExperts.forward
             return e(x_NH, counts)
         ws = (e.w_gate, e.w_up, e.w_down)
         if e.grad_in_place:  # each expert's slices made just before its FFN (see ExpertSlice)

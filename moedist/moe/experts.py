@@ -114,12 +114,16 @@ class GroupedExperts(nn.Module, Experts, DeviceCountExperts, FusedLocalExperts):
         return grouped_ffn(x_NH, self.w_gate, self.w_up, self.w_down, counts_L, self.activation,
                            self.kept_grads)  # [N, H]
 
+    def _no_frozen_base(self, base_weight_T: Optional[torch.Tensor]) -> None:
+        if base_weight_T is not None:
+            raise ValueError(f"{type(self).__name__}.forward_tokens: these experts have no frozen base FFN "
+                             "(base_weight_T)")
+
     def forward_tokens(self, x_TH: torch.Tensor, pair_token_N: torch.Tensor, weight_N: torch.Tensor,
                        counts_L: Sequence[int], base_weight_T: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Kept pairs sorted by expert (token ids, combine weights, host counts) -> [T, H] in at least
         float32: each token's weighted sum over its kept experts, gathered and combined inside the FFN."""
-        if base_weight_T is not None:
-            raise ValueError("GroupedExperts.forward_tokens: these experts have no frozen base FFN (base_weight_T)")
+        self._no_frozen_base(base_weight_T)
         return grouped_ffn_tokens(x_TH.to(self.w_up.dtype), pair_token_N, weight_N, self.w_gate, self.w_up,
                                   self.w_down, counts_L, self.activation, self.kept_grads)  # [T, H]
 
@@ -260,8 +264,7 @@ class LoRAOnExperts(_LoRAMixin, GroupedExperts):
     def forward_tokens(self, x_TH: torch.Tensor, pair_token_N: torch.Tensor, weight_N: torch.Tensor,
                        counts_L: Sequence[int], base_weight_T: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Not fused with the adapters: the layer's own gather, `forward` and combine, unchanged. [T, H]."""
-        if base_weight_T is not None:
-            raise ValueError("LoRAOnExperts.forward_tokens: these experts have no frozen base FFN (base_weight_T)")
+        self._no_frozen_base(base_weight_T)
         return gather_combine(lambda x_NH: self(x_NH, counts_L), x_TH, pair_token_N, weight_N)  # [T, H]
 
     def _proj(self, name: str, x_NI: torch.Tensor, w: torch.Tensor, counts_L) -> torch.Tensor:

@@ -218,7 +218,7 @@ def grouped_ffn_tokens(x_TH: torch.Tensor, token_N: torch.Tensor, weight_N: torc
         raise ValueError(f"grouped_ffn_tokens: {weight_N.shape[0]} weights for {N} pairs")
     ws = tuple(w for w in (w_up, w_gate, w_down) if w is not None)
     rows_NH = x_TH[:1].expand(N, -1)  # what choose_path reads of the rows (dtype, device, N, width), not copied
-    if N and choose_path("ffn", rows_NH, ws, counts, activation) is Path.FUSED:
+    if choose_path("ffn", rows_NH, ws, counts, activation) is Path.FUSED:  # AUTOGRAD without rows
         return GroupedGatedFFNTokens.apply(x_TH, token_N, weight_N, w_gate, w_up, w_down, counts, GATED[activation],
                                            GATED_GRAD[activation], grad_params)
     return gather_combine(lambda x_NH: grouped_ffn(x_NH, w_gate, w_up, w_down, counts, activation, grad_params),
